@@ -1,0 +1,252 @@
+//! Classification of an upstream answer into a [`Verdict`], and retry-delay parsing (SPEC §4).
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+
+use crate::pool::{CoolReason, DisableReason};
+
+/// Classification reads at most this much of an error body.
+pub const MAX_CLASSIFY_BODY: usize = 64 * 1024;
+
+/// What to do with one upstream answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Verdict {
+    /// Not the key's fault (or a success): hand the answer to the caller as it is.
+    Deliver,
+    /// The key must rest for `duration`; try the next key.
+    CoolDown {
+        /// How long the key rests.
+        duration: Duration,
+        /// Why.
+        reason: CoolReason,
+    },
+    /// The key is unusable until an operator enables it; try the next key.
+    Disable {
+        /// Why.
+        reason: DisableReason,
+    },
+}
+
+impl Verdict {
+    /// Whether this verdict moves the call on to the next key.
+    pub fn is_failover(&self) -> bool {
+        !matches!(self, Self::Deliver)
+    }
+}
+
+/// What a 401 does to the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnauthorized {
+    /// Disable the key (default).
+    Disable,
+    /// Cool the key for this long (for setups where 401s are transient).
+    CoolFor(Duration),
+}
+
+/// What a 403 does to the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnForbidden {
+    /// Disable the key (default).
+    Disable,
+    /// Deliver the 403 to the caller, as a request problem, without touching the key.
+    Deliver,
+}
+
+/// The configurable rows of SPEC §4. `Policy::default()` is the documented default table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Policy {
+    /// What a 401 does (default: disable).
+    pub on_unauthorized: OnUnauthorized,
+    /// What a 403 does (default: disable).
+    pub on_forbidden: OnForbidden,
+    /// Whether a 402 and the credit-balance 400 disable the key (default: yes).
+    pub disable_on_billing: bool,
+    /// If set, a 529 `overloaded_error` cools the key for this long and fails over instead of
+    /// being delivered (default: unset, 529 is delivered).
+    pub cool_on_overloaded: Option<Duration>,
+    /// Cooldown of a 429 without a usable retry value (default 60 s).
+    pub default_cooldown: Duration,
+    /// Upper bound on any cooldown from a retry value (default 1 hour).
+    pub max_cooldown: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            on_unauthorized: OnUnauthorized::Disable,
+            on_forbidden: OnForbidden::Disable,
+            disable_on_billing: true,
+            cool_on_overloaded: None,
+            default_cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Policy {
+    /// Whether classifying `status` needs the (first 64 KiB of the) error body. When `false`,
+    /// [`classify`](Self::classify) ignores its `body` argument.
+    pub fn needs_body(&self, status: StatusCode) -> bool {
+        status == StatusCode::BAD_REQUEST && self.disable_on_billing
+    }
+
+    /// Classifies one upstream answer.
+    ///
+    /// `body` is a prefix of the error body (only looked at when [`needs_body`](Self::needs_body);
+    /// at most [`MAX_CLASSIFY_BODY`] bytes of it are read), `wall_now` the wall-clock time, used
+    /// only for an HTTP-date `retry-after` when the response has no `date` header.
+    pub fn classify(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        wall_now: SystemTime,
+    ) -> Verdict {
+        match status.as_u16() {
+            429 => Verdict::CoolDown {
+                duration: self.retry_delay(headers, wall_now),
+                reason: CoolReason::RateLimited,
+            },
+            401 => match self.on_unauthorized {
+                OnUnauthorized::Disable => Verdict::Disable {
+                    reason: DisableReason::Unauthorized,
+                },
+                OnUnauthorized::CoolFor(duration) => Verdict::CoolDown {
+                    duration: duration.clamp(Duration::from_millis(1), self.max_cooldown),
+                    reason: CoolReason::Auth,
+                },
+            },
+            403 => match self.on_forbidden {
+                OnForbidden::Disable => Verdict::Disable {
+                    reason: DisableReason::Forbidden,
+                },
+                OnForbidden::Deliver => Verdict::Deliver,
+            },
+            402 if self.disable_on_billing => Verdict::Disable {
+                reason: DisableReason::Billing,
+            },
+            400 if self.disable_on_billing && is_credit_balance_error(body) => Verdict::Disable {
+                reason: DisableReason::Billing,
+            },
+            529 => match self.cool_on_overloaded {
+                Some(duration) => Verdict::CoolDown {
+                    duration: duration.clamp(Duration::from_millis(1), self.max_cooldown),
+                    reason: CoolReason::Overloaded,
+                },
+                None => Verdict::Deliver,
+            },
+            _ => Verdict::Deliver,
+        }
+    }
+
+    /// The cooldown a 429 asks for (SPEC §4), first match wins:
+    /// `retry-after-ms`, `retry-after` in seconds, `retry-after` as an HTTP-date (against the
+    /// response `date`, else `wall_now`), else [`default_cooldown`](Self::default_cooldown);
+    /// capped at [`max_cooldown`](Self::max_cooldown). Never zero, never panics.
+    pub fn retry_delay(&self, headers: &HeaderMap, wall_now: SystemTime) -> Duration {
+        let parsed = header_str(headers, "retry-after-ms")
+            .and_then(|v| parse_decimal(v, 1_000_000))
+            .or_else(|| {
+                let v = header_str(headers, "retry-after")?;
+                parse_decimal(v, 1_000_000_000).or_else(|| {
+                    let at = httpdate::parse_http_date(v).ok()?;
+                    let base = header_str(headers, "date")
+                        .and_then(|d| httpdate::parse_http_date(d).ok())
+                        .unwrap_or(wall_now);
+                    at.duration_since(base).ok().filter(|d| !d.is_zero())
+                })
+            });
+        match parsed {
+            Some(d) => d.min(self.max_cooldown),
+            None => self.default_cooldown.min(self.max_cooldown),
+        }
+        .max(Duration::from_millis(1))
+    }
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name)?.to_str().ok().map(str::trim)
+}
+
+/// Parses a strictly positive decimal (`30`, `2.5`, `0.25`) given `unit_ns` nanoseconds per
+/// unit. Signs, exponents, `inf`, empty parts and zero are rejected; huge values saturate.
+fn parse_decimal(s: &str, unit_ns: u64) -> Option<Duration> {
+    let (int, frac) = match s.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (s, None),
+    };
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut nanos: u64 = 0;
+    for b in int.bytes() {
+        nanos = nanos.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+    }
+    nanos = nanos.saturating_mul(unit_ns);
+    if let Some(frac) = frac {
+        if frac.is_empty() || !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Fractional digits beyond a nanosecond are dropped.
+        let mut scale = unit_ns;
+        for b in frac.bytes() {
+            scale /= 10;
+            if scale == 0 {
+                break;
+            }
+            nanos = nanos.saturating_add(u64::from(b - b'0') * scale);
+        }
+    }
+    (nanos > 0).then(|| Duration::from_nanos(nanos))
+}
+
+/// Whether a 400 body is Anthropic's "credit balance is too low" error.
+fn is_credit_balance_error(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        error: Inner<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(borrow, default)]
+        message: std::borrow::Cow<'a, str>,
+    }
+    let body = &body[..body.len().min(MAX_CLASSIFY_BODY)];
+    serde_json::from_slice::<Envelope<'_>>(body)
+        .map(|e| {
+            e.error
+                .message
+                .to_ascii_lowercase()
+                .contains("credit balance is too low")
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals() {
+        let s = |v| parse_decimal(v, 1_000_000_000);
+        assert_eq!(s("30"), Some(Duration::from_secs(30)));
+        assert_eq!(s("2.5"), Some(Duration::from_millis(2500)));
+        assert_eq!(s("0.000000001"), Some(Duration::from_nanos(1)));
+        assert_eq!(s("0.0000000001"), None);
+        for bad in [
+            "", "0", "0.0", "-5", "+5", "1e3", "inf", "NaN", ".5", "5.", "1.2.3", " 5", "٣",
+        ] {
+            assert_eq!(s(bad), None, "{bad:?}");
+        }
+        assert!(s("99999999999999999999999").is_some());
+        assert_eq!(
+            parse_decimal("1500", 1_000_000),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_decimal("0.5", 1_000_000), Some(Duration::from_micros(500)));
+    }
+}

@@ -1,0 +1,512 @@
+//! The shared pool of keys and their state (SPEC §2).
+//!
+//! Each key's state is one `AtomicU64`:
+//!
+//! | word                                   | state                                   |
+//! |----------------------------------------|-----------------------------------------|
+//! | `deadline_ns << 2 \| cool_reason`      | cooling until `origin + deadline_ns`; available once that has passed (`0` = never marked) |
+//! | `DISABLED_FLOOR + disable_reason`      | disabled                                |
+//!
+//! Every mark is a single `fetch_max`: a later deadline wins, a disabled word is above every
+//! deadline, so marks are monotone and commute (SPEC §8.9), and no lock is ever taken.
+//! Only [`Pool::enable`], an operator action, lowers a word.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::secret::{Secret, SecretError};
+use crate::walk::Walker;
+
+const REASON_BITS: u32 = 2;
+const REASON_MASK: u64 = (1 << REASON_BITS) - 1;
+/// Words at or above this value mean "disabled"; the low two bits carry the reason.
+const DISABLED_FLOOR: u64 = u64::MAX - REASON_MASK;
+/// The latest deadline a word can hold (about 146 years after the pool's origin).
+const MAX_DEADLINE_NS: u64 = (DISABLED_FLOOR - 1) >> REASON_BITS;
+
+/// Index of a key in its pool (0-based, in configuration order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub(crate) usize);
+
+impl KeyId {
+    /// The 0-based position of the key in the pool.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Why a key is cooling down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CoolReason {
+    /// The upstream answered 429.
+    RateLimited,
+    /// The upstream rejected the key (401) and the policy cools instead of disabling.
+    Auth,
+    /// The upstream was overloaded and the policy was configured to cool the key.
+    Overloaded,
+}
+
+/// Why a key is disabled. Disabled keys take no traffic until [`Pool::enable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DisableReason {
+    /// 401: the key is not valid.
+    Unauthorized,
+    /// 403: the key may not use this API.
+    Forbidden,
+    /// 402, or the credit-balance 400: the organisation is out of credit.
+    Billing,
+    /// An operator disabled the key by hand.
+    Operator,
+}
+
+/// The state of one key at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// The key may be used.
+    Available,
+    /// The key may be used again at `until`.
+    Cooling {
+        /// The moment the key becomes available again.
+        until: Instant,
+        /// Why it cools.
+        reason: CoolReason,
+    },
+    /// The key takes no traffic until it is enabled again.
+    Disabled {
+        /// Why it was disabled.
+        reason: DisableReason,
+    },
+}
+
+impl KeyState {
+    /// Whether a walker may yield the key.
+    pub fn is_available(&self) -> bool {
+        matches!(self, Self::Available)
+    }
+    /// Whether the key is cooling down.
+    pub fn is_cooling(&self) -> bool {
+        matches!(self, Self::Cooling { .. })
+    }
+    /// Whether the key is disabled.
+    pub fn is_disabled(&self) -> bool {
+        matches!(self, Self::Disabled { .. })
+    }
+}
+
+/// What a mark did to a key's state, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use = "a transition tells whether the key's state changed; log or count it"]
+pub enum Transition {
+    /// The key entered the new state (e.g. available → cooling, → disabled, → available).
+    Entered,
+    /// The key was already cooling and its deadline moved later.
+    Extended,
+    /// Nothing changed (an earlier deadline, an already disabled key, ...).
+    Unchanged,
+}
+
+/// How walks pick their first key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Every walk starts at the first key: a healthy primary takes all traffic, which keeps
+    /// the upstream's organisation-scoped prompt cache warm.
+    #[default]
+    PrimaryWithFallback,
+    /// Each new walk starts one key further than the previous one.
+    RoundRobin,
+}
+
+/// One key as configured.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// The operator's name for the key (e.g. `team-a`); the hint when absent.
+    pub label: Option<String>,
+    /// The key itself.
+    pub secret: String,
+}
+
+impl KeySpec {
+    /// A key without a label.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self {
+            label: None,
+            secret: secret.into(),
+        }
+    }
+    /// A key with a label.
+    pub fn labelled(label: impl Into<String>, secret: impl Into<String>) -> Self {
+        Self {
+            label: Some(label.into()),
+            secret: secret.into(),
+        }
+    }
+}
+
+impl fmt::Debug for KeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hint = Secret::new(self.secret.as_str()).map(|s| s.hint().to_owned());
+        f.debug_struct("KeySpec")
+            .field("label", &self.label)
+            .field("secret", &hint.as_deref().unwrap_or("<invalid>"))
+            .finish()
+    }
+}
+
+impl<S: Into<String>> From<S> for KeySpec {
+    fn from(secret: S) -> Self {
+        Self::new(secret)
+    }
+}
+
+/// Why a pool cannot be built. Positions count from 1, as a person reading a key list does;
+/// no variant ever carries key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// No keys were given.
+    #[error("the pool needs at least one key, and none was given")]
+    Empty,
+    /// The key at `position` is empty or white space only.
+    #[error("key #{position} is empty or blank")]
+    Blank {
+        /// 1-based position of the key.
+        position: usize,
+    },
+    /// The key at `position` cannot be sent as an HTTP header value.
+    #[error(
+        "key #{position} contains a character that is not allowed in an HTTP header value (spaces, line breaks and non-ASCII are not)"
+    )]
+    NotHeaderValue {
+        /// 1-based position of the key.
+        position: usize,
+    },
+    /// The same key appears twice.
+    #[error("key #{second} is the same key as key #{first}")]
+    Duplicate {
+        /// 1-based position of the first occurrence.
+        first: usize,
+        /// 1-based position of the repeat.
+        second: usize,
+    },
+    /// A label is empty or has characters other than ASCII letters, digits, `.`, `_`, `-`.
+    #[error("key #{position} has an invalid label (use 1-64 ASCII letters, digits, '.', '_' or '-')")]
+    BadLabel {
+        /// 1-based position of the key.
+        position: usize,
+    },
+    /// Two keys carry the same label.
+    #[error("key #{second} has the same label as key #{first} ({label:?})")]
+    DuplicateLabel {
+        /// The label (never a secret: labels are operator names or hints).
+        label: String,
+        /// 1-based position of the first key with it.
+        first: usize,
+        /// 1-based position of the repeat.
+        second: usize,
+    },
+}
+
+struct Entry {
+    secret: Secret,
+    label: Box<str>,
+    word: AtomicU64,
+}
+
+/// An ordered, non-empty set of keys with shared, lock-free state.
+///
+/// Share it as `Arc<Pool>`; every method takes `&self`. The pool never reads a clock: every
+/// method that depends on time takes `now`, measured from the `origin` given to [`Pool::new`].
+pub struct Pool {
+    keys: Box<[Entry]>,
+    origin: Instant,
+    order: Order,
+    cursor: AtomicUsize,
+}
+
+/// One key as seen by [`Pool::snapshot`]: no secret, only its label and hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySnapshot {
+    /// The key's id.
+    pub id: KeyId,
+    /// Its label.
+    pub label: String,
+    /// Its hint.
+    pub hint: String,
+    /// Its state at the snapshot's `now`.
+    pub state: KeyState,
+}
+
+fn valid_label(label: &str) -> bool {
+    (1..=64).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Pool {
+    /// Builds a pool. `origin` is any instant not later than the first `now` the pool will see
+    /// (usually the adapter's `Instant::now()` at start-up).
+    pub fn new<K: Into<KeySpec>>(
+        keys: impl IntoIterator<Item = K>,
+        order: Order,
+        origin: Instant,
+    ) -> Result<Self, PoolError> {
+        let mut entries: Vec<Entry> = Vec::new();
+        for (i, spec) in keys.into_iter().enumerate() {
+            let spec: KeySpec = spec.into();
+            let position = i + 1;
+            let secret = Secret::new(spec.secret).map_err(|e| match e {
+                SecretError::Blank => PoolError::Blank { position },
+                SecretError::NotHeaderValue => PoolError::NotHeaderValue { position },
+            })?;
+            if let Some(first) = entries.iter().position(|e| e.secret == secret) {
+                return Err(PoolError::Duplicate {
+                    first: first + 1,
+                    second: position,
+                });
+            }
+            let label = match spec.label {
+                Some(label) if valid_label(&label) => label,
+                Some(_) => return Err(PoolError::BadLabel { position }),
+                None => {
+                    // Short keys share the hint "...": keep default labels unique.
+                    let hint = secret.hint();
+                    if entries.iter().any(|e| &*e.label == hint) {
+                        format!("{hint}#{position}")
+                    } else {
+                        hint.to_owned()
+                    }
+                }
+            };
+            if let Some(first) = entries.iter().position(|e| *e.label == *label) {
+                return Err(PoolError::DuplicateLabel {
+                    label,
+                    first: first + 1,
+                    second: position,
+                });
+            }
+            entries.push(Entry {
+                secret,
+                label: label.into_boxed_str(),
+                word: AtomicU64::new(0),
+            });
+        }
+        if entries.is_empty() {
+            return Err(PoolError::Empty);
+        }
+        Ok(Self {
+            keys: entries.into_boxed_slice(),
+            origin,
+            order,
+            cursor: AtomicUsize::new(0),
+        })
+    }
+
+    /// Builds a new pool from `keys` that keeps the state (cooldowns, disabled) of every key
+    /// that is also in `self`, matched by the key itself. Used when a key file is reloaded.
+    pub fn reload<K: Into<KeySpec>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Self, PoolError> {
+        let next = Self::new(keys, self.order, self.origin)?;
+        for entry in next.keys.iter() {
+            if let Some(old) = self.keys.iter().find(|o| o.secret == entry.secret) {
+                entry
+                    .word
+                    .store(old.word.load(Ordering::Acquire), Ordering::Release);
+            }
+        }
+        Ok(next)
+    }
+
+    /// Number of keys (at least 1).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Always `false`: a pool has at least one key. Present for API symmetry with `len`.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The instant the pool measures deadlines from.
+    pub fn origin(&self) -> Instant {
+        self.origin
+    }
+
+    /// How walks choose their first key.
+    pub fn order(&self) -> Order {
+        self.order
+    }
+
+    /// Every key id, in configuration order.
+    pub fn ids(&self) -> impl ExactSizeIterator<Item = KeyId> + use<> {
+        (0..self.keys.len()).map(KeyId)
+    }
+
+    /// The key with this label.
+    pub fn find(&self, label: &str) -> Option<KeyId> {
+        self.keys.iter().position(|e| &*e.label == label).map(KeyId)
+    }
+
+    /// The key's secret, to be written into a request header.
+    pub fn secret(&self, id: KeyId) -> &Secret {
+        &self.keys[id.0].secret
+    }
+
+    /// The key's label.
+    pub fn label(&self, id: KeyId) -> &str {
+        &self.keys[id.0].label
+    }
+
+    /// Starts a walk over the keys for one upstream call (SPEC §3).
+    pub fn walk(&self) -> Walker {
+        let start = match self.order {
+            Order::PrimaryWithFallback => 0,
+            Order::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % self.keys.len(),
+        };
+        Walker::new(start, self.keys.len())
+    }
+
+    fn now_ns(&self, now: Instant) -> u64 {
+        let d = now.saturating_duration_since(self.origin);
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn word(&self, id: KeyId) -> u64 {
+        self.keys[id.0].word.load(Ordering::Acquire)
+    }
+
+    /// Decodes a state word as seen at `now_ns`.
+    pub(crate) fn decode(&self, word: u64, now_ns: u64) -> RawState {
+        if word >= DISABLED_FLOOR {
+            RawState::Disabled(word - DISABLED_FLOOR)
+        } else if word >> REASON_BITS > now_ns {
+            RawState::Cooling(word >> REASON_BITS)
+        } else {
+            RawState::Available
+        }
+    }
+
+    pub(crate) fn ns_of(&self, now: Instant) -> u64 {
+        self.now_ns(now)
+    }
+
+    /// The state of a key at `now`.
+    pub fn state(&self, id: KeyId, now: Instant) -> KeyState {
+        let word = self.word(id);
+        match self.decode(word, self.now_ns(now)) {
+            RawState::Available => KeyState::Available,
+            RawState::Cooling(deadline) => KeyState::Cooling {
+                until: self.origin + Duration::from_nanos(deadline),
+                reason: cool_reason(word & REASON_MASK),
+            },
+            RawState::Disabled(code) => KeyState::Disabled {
+                reason: disable_reason(code),
+            },
+        }
+    }
+
+    /// Cools `id` down for `duration` from `now`, unless it is already cooling longer or is
+    /// disabled. Cooldowns only grow.
+    pub fn cool_down(&self, id: KeyId, now: Instant, duration: Duration, reason: CoolReason) -> Transition {
+        let now_ns = self.now_ns(now);
+        let dur_ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = now_ns.saturating_add(dur_ns).min(MAX_DEADLINE_NS);
+        if deadline <= now_ns {
+            return Transition::Unchanged;
+        }
+        let new = (deadline << REASON_BITS) | cool_code(reason);
+        let prev = self.keys[id.0].word.fetch_max(new, Ordering::AcqRel);
+        match self.decode(prev, now_ns) {
+            RawState::Disabled(_) => Transition::Unchanged,
+            RawState::Available => Transition::Entered,
+            RawState::Cooling(prev_deadline) if prev_deadline < deadline => Transition::Extended,
+            RawState::Cooling(_) => Transition::Unchanged,
+        }
+    }
+
+    /// Disables `id` until [`enable`](Self::enable). Disabling a disabled key changes nothing.
+    pub fn disable(&self, id: KeyId, reason: DisableReason) -> Transition {
+        let prev = self.keys[id.0]
+            .word
+            .fetch_max(DISABLED_FLOOR + disable_code(reason), Ordering::AcqRel);
+        if prev >= DISABLED_FLOOR {
+            Transition::Unchanged
+        } else {
+            Transition::Entered
+        }
+    }
+
+    /// Makes `id` available again, clearing a disabled state or a cooldown (operator action).
+    pub fn enable(&self, id: KeyId, now: Instant) -> Transition {
+        let prev = self.keys[id.0].word.swap(0, Ordering::AcqRel);
+        match self.decode(prev, self.now_ns(now)) {
+            RawState::Available => Transition::Unchanged,
+            RawState::Cooling(_) | RawState::Disabled(_) => Transition::Entered,
+        }
+    }
+
+    /// Every key's label, hint and state at `now`, for metrics and admin views.
+    pub fn snapshot(&self, now: Instant) -> Vec<KeySnapshot> {
+        self.ids()
+            .map(|id| KeySnapshot {
+                id,
+                label: self.label(id).to_owned(),
+                hint: self.secret(id).hint().to_owned(),
+                state: self.state(id, now),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("keys", &self.keys.iter().map(|e| &*e.label).collect::<Vec<_>>())
+            .field("order", &self.order)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A state word decoded against a `now`, in the pool's nanosecond time base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawState {
+    Available,
+    /// Deadline in ns since the origin (strictly after `now`).
+    Cooling(u64),
+    /// Disable reason code.
+    Disabled(u64),
+}
+
+fn cool_code(r: CoolReason) -> u64 {
+    match r {
+        CoolReason::RateLimited => 0,
+        CoolReason::Auth => 1,
+        CoolReason::Overloaded => 2,
+    }
+}
+
+fn cool_reason(code: u64) -> CoolReason {
+    match code {
+        1 => CoolReason::Auth,
+        2 => CoolReason::Overloaded,
+        _ => CoolReason::RateLimited,
+    }
+}
+
+fn disable_code(r: DisableReason) -> u64 {
+    match r {
+        DisableReason::Unauthorized => 0,
+        DisableReason::Forbidden => 1,
+        DisableReason::Billing => 2,
+        DisableReason::Operator => 3,
+    }
+}
+
+fn disable_reason(code: u64) -> DisableReason {
+    match code {
+        0 => DisableReason::Unauthorized,
+        1 => DisableReason::Forbidden,
+        2 => DisableReason::Billing,
+        _ => DisableReason::Operator,
+    }
+}
