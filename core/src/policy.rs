@@ -9,6 +9,9 @@ use crate::pool::{CoolReason, DisableReason};
 /// Classification reads at most this much of an error body.
 pub const MAX_CLASSIFY_BODY: usize = 64 * 1024;
 
+/// The shortest cooldown a verdict ever carries, whatever the retry value or configuration.
+const MIN_COOLDOWN: Duration = Duration::from_millis(1);
+
 /// What to do with one upstream answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -115,7 +118,7 @@ impl Policy {
                     reason: DisableReason::Unauthorized,
                 },
                 OnUnauthorized::CoolFor(duration) => Verdict::CoolDown {
-                    duration: duration.clamp(Duration::from_millis(1), self.max_cooldown),
+                    duration: self.bound(duration),
                     reason: CoolReason::Auth,
                 },
             },
@@ -133,7 +136,7 @@ impl Policy {
             },
             529 => match self.cool_on_overloaded {
                 Some(duration) => Verdict::CoolDown {
-                    duration: duration.clamp(Duration::from_millis(1), self.max_cooldown),
+                    duration: self.bound(duration),
                     reason: CoolReason::Overloaded,
                 },
                 None => Verdict::Deliver,
@@ -159,11 +162,14 @@ impl Policy {
                     at.duration_since(base).ok().filter(|d| !d.is_zero())
                 })
             });
-        match parsed {
-            Some(d) => d.min(self.max_cooldown),
-            None => self.default_cooldown.min(self.max_cooldown),
-        }
-        .max(Duration::from_millis(1))
+        self.bound(parsed.unwrap_or(self.default_cooldown))
+    }
+
+    /// Caps a cooldown at [`max_cooldown`](Self::max_cooldown), then floors it at 1 ms, so no
+    /// configuration can produce a zero cooldown. Not `Duration::clamp`: that panics when a
+    /// `max_cooldown` below 1 ms is configured.
+    fn bound(&self, d: Duration) -> Duration {
+        d.min(self.max_cooldown).max(MIN_COOLDOWN)
     }
 }
 
