@@ -113,10 +113,15 @@ impl Walker {
         if disabled == self.len {
             return Err(Exhausted::AllDisabled);
         }
-        let retry_after = match soonest {
-            Some(deadline) => Duration::from_nanos(deadline - now_ns),
-            None => {
-                debug_assert!(tried_free);
+        // Not all disabled, so some key is cooling or was tried and is free again; a free one
+        // "frees up now" and counts as `MIN_RETRY_AFTER`, even next to longer cooldowns.
+        let cooling = soonest.map(|deadline| Duration::from_nanos(deadline - now_ns));
+        let free = tried_free.then_some(MIN_RETRY_AFTER);
+        let retry_after = match (cooling, free) {
+            (Some(c), Some(f)) => c.min(f),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => {
+                debug_assert!(false, "neither cooling nor free, yet not all disabled");
                 MIN_RETRY_AFTER
             }
         };

@@ -136,7 +136,9 @@ fn exhaustion_reports_the_soonest_cooldown() {
     // After the 3 s key frees up, the next soonest is the 5 s key.
     assert_eq!(drain(&p, t0 + secs(3)).0, [1]);
     let mut walk = p.walk();
-    assert_eq!(walk.next_key(&p, t0 + secs(4)).unwrap().index(), 1);
+    let k = walk.next_key(&p, t0 + secs(4)).unwrap();
+    assert_eq!(k.index(), 1);
+    let _ = p.cool_down(k, t0 + secs(4), secs(2), RL);
     assert_eq!(
         walk.next_key(&p, t0 + secs(4)),
         Err(Exhausted::RateLimited { retry_after: secs(1) })
@@ -714,4 +716,36 @@ fn debug_never_shows_a_secret() {
     // Sanity: the outputs do carry the hints.
     assert!(outputs[0].contains("team-a"), "{}", outputs[0]);
     assert!(outputs[6].contains("sk-a...Mj4K"), "{}", outputs[6]);
+}
+
+/// A key that was tried, cooled briefly and is free again by the end of the walk "frees up
+/// now" (`MIN_RETRY_AFTER`), even when another key is cooling for longer: the caller should
+/// retry at once, not after the longer cooldown.
+#[test]
+fn a_tried_key_that_is_free_again_counts_as_freeing_up_now() {
+    let t0 = Instant::now();
+    let p = pool(2, Order::PrimaryWithFallback, t0);
+    let mut walk = p.walk();
+    let a = walk.next_key(&p, t0).unwrap();
+    let _ = p.cool_down(a, t0, ms(1), RL);
+    let b = walk.next_key(&p, t0).unwrap();
+    let _ = p.cool_down(b, t0, secs(10), RL);
+    assert_eq!(
+        walk.next_key(&p, t0 + ms(5)),
+        Err(Exhausted::RateLimited {
+            retry_after: MIN_RETRY_AFTER
+        })
+    );
+    // A cooling key closer than 1 ms still wins the minimum.
+    let p = pool(2, Order::PrimaryWithFallback, t0);
+    let mut walk = p.walk();
+    let _ = walk.next_key(&p, t0).unwrap();
+    let b = walk.next_key(&p, t0).unwrap();
+    let _ = p.cool_down(b, t0, Duration::from_micros(300), RL);
+    assert_eq!(
+        walk.next_key(&p, t0 + Duration::from_micros(100)),
+        Err(Exhausted::RateLimited {
+            retry_after: Duration::from_micros(200)
+        })
+    );
 }
