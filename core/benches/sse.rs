@@ -1,0 +1,2 @@
+//! SSE benchmark (being written).
+fn main() {}

@@ -1,0 +1,298 @@
+//! [`Framer`]: cuts a byte stream into whole raw events without interpreting them.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use memchr::memchr2;
+
+use super::parser::copy_into;
+use super::{BOM, Limits, SseError, split_field};
+
+/// One whole event as it appeared in the input: its lines and its terminating blank line,
+/// byte for byte.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    bytes: Bytes,
+    /// Where the value of the last `event` field lies in `bytes`.
+    name: Option<Range<usize>>,
+}
+
+impl RawEvent {
+    /// The raw bytes, terminating blank line included.
+    #[must_use]
+    pub const fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Takes the raw bytes out without copying.
+    #[must_use]
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    /// The value of the event's last `event` field, as the [`Parser`](super::Parser) would
+    /// read it (one leading space removed). `None` when there is no such field, when its value
+    /// is empty (both mean type `message`), or when it is not valid UTF-8.
+    #[must_use]
+    pub fn name(&self) -> Option<&str> {
+        let range = self.name.clone()?;
+        std::str::from_utf8(&self.bytes[range]).ok()
+    }
+
+    /// Whether [`name`](Self::name) is `name`; compares bytes, no UTF-8 check.
+    #[must_use]
+    pub fn is_named(&self, name: &str) -> bool {
+        self.name
+            .clone()
+            .is_some_and(|range| &self.bytes[range] == name.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for RawEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawEvent")
+            .field("name", &self.name())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+/// Cuts a `text/event-stream` byte stream into whole raw events ([`RawEvent`]).
+///
+/// An event ends with its blank line (the line end of that blank line included), so every
+/// blank line ends one frame: a comment block or a lone extra blank line is a frame too. Line
+/// ends are CR LF, LF or CR, exactly as for the [`Parser`](super::Parser), so parsing the
+/// concatenated frames gives the same events as parsing the input.
+///
+/// Frames that lie inside one fed chunk are slices of it; only a frame that spans chunks is
+/// copied (once). A frame is emitted as soon as its blank line is complete: when that blank
+/// line ends with a CR that is the last byte of a chunk, an LF at the start of the next chunk
+/// completes the CR LF and becomes the first byte of the next frame (the byte stream stays
+/// identical; nothing waits for the next chunk).
+///
+/// The size limit is [`Limits::max_event`] on the raw size of a frame; past it the framer fails
+/// with [`SseError::EventTooLarge`] (terminal, see [`SseError`]).
+#[derive(Debug)]
+pub struct Framer {
+    max_event: usize,
+    /// The current frame's bytes from earlier chunks.
+    acc: BytesMut,
+    /// Start of the current line, relative to the current frame.
+    line_start: usize,
+    /// The last chunk ended with CR: an LF at the start of the next one belongs to it.
+    skip_lf: bool,
+    /// The current frame starts with the LF completing a CR LF of the previous frame.
+    lead_lf: bool,
+    /// No frame has been emitted yet in this stream (a BOM may start the first line).
+    at_stream_start: bool,
+    /// Value range of the last `event` field of the current frame.
+    name: Option<Range<usize>>,
+    /// Copies of `feed_slice` input.
+    arena: BytesMut,
+    queue: VecDeque<RawEvent>,
+    error: Option<SseError>,
+    failed: bool,
+}
+
+impl Default for Framer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Framer {
+    /// A framer with the default limit (16 MiB per event).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_limits(Limits::new())
+    }
+
+    /// A framer with the given limits (only [`Limits::max_event`] applies).
+    #[must_use]
+    pub fn with_limits(limits: Limits) -> Self {
+        Self {
+            max_event: limits.max_event(),
+            acc: BytesMut::new(),
+            line_start: 0,
+            skip_lf: false,
+            lead_lf: false,
+            at_stream_start: true,
+            name: None,
+            arena: BytesMut::new(),
+            queue: VecDeque::new(),
+            error: None,
+            failed: false,
+        }
+    }
+
+    /// Cuts a chunk of the stream. Ignored after an error.
+    pub fn feed(&mut self, chunk: Bytes) {
+        if self.failed || chunk.is_empty() {
+            return;
+        }
+        let buf: &[u8] = &chunk;
+        let mut pos = 0;
+        if self.skip_lf {
+            self.skip_lf = false;
+            if buf[0] == b'\n' {
+                // The LF of a CR LF: part of the previous line end.
+                pos = 1;
+                if self.acc.is_empty() && self.line_start == 0 {
+                    self.lead_lf = true;
+                }
+                self.line_start += 1;
+            }
+        }
+        // Chunk index where the not yet copied part of the current frame starts. Invariant:
+        // chunk index `j >= frame_start` is at frame offset `acc.len() + j - frame_start`.
+        let mut frame_start = 0;
+        while let Some(offset) = memchr2(b'\n', b'\r', &buf[pos..]) {
+            let end = pos + offset;
+            let mut next = end + 1;
+            if buf[end] == b'\r' {
+                match buf.get(next) {
+                    Some(b'\n') => next += 1,
+                    Some(_) => {}
+                    None => self.skip_lf = true,
+                }
+            }
+            let frame_len = self.acc.len() + next - frame_start;
+            if frame_len > self.max_event {
+                self.fail();
+                return;
+            }
+            if self.line_start < self.acc.len() {
+                // The line began in an earlier chunk: bring the frame's bytes together.
+                self.acc.extend_from_slice(&buf[frame_start..next]);
+                frame_start = next;
+            }
+            let line_start = self.line_start;
+            let line_end = frame_len - (next - end);
+            let (blank, name) = {
+                let line = if self.acc.len() > line_start {
+                    &self.acc[line_start..line_end]
+                } else {
+                    &buf[frame_start + line_start - self.acc.len()..end]
+                };
+                self.classify(line, line_start)
+            };
+            if blank {
+                let bytes = if self.acc.is_empty() {
+                    chunk.slice(frame_start..next)
+                } else {
+                    self.acc.extend_from_slice(&buf[frame_start..next]);
+                    self.acc.split().freeze()
+                };
+                self.queue.push_back(RawEvent {
+                    bytes,
+                    name: self.name.take(),
+                });
+                frame_start = next;
+                self.line_start = 0;
+                self.lead_lf = false;
+                self.at_stream_start = false;
+            } else {
+                if let Some(name) = name {
+                    self.name = name;
+                }
+                self.line_start = frame_len;
+            }
+            pos = next;
+        }
+        let rest = buf.len() - frame_start;
+        if self.acc.len() + rest > self.max_event {
+            self.fail();
+            return;
+        }
+        if rest > 0 {
+            if self.acc.capacity() == 0 {
+                self.acc = BytesMut::with_capacity(rest.max(1024));
+            }
+            self.acc.extend_from_slice(&buf[frame_start..]);
+        }
+    }
+
+    /// Cuts a chunk given as a slice; the bytes are copied once into a reused buffer.
+    pub fn feed_slice(&mut self, chunk: &[u8]) {
+        if self.failed || chunk.is_empty() {
+            return;
+        }
+        let chunk = copy_into(&mut self.arena, chunk);
+        self.feed(chunk);
+    }
+
+    /// The next whole event, or the error that stopped the framer (once), or `None` when more
+    /// input is needed.
+    #[must_use]
+    pub fn next_frame(&mut self) -> Option<Result<RawEvent, SseError>> {
+        if let Some(frame) = self.queue.pop_front() {
+            return Some(Ok(frame));
+        }
+        self.error.take().map(Err)
+    }
+
+    /// Ends the stream. Returns the bytes after the last whole event (a partial event the
+    /// stream was cut in), or `None` if there are none. The LF that completes a CR LF after
+    /// the last event does not count as left over. Whole events already cut stay queued. The
+    /// framer is then ready for a new stream.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        let only_lead_lf = self.lead_lf && self.acc.len() == 1;
+        let left = if self.acc.is_empty() || only_lead_lf {
+            None
+        } else {
+            Some(self.acc.split().freeze())
+        };
+        self.acc.clear();
+        self.line_start = 0;
+        self.skip_lf = false;
+        self.lead_lf = false;
+        self.at_stream_start = true;
+        self.name = None;
+        left
+    }
+
+    /// Whether the framer stopped on an error (it then ignores input).
+    #[must_use]
+    pub const fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Bytes held for the event in progress (never more than [`Limits::max_event`]).
+    #[must_use]
+    pub fn buffered_len(&self) -> usize {
+        self.acc.len()
+    }
+
+    /// Whether `line` (starting at frame offset `start`) is blank, and if it is an `event`
+    /// field, the frame range of its value (`Some(None)` for an empty value).
+    #[allow(clippy::option_option)]
+    fn classify(&self, line: &[u8], start: usize) -> (bool, Option<Option<Range<usize>>>) {
+        let skip = if self.at_stream_start && start == 0 && line.starts_with(BOM) {
+            BOM.len()
+        } else {
+            0
+        };
+        let line = &line[skip..];
+        if line.is_empty() {
+            return (true, None);
+        }
+        match split_field(line) {
+            Some((b"event", value)) if value < line.len() => {
+                (false, Some(Some(start + skip + value..start + skip + line.len())))
+            }
+            Some((b"event", _)) => (false, Some(None)),
+            _ => (false, None),
+        }
+    }
+
+    fn fail(&mut self) {
+        self.failed = true;
+        self.error = Some(SseError::EventTooLarge {
+            limit: self.max_event,
+        });
+        self.acc = BytesMut::new();
+        self.arena = BytesMut::new();
+        self.name = None;
+    }
+}

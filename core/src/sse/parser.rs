@@ -1,0 +1,445 @@
+//! [`Parser`]: the WHATWG event stream interpretation, incremental and bounded.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use memchr::{memchr, memchr2};
+
+use super::{BOM, Event, Limits, SseError, split_field};
+
+/// Initial capacity of the buffers that collect copied bytes. They are split into frozen
+/// [`Bytes`] and reclaimed once the consumer drops what it was handed, so a steady stream
+/// allocates nothing.
+const ARENA: usize = 4 * 1024;
+
+/// An incremental `text/event-stream` parser (WHATWG HTML §9.2.6, "Interpreting an event
+/// stream").
+///
+/// Drive it with [`feed`](Self::feed) (or [`feed_slice`](Self::feed_slice)), drain it with
+/// [`next_event`](Self::next_event) until `None`, and call [`finish`](Self::finish) when the
+/// stream ends. Feeding parses eagerly; the completed events wait in a queue, so the order of
+/// `feed` and `next_event` calls does not matter, and any chunking of the same bytes gives the
+/// same events.
+///
+/// The algorithm, as implemented:
+/// - the stream is decoded as UTF-8; one leading BOM is stripped; invalid bytes become U+FFFD;
+/// - lines end with CR LF, a lone LF, or a lone CR (also when the CR ends one chunk and the LF
+///   starts the next);
+/// - "If the line is empty (a blank line): Dispatch the event";
+/// - "If the line starts with a U+003A COLON character (:): Ignore the line";
+/// - "If the line contains a U+003A COLON character (:): Collect the characters on the line
+///   before the first U+003A COLON character (:), and let field be that string. Collect the
+///   characters on the line after the first U+003A COLON character (:), and let value be that
+///   string. If value starts with a U+0020 SPACE character, remove it from value";
+/// - "Otherwise, the string is not empty but does not contain a U+003A COLON character (:):
+///   Process the field using the whole line as the field name, and the empty string as the
+///   field value";
+/// - `event` sets the event type buffer, `data` appends the value and an LF to the data
+///   buffer, `id` sets the last event ID buffer unless the value contains U+0000 NULL, `retry`
+///   sets the reconnection time if the value is only ASCII digits; other fields are ignored;
+/// - "Once the end of the file is reached, any pending data must be discarded. (If the file
+///   ends in the middle of an event, before the final empty line, the incomplete event is not
+///   dispatched.)"
+///
+/// Errors ([`SseError`]) are terminal: see there.
+#[derive(Debug)]
+pub struct Parser {
+    limits: Limits,
+    /// The bytes of a line whose end has not arrived yet.
+    line: Vec<u8>,
+    /// The last chunk ended with CR: an LF at the start of the next one belongs to it.
+    skip_lf: bool,
+    /// Past the point where a BOM could start the stream.
+    bom_done: bool,
+    /// Number of `data` lines in the data buffer (0: the buffer is the empty string).
+    data_lines: usize,
+    /// The data buffer when it is one line sliced out of a fed chunk.
+    data_single: Option<Bytes>,
+    /// The data buffer otherwise (lines joined with LF, no trailing LF).
+    data_acc: BytesMut,
+    /// The event type buffer.
+    event_type: Option<Bytes>,
+    /// A valid `retry` value seen since the last dispatch.
+    event_retry: Option<u64>,
+    /// A field line has been processed since the last dispatch (for [`Parser::finish`]).
+    in_event: bool,
+    /// The last event ID buffer; persists across events.
+    last_id: Bytes,
+    /// The reconnection time; persists across events.
+    retry: Option<u64>,
+    /// Copies of `feed_slice` input and of values taken from lines that spanned chunks.
+    arena: BytesMut,
+    queue: VecDeque<Event>,
+    error: Option<SseError>,
+    failed: bool,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Parser {
+    /// A parser with the default [`Limits`] (16 MiB line, 16 MiB event).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_limits(Limits::new())
+    }
+
+    /// A parser with the given limits.
+    #[must_use]
+    pub fn with_limits(limits: Limits) -> Self {
+        Self {
+            limits,
+            line: Vec::new(),
+            skip_lf: false,
+            bom_done: false,
+            data_lines: 0,
+            data_single: None,
+            data_acc: BytesMut::new(),
+            event_type: None,
+            event_retry: None,
+            in_event: false,
+            last_id: Bytes::new(),
+            retry: None,
+            arena: BytesMut::new(),
+            queue: VecDeque::new(),
+            error: None,
+            failed: false,
+        }
+    }
+
+    /// The limits this parser enforces.
+    #[must_use]
+    pub const fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Parses a chunk of the stream. Event data that is a single line inside this chunk is
+    /// handed out as a slice of it, without copying. Ignored after an error.
+    pub fn feed(&mut self, chunk: Bytes) {
+        if self.failed || chunk.is_empty() {
+            return;
+        }
+        let mut pos = 0;
+        if !self.bom_done {
+            match self.strip_bom(&chunk) {
+                Some(skip) => pos = skip,
+                None => return,
+            }
+        }
+        if self.skip_lf {
+            self.skip_lf = false;
+            if chunk.get(pos) == Some(&b'\n') {
+                pos += 1;
+            }
+        }
+        self.scan(&chunk, pos);
+    }
+
+    /// Parses a chunk given as a slice; the bytes are copied once into a reused buffer.
+    pub fn feed_slice(&mut self, chunk: &[u8]) {
+        if self.failed || chunk.is_empty() {
+            return;
+        }
+        let chunk = copy_into(&mut self.arena, chunk);
+        self.feed(chunk);
+    }
+
+    /// The next dispatched event, or the error that stopped the parser (once), or `None` when
+    /// more input is needed.
+    #[must_use]
+    pub fn next_event(&mut self) -> Option<Result<Event, SseError>> {
+        if let Some(event) = self.queue.pop_front() {
+            return Some(Ok(event));
+        }
+        self.error.take().map(Err)
+    }
+
+    /// Ends the stream: an unterminated last event (and any unterminated line) is discarded,
+    /// as the WHATWG algorithm requires. Returns `true` if something was discarded, so the
+    /// caller knows the stream was cut inside an event.
+    ///
+    /// Events already dispatched stay queued for [`next_event`](Self::next_event). The parser
+    /// is then ready for a new stream (a reconnection): a BOM is accepted again, while the
+    /// last event id and the reconnection time are kept, as an `EventSource` keeps them.
+    pub fn finish(&mut self) -> bool {
+        let discarded = !self.line.is_empty() || self.in_event;
+        self.line.clear();
+        self.skip_lf = false;
+        self.bom_done = false;
+        self.reset_event();
+        discarded
+    }
+
+    /// Whether the parser stopped on an error (it then ignores input).
+    #[must_use]
+    pub const fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Bytes held for the line and the event in progress (never more than the two limits).
+    /// Queued, already dispatched events are not counted.
+    #[must_use]
+    pub fn buffered_len(&self) -> usize {
+        self.line.len() + self.data_len()
+    }
+
+    /// The last event ID buffer: the value of the most recent valid `id` field (empty if none).
+    #[must_use]
+    pub fn last_event_id(&self) -> &str {
+        super::as_str(&self.last_id)
+    }
+
+    /// The reconnection time (ms) set by the most recent valid `retry` field, if any.
+    #[must_use]
+    pub const fn retry(&self) -> Option<u64> {
+        self.retry
+    }
+
+    /// Consumes the start of a stream that may be a BOM. Returns where parsing continues in
+    /// `chunk`, or `None` when all of it was held (a BOM prefix that may still complete).
+    fn strip_bom(&mut self, chunk: &[u8]) -> Option<usize> {
+        // `self.line` holds only the BOM bytes matched so far (at most two).
+        let held = self.line.len();
+        let take = (BOM.len() - held).min(chunk.len());
+        if chunk[..take] != BOM[held..held + take] {
+            // Not a BOM: held bytes stay as the start of the first line.
+            self.bom_done = true;
+            return Some(0);
+        }
+        if held + take == BOM.len() {
+            self.line.clear();
+            self.bom_done = true;
+            Some(take)
+        } else {
+            self.line.extend_from_slice(&chunk[..take]);
+            None
+        }
+    }
+
+    /// Splits `chunk[pos..]` into lines and processes them.
+    fn scan(&mut self, chunk: &Bytes, mut pos: usize) {
+        let buf: &[u8] = chunk;
+        while pos < buf.len() {
+            let Some(offset) = memchr2(b'\n', b'\r', &buf[pos..]) else {
+                let rest = buf.len() - pos;
+                if self.line.len() + rest > self.limits.max_line {
+                    self.fail(SseError::LineTooLong {
+                        limit: self.limits.max_line,
+                    });
+                    return;
+                }
+                self.line.extend_from_slice(&buf[pos..]);
+                return;
+            };
+            let end = pos + offset;
+            if self.line.is_empty() {
+                if offset > self.limits.max_line {
+                    self.fail(SseError::LineTooLong {
+                        limit: self.limits.max_line,
+                    });
+                    return;
+                }
+                self.process_line(Some(chunk), pos, &buf[pos..end]);
+            } else {
+                if self.line.len() + offset > self.limits.max_line {
+                    self.fail(SseError::LineTooLong {
+                        limit: self.limits.max_line,
+                    });
+                    return;
+                }
+                self.line.extend_from_slice(&buf[pos..end]);
+                let line = std::mem::take(&mut self.line);
+                self.process_line(None, 0, &line);
+                self.line = line;
+                self.line.clear();
+            }
+            if self.failed {
+                return;
+            }
+            pos = end + 1;
+            if buf[end] == b'\r' {
+                match buf.get(pos) {
+                    Some(b'\n') => pos += 1,
+                    Some(_) => {}
+                    None => self.skip_lf = true,
+                }
+            }
+        }
+    }
+
+    /// Processes one complete line. `src` is the chunk the line lies in (at `base`), or `None`
+    /// when the line was assembled from several chunks.
+    fn process_line(&mut self, src: Option<&Bytes>, base: usize, line: &[u8]) {
+        if line.is_empty() {
+            self.dispatch();
+            return;
+        }
+        let Some((field, value_start)) = split_field(line) else {
+            return; // comment
+        };
+        let value = &line[value_start..];
+        let at = base + value_start;
+        match field {
+            b"data" => {
+                self.in_event = true;
+                self.push_data(src, at, value);
+            }
+            b"event" => {
+                self.in_event = true;
+                self.event_type = Some(self.text(src, at, value));
+            }
+            b"id" => {
+                self.in_event = true;
+                if memchr(0, value).is_none() {
+                    self.last_id = self.text(src, at, value);
+                }
+            }
+            b"retry" => {
+                self.in_event = true;
+                if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
+                    // Saturates: a value past u64::MAX milliseconds is as good as infinite.
+                    let ms = value.iter().fold(0u64, |acc, d| {
+                        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+                    });
+                    self.retry = Some(ms);
+                    self.event_retry = Some(ms);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// "If the field name is `data`: Append the field value to the data buffer, then append a
+    /// single U+000A LINE FEED (LF) character to the data buffer." The trailing LF is implied:
+    /// the buffer holds the lines joined with LF and `data_lines` counts them.
+    fn push_data(&mut self, src: Option<&Bytes>, at: usize, value: &[u8]) {
+        let replaced;
+        let (value, sliceable) = if std::str::from_utf8(value).is_ok() {
+            (value, src.is_some())
+        } else {
+            replaced = String::from_utf8_lossy(value).into_owned();
+            (replaced.as_bytes(), false)
+        };
+        let size = if self.data_lines == 0 {
+            value.len()
+        } else {
+            self.data_len() + 1 + value.len()
+        };
+        if size > self.limits.max_event {
+            self.fail(SseError::EventTooLarge {
+                limit: self.limits.max_event,
+            });
+            return;
+        }
+        match (self.data_lines, src) {
+            (0, Some(chunk)) if sliceable => self.data_single = Some(chunk.slice(at..at + value.len())),
+            _ => {
+                ensure_arena(&mut self.data_acc);
+                if let Some(first) = self.data_single.take() {
+                    self.data_acc.extend_from_slice(&first);
+                }
+                if self.data_lines > 0 {
+                    self.data_acc.extend_from_slice(b"\n");
+                }
+                self.data_acc.extend_from_slice(value);
+            }
+        }
+        self.data_lines += 1;
+    }
+
+    /// A field value as UTF-8 [`Bytes`]: a slice of the chunk when possible.
+    fn text(&mut self, src: Option<&Bytes>, at: usize, value: &[u8]) -> Bytes {
+        if value.is_empty() {
+            Bytes::new()
+        } else if std::str::from_utf8(value).is_err() {
+            Bytes::from(String::from_utf8_lossy(value).into_owned())
+        } else if let Some(chunk) = src {
+            chunk.slice(at..at + value.len())
+        } else {
+            copy_into(&mut self.arena, value)
+        }
+    }
+
+    /// "Dispatch the event" (WHATWG HTML §9.2.6), steps for web browsers:
+    ///
+    /// 1. "Set the last event ID string of the event source to the value of the last event ID
+    ///    buffer. The buffer does not get reset, so the last event ID string of the event
+    ///    source remains set to this value until the next time it is set by the server."
+    /// 2. "If the data buffer is an empty string, set the data buffer and the event type buffer
+    ///    to the empty string and return."
+    /// 3. "If the data buffer's last character is a U+000A LINE FEED (LF) character, then
+    ///    remove the last character from the data buffer."
+    /// 4. "Let event be the result of creating an event using MessageEvent."
+    /// 5. "Initialize event's type attribute to "message", its data attribute to data, [...]
+    ///    and its lastEventId attribute to the last event ID string of the event source."
+    /// 6. "If the event type buffer has a value other than the empty string, change the type
+    ///    of the newly created event to equal the value of the event type buffer."
+    /// 7. "Set the data buffer and the event type buffer to the empty string."
+    /// 8. "Queue a task which [...] dispatches the newly created event at the EventSource
+    ///    object." Here: push it on the queue drained by [`Parser::next_event`].
+    fn dispatch(&mut self) {
+        // Step 1: `last_id` is both the buffer and the string.
+        // Step 2 (a `data_lines` of 0 is the empty data buffer).
+        if self.data_lines == 0 {
+            self.reset_event();
+            return;
+        }
+        // Step 3: the trailing LF is never stored.
+        let data = match self.data_single.take() {
+            Some(data) => data,
+            None => self.data_acc.split().freeze(),
+        };
+        // Steps 4 to 6.
+        let event = Event {
+            event_type: Event::normalize_type(self.event_type.take().unwrap_or_default()),
+            data,
+            id: self.last_id.clone(),
+            retry: self.event_retry.take(),
+        };
+        // Step 7.
+        self.reset_event();
+        // Step 8.
+        self.queue.push_back(event);
+    }
+
+    fn reset_event(&mut self) {
+        self.data_lines = 0;
+        self.data_single = None;
+        self.data_acc.clear();
+        self.event_type = None;
+        self.event_retry = None;
+        self.in_event = false;
+    }
+
+    fn data_len(&self) -> usize {
+        self.data_single.as_ref().map_or(self.data_acc.len(), Bytes::len)
+    }
+
+    /// Stops the parser for good: records the error and releases every buffer.
+    fn fail(&mut self, error: SseError) {
+        self.failed = true;
+        self.error = Some(error);
+        self.reset_event();
+        self.line = Vec::new();
+        self.data_acc = BytesMut::new();
+        self.arena = BytesMut::new();
+        self.skip_lf = false;
+    }
+}
+
+/// Gives a collecting buffer its first capacity, so that later reservations reuse it.
+fn ensure_arena(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        *buf = BytesMut::with_capacity(ARENA);
+    }
+}
+
+/// Copies `bytes` into the arena and splits them off as frozen [`Bytes`].
+pub(super) fn copy_into(arena: &mut BytesMut, bytes: &[u8]) -> Bytes {
+    ensure_arena(arena);
+    arena.extend_from_slice(bytes);
+    arena.split().freeze()
+}
