@@ -38,6 +38,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod anthropic;
+pub mod call;
 pub mod policy;
 pub mod pool;
 pub mod secret;

@@ -34,6 +34,11 @@ impl KeyId {
     pub fn index(self) -> usize {
         self.0
     }
+
+    /// The id of the key at 0-based `index` (it must be below the pool's length to be used).
+    pub fn from_index(index: usize) -> Self {
+        Self(index)
+    }
 }
 
 /// Why a key is cooling down.

@@ -1,0 +1,897 @@
+//! The failover state machine of one upstream call (SPEC §3, §5).
+//!
+//! A [`Call`] makes every decision; an adapter only moves bytes and reads clocks. The adapter
+//! feeds what happens through the `handle_*` methods and, after each of them (and once after
+//! [`Call::new`]), drains [`Call::poll_output`] until it returns [`Output::Wait`] or
+//! [`Output::Done`]:
+//!
+//! 1. [`Output::Send`] — start this attempt upstream. Any previous exchange is over: drop it
+//!    (or drain it in the background for connection reuse).
+//! 2. [`Output::Head`] — give this response head to the caller; [`Output::Body`] chunks follow.
+//! 3. [`Output::Body`] — give these bytes to the caller. For an event stream they are always
+//!    whole events, every complete event of the upstream chunk at once.
+//! 4. [`Output::Fail`] — answer the caller with this error response instead of any head.
+//! 5. [`Output::Abort`] — the delivered body broke: write the event (if any), then end the body
+//!    (with an error for a plain body).
+//! 6. [`Output::Wait`] — read the next input of the current exchange (its head, then body
+//!    chunks), and call [`Call::handle_timeout`] if the given deadline passes first.
+//! 7. [`Output::Done`] — the call is over; stop reading the upstream.
+//!
+//! Key marks are made by the call itself, on the shared pool, the moment a verdict is known;
+//! [`Call::poll_event`] reports them for logs and metrics.
+
+mod error;
+pub(crate) mod headers;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, StatusCode};
+
+pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
+
+use crate::anthropic;
+use crate::policy::{MAX_CLASSIFY_BODY, Policy, Verdict};
+use crate::pool::{KeyId, Pool, Transition};
+use crate::secret::Secret;
+use crate::sse::{Framer, Limits, Parser, RawEvent};
+use crate::walk::Walker;
+
+/// The caller's request, buffered once and replayed byte-identical to every attempt.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// Path and query, e.g. `/v1/messages?beta=true`.
+    pub path_and_query: PathAndQuery,
+    /// The caller's headers (hop-by-hop and credential headers are dealt with by the call).
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Request {
+    /// A `POST` of a JSON body to `path` (e.g. `/v1/messages`) with `anthropic-version: 2023-06-01`
+    /// and `content-type: application/json`.
+    pub fn post_json(path: &'static str, body: impl Into<Bytes>) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert("anthropic-version", http::HeaderValue::from_static("2023-06-01"));
+        Self {
+            method: Method::POST,
+            path_and_query: PathAndQuery::from_static(path),
+            headers,
+            body: body.into(),
+        }
+    }
+}
+
+/// Whose key the call uses.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// Keys from the pool, with failover.
+    Pool(Arc<Pool>),
+    /// The caller's own key (BYOK), sent once in `x-api-key`; the pool is never touched.
+    Key(Secret),
+    /// The caller's own credential headers, kept as they are and sent once (gateway BYOK).
+    Passthrough,
+}
+
+/// When a streaming call stops being able to fail over (SPEC §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitPoint {
+    /// The moment the first whole event is forwarded (default).
+    #[default]
+    FirstByte,
+    /// `message_start` and `ping` are held back until the first `content_block_start` (or any
+    /// other event), or until `hold` has passed since the response head.
+    FirstContent {
+        /// The longest time events are held.
+        hold: Duration,
+    },
+}
+
+impl CommitPoint {
+    /// The default hold time of [`CommitPoint::FirstContent`].
+    pub const DEFAULT_HOLD: Duration = Duration::from_secs(2);
+
+    /// `FirstContent` with the default hold time.
+    pub fn first_content() -> Self {
+        Self::FirstContent {
+            hold: Self::DEFAULT_HOLD,
+        }
+    }
+}
+
+/// The call's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From sending an attempt to its response head (default 600 s: a non-streaming answer
+    /// only arrives when the whole message is generated).
+    pub first_byte: Duration,
+    /// Longest gap between two body chunks (default 120 s).
+    pub idle: Duration,
+    /// For the adapter's connector: the longest TCP + TLS connect (default 10 s). The call does
+    /// not time this itself; a connect timeout arrives as [`TransportError::Connect`].
+    pub connect: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            first_byte: Duration::from_secs(600),
+            idle: Duration::from_secs(120),
+            connect: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a call needs besides the request: cheap to copy, shared by all calls of a client.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct CallConfig {
+    /// How upstream answers are classified.
+    pub policy: Policy,
+    /// The commit point of streaming calls.
+    pub commit: CommitPoint,
+    /// Timers.
+    pub timeouts: Timeouts,
+    /// Largest SSE event accepted (default 16 MiB).
+    pub max_event_size: Option<usize>,
+}
+
+impl CallConfig {
+    /// Sets the commit point.
+    pub fn with_commit(mut self, commit: CommitPoint) -> Self {
+        self.commit = commit;
+        self
+    }
+    /// Sets the policy.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+    /// Sets the timers.
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+}
+
+/// One attempt to send upstream.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// 1 for the first attempt of the call.
+    pub number: usize,
+    /// The pool key used, `None` for BYOK.
+    pub key: Option<KeyId>,
+    /// The method.
+    pub method: Method,
+    /// Path and query to append to the upstream base URL.
+    pub path_and_query: PathAndQuery,
+    /// The exact headers to send (add only `host` and `content-length`).
+    pub headers: HeaderMap,
+    /// The body, the same bytes on every attempt.
+    pub body: Bytes,
+}
+
+/// How the body of a delivered response is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// Bytes as they come.
+    Plain,
+    /// Whole server-sent events.
+    EventStream,
+}
+
+/// A response head to deliver to the caller.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers, hop-by-hop headers removed.
+    pub headers: HeaderMap,
+    /// Whether the body is an event stream.
+    pub kind: BodyKind,
+}
+
+/// The delivered body broke.
+#[derive(Debug, Clone)]
+pub struct Abort {
+    /// What happened.
+    pub error: CallError,
+    /// For an event stream, the `error` event to write after the last whole event.
+    pub event: Option<Bytes>,
+}
+
+/// The call ends with an error response made by keypool.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The typed error.
+    pub error: CallError,
+    /// Its Anthropic-shaped rendering.
+    pub response: http::Response<Bytes>,
+}
+
+/// What the adapter must do next. See the [module docs](self) for the drain order.
+#[derive(Debug)]
+#[must_use = "every output must be acted on"]
+pub enum Output {
+    /// Send this attempt upstream.
+    Send(Attempt),
+    /// Deliver this response head.
+    Head(Head),
+    /// Deliver these body bytes.
+    Body(Bytes),
+    /// Answer with this error response; the call is over.
+    Fail(Failure),
+    /// End the delivered body early.
+    Abort(Abort),
+    /// Wait for the next input of the current exchange, or until the deadline.
+    Wait(Option<Instant>),
+    /// The call is over.
+    Done,
+}
+
+/// A key mark made by the call, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMark {
+    /// The key.
+    pub key: KeyId,
+    /// The upstream status that caused it (for in-band errors, the matching status).
+    pub status: StatusCode,
+    /// The verdict applied.
+    pub verdict: Verdict,
+    /// What it did to the key's state.
+    pub transition: Transition,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    Head = 0,
+    Idle = 1,
+    Hold = 2,
+}
+
+/// One deadline per timer; the next deadline is the minimum.
+#[derive(Debug, Default)]
+struct Timers([Option<Instant>; 3]);
+
+impl Timers {
+    fn set(&mut self, t: Timer, at: Instant) {
+        self.0[t as usize] = Some(at);
+    }
+    fn stop(&mut self, t: Timer) {
+        self.0[t as usize] = None;
+    }
+    fn clear(&mut self) {
+        self.0 = [None; 3];
+    }
+    fn expired(&self, t: Timer, now: Instant) -> bool {
+        self.0[t as usize].is_some_and(|at| at <= now)
+    }
+    fn next(&self) -> Option<Instant> {
+        self.0.iter().flatten().min().copied()
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// An attempt is in flight; waiting for its head.
+    AwaitHead,
+    /// A head that may be a key failure, waiting for (up to 64 KiB of) its body.
+    Classify {
+        status: StatusCode,
+        headers: HeaderMap,
+        buf: BytesMut,
+    },
+    /// An event stream before its commit point.
+    Holding(Box<Holding>),
+    /// A delivered plain body.
+    Plain,
+    /// A committed event stream.
+    Streaming { framer: Box<Framer>, clean_end: bool },
+    /// Over.
+    Finished,
+}
+
+#[derive(Debug)]
+struct Holding {
+    headers: HeaderMap,
+    framer: Framer,
+    held: Vec<Bytes>,
+}
+
+/// The failover state machine of one upstream call. See the [module docs](self).
+#[derive(Debug)]
+pub struct Call {
+    credential: Credential,
+    config: CallConfig,
+    walker: Option<Walker>,
+    method: Method,
+    path_and_query: PathAndQuery,
+    headers: HeaderMap,
+    body: Bytes,
+    attempts: usize,
+    key: Option<KeyId>,
+    state: State,
+    timers: Timers,
+    wall: SystemTime,
+    outputs: VecDeque<Output>,
+    marks: VecDeque<KeyMark>,
+    request_id: String,
+}
+
+impl Call {
+    /// Starts a call; the first [`Output::Send`] (or an exhaustion [`Output::Fail`]) is ready.
+    pub fn new(
+        request: Request,
+        credential: Credential,
+        config: &CallConfig,
+        request_id: impl Into<String>,
+        now: Instant,
+    ) -> Self {
+        let strip = !matches!(credential, Credential::Passthrough);
+        let walker = match &credential {
+            Credential::Pool(pool) => Some(pool.walk()),
+            Credential::Key(_) | Credential::Passthrough => None,
+        };
+        let mut call = Self {
+            credential,
+            config: config.clone(),
+            walker,
+            method: request.method,
+            path_and_query: request.path_and_query,
+            headers: headers::outbound(request.headers, strip),
+            body: request.body,
+            attempts: 0,
+            key: None,
+            state: State::AwaitHead,
+            timers: Timers::default(),
+            wall: SystemTime::UNIX_EPOCH,
+            outputs: VecDeque::new(),
+            marks: VecDeque::new(),
+            request_id: request_id.into(),
+        };
+        call.next_attempt(now);
+        call
+    }
+
+    /// How many attempts have been sent.
+    pub fn attempts(&self) -> usize {
+        self.attempts
+    }
+
+    /// The pool key of the latest attempt (the one that answered, once a head is delivered).
+    pub fn key(&self) -> Option<KeyId> {
+        self.key
+    }
+
+    /// The request id used in error bodies.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// Whether the call is over.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Finished) && self.outputs.is_empty()
+    }
+
+    /// The next thing to do. Drain until [`Output::Wait`] or [`Output::Done`].
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(out) = self.outputs.pop_front() {
+            return out;
+        }
+        match self.state {
+            State::Finished => Output::Done,
+            _ => Output::Wait(self.timers.next()),
+        }
+    }
+
+    /// The next key mark made by this call, for logs and metrics.
+    pub fn poll_event(&mut self) -> Option<KeyMark> {
+        self.marks.pop_front()
+    }
+
+    /// The earliest deadline at which [`handle_timeout`](Self::handle_timeout) must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Finished => None,
+            _ => self.timers.next(),
+        }
+    }
+
+    /// The response head of the current attempt arrived. `wall` is the wall-clock time, used only
+    /// for an HTTP-date `retry-after` without a `date` header.
+    pub fn handle_response_head(
+        &mut self,
+        status: StatusCode,
+        headers: HeaderMap,
+        now: Instant,
+        wall: SystemTime,
+    ) {
+        if !matches!(self.state, State::AwaitHead) {
+            return;
+        }
+        self.wall = wall;
+        self.timers.stop(Timer::Head);
+        self.timers.set(Timer::Idle, now + self.config.timeouts.idle);
+        if !matches!(self.credential, Credential::Pool(_)) {
+            return self.deliver(status, headers, now);
+        }
+        if self.config.policy.needs_body(status) {
+            self.state = State::Classify {
+                status,
+                headers,
+                buf: BytesMut::new(),
+            };
+            return;
+        }
+        match self.config.policy.classify(status, &headers, b"", wall) {
+            Verdict::Deliver => self.deliver(status, headers, now),
+            verdict => self.fail_over(status, verdict, now),
+        }
+    }
+
+    /// Body bytes of the current attempt arrived.
+    pub fn handle_body(&mut self, chunk: Bytes, now: Instant) {
+        match &mut self.state {
+            State::AwaitHead | State::Finished => return,
+            State::Classify { buf, .. } => {
+                buf.extend_from_slice(&chunk);
+                if buf.len() >= MAX_CLASSIFY_BODY {
+                    self.classify_body(false, now);
+                    return;
+                }
+            }
+            State::Plain => self.outputs.push_back(Output::Body(chunk)),
+            State::Holding(h) => {
+                h.framer.feed(chunk);
+                self.pump_holding(now);
+            }
+            State::Streaming { framer, clean_end } => {
+                framer.feed(chunk);
+                let mut out = Joiner::default();
+                loop {
+                    match framer.next_frame() {
+                        Some(Ok(frame)) => {
+                            if matches!(kind(&frame), Kind::MessageStop | Kind::Error) {
+                                *clean_end = true;
+                            }
+                            out.push(frame.into_bytes());
+                        }
+                        Some(Err(_)) => {
+                            if let Some(bytes) = out.finish() {
+                                self.outputs.push_back(Output::Body(bytes));
+                            }
+                            return self.abort(StreamBreak::EventTooLarge);
+                        }
+                        None => break,
+                    }
+                }
+                if let Some(bytes) = out.finish() {
+                    self.outputs.push_back(Output::Body(bytes));
+                }
+            }
+        }
+        if !matches!(self.state, State::Finished | State::AwaitHead) {
+            self.timers.set(Timer::Idle, now + self.config.timeouts.idle);
+        }
+    }
+
+    /// The body of the current attempt ended cleanly (per its HTTP framing).
+    pub fn handle_body_end(&mut self, now: Instant) {
+        match &mut self.state {
+            State::AwaitHead | State::Finished => {}
+            State::Classify { .. } => self.classify_body(true, now),
+            State::Plain => self.finish(),
+            State::Holding(_) => self.fail(CallError::EmptyStream),
+            State::Streaming { clean_end: true, .. } => self.finish(),
+            State::Streaming { clean_end: false, .. } => self.abort(StreamBreak::EndedEarly),
+        }
+    }
+
+    /// The current exchange failed at the transport level.
+    pub fn handle_transport_error(&mut self, error: TransportError, now: Instant) {
+        match &self.state {
+            State::Finished => {}
+            State::AwaitHead | State::Holding(_) => {
+                let err = match error {
+                    TransportError::Timeout => CallError::Timeout {
+                        phase: TimeoutPhase::Head,
+                        after: self.config.timeouts.first_byte,
+                    },
+                    other => CallError::Transport(other),
+                };
+                self.fail(err);
+            }
+            State::Classify { .. } => {
+                // Classify on what arrived; if the key is not at fault the answer is lost.
+                if !self.classify_partial(now) {
+                    self.fail(CallError::Transport(error));
+                }
+            }
+            State::Plain | State::Streaming { .. } => self.abort(StreamBreak::Transport(error)),
+        }
+    }
+
+    /// Call when `now` has reached [`poll_timeout`](Self::poll_timeout) (or the deadline of
+    /// [`Output::Wait`]). Calling it early does nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let idle = self.config.timeouts.idle;
+        if self.timers.expired(Timer::Head, now) {
+            self.timers.stop(Timer::Head);
+            if matches!(self.state, State::AwaitHead) {
+                self.fail(CallError::Timeout {
+                    phase: TimeoutPhase::Head,
+                    after: self.config.timeouts.first_byte,
+                });
+            }
+        }
+        if self.timers.expired(Timer::Hold, now) {
+            self.timers.stop(Timer::Hold);
+            if matches!(self.state, State::Holding(_)) {
+                self.commit(Joiner::default());
+            }
+        }
+        if self.timers.expired(Timer::Idle, now) {
+            self.timers.stop(Timer::Idle);
+            match self.state {
+                State::AwaitHead | State::Finished => {}
+                State::Classify { .. } => {
+                    if !self.classify_partial(now) {
+                        self.fail(CallError::Timeout {
+                            phase: TimeoutPhase::Idle,
+                            after: idle,
+                        });
+                    }
+                }
+                State::Holding(_) => self.fail(CallError::Timeout {
+                    phase: TimeoutPhase::Idle,
+                    after: idle,
+                }),
+                State::Plain | State::Streaming { .. } => self.abort(StreamBreak::Idle(idle)),
+            }
+        }
+    }
+
+    /// The caller went away: stop everything. No key is marked for an abandoned call.
+    pub fn handle_caller_gone(&mut self) {
+        self.outputs.clear();
+        self.state = State::Finished;
+        self.timers.clear();
+    }
+
+    /// Picks the next key (or ends the call with the exhaustion error) and queues the attempt.
+    fn next_attempt(&mut self, now: Instant) {
+        let key = match (&self.credential, &mut self.walker) {
+            (Credential::Pool(pool), Some(walker)) => match walker.next_key(pool, now) {
+                Ok(id) => Some(id),
+                Err(exhausted) => {
+                    let keys = pool.len();
+                    return self.fail(CallError::Exhausted { exhausted, keys });
+                }
+            },
+            _ => None,
+        };
+        let mut headers = self.headers.clone();
+        match (&self.credential, key) {
+            (Credential::Pool(pool), Some(id)) => {
+                headers.insert(anthropic::KEY_HEADER, pool.secret(id).header_value());
+            }
+            (Credential::Key(secret), _) => {
+                headers.insert(anthropic::KEY_HEADER, secret.header_value());
+            }
+            _ => {}
+        }
+        self.attempts += 1;
+        self.key = key;
+        self.state = State::AwaitHead;
+        self.timers.clear();
+        self.timers
+            .set(Timer::Head, now + self.config.timeouts.first_byte);
+        self.outputs.push_back(Output::Send(Attempt {
+            number: self.attempts,
+            key,
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            headers,
+            body: self.body.clone(),
+        }));
+    }
+
+    /// Marks the current key per `verdict` and moves on (or, for BYOK, delivers instead).
+    fn fail_over(&mut self, status: StatusCode, verdict: Verdict, now: Instant) {
+        let (Credential::Pool(pool), Some(key)) = (&self.credential, self.key) else {
+            return;
+        };
+        let transition = match verdict {
+            Verdict::Deliver => return,
+            Verdict::CoolDown { duration, reason } => pool.cool_down(key, now, duration, reason),
+            Verdict::Disable { reason } => pool.disable(key, reason),
+        };
+        self.marks.push_back(KeyMark {
+            key,
+            status,
+            verdict,
+            transition,
+        });
+        self.next_attempt(now);
+    }
+
+    /// Classifies a buffered error body. `ended`: the whole body is in the buffer.
+    fn classify_body(&mut self, ended: bool, now: Instant) {
+        let State::Classify { status, headers, buf } = std::mem::replace(&mut self.state, State::Plain)
+        else {
+            return;
+        };
+        let verdict = self.config.policy.classify(status, &headers, &buf, self.wall);
+        if verdict.is_failover() {
+            return self.fail_over(status, verdict, now);
+        }
+        let headers = self.response_headers(headers, BodyKind::Plain);
+        self.outputs.push_back(Output::Head(Head {
+            status,
+            headers,
+            kind: BodyKind::Plain,
+        }));
+        if !buf.is_empty() {
+            self.outputs.push_back(Output::Body(buf.freeze()));
+        }
+        if ended {
+            self.finish();
+        }
+    }
+
+    /// After a broken error body: fails over if what arrived shows a key failure.
+    fn classify_partial(&mut self, now: Instant) -> bool {
+        let State::Classify { status, headers, buf } = &self.state else {
+            return false;
+        };
+        let verdict = self.config.policy.classify(*status, headers, buf, self.wall);
+        let status = *status;
+        if verdict.is_failover() {
+            self.fail_over(status, verdict, now);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn deliver(&mut self, status: StatusCode, headers: HeaderMap, now: Instant) {
+        if status.is_success() && headers::is_event_stream(&headers) {
+            let mut limits = Limits::new();
+            if let Some(max) = self.config.max_event_size {
+                limits = limits.with_max_event(max);
+            }
+            let framer = Framer::with_limits(limits);
+            if let CommitPoint::FirstContent { hold } = self.config.commit {
+                self.timers.set(Timer::Hold, now + hold);
+            }
+            self.state = State::Holding(Box::new(Holding {
+                headers,
+                framer,
+                held: Vec::new(),
+            }));
+        } else {
+            let headers = self.response_headers(headers, BodyKind::Plain);
+            self.outputs.push_back(Output::Head(Head {
+                status,
+                headers,
+                kind: BodyKind::Plain,
+            }));
+            self.state = State::Plain;
+        }
+    }
+
+    /// Runs the framer of a stream that is not committed yet.
+    fn pump_holding(&mut self, now: Instant) {
+        let first_content = matches!(self.config.commit, CommitPoint::FirstContent { .. });
+        loop {
+            let State::Holding(h) = &mut self.state else {
+                return;
+            };
+            let frame = match h.framer.next_frame() {
+                None => return,
+                Some(Err(_)) => return self.fail(CallError::Transport(TransportError::Protocol)),
+                Some(Ok(frame)) => frame,
+            };
+            if !first_content {
+                let mut out = Joiner::default();
+                out.push(frame.into_bytes());
+                return self.commit(out);
+            }
+            match kind(&frame) {
+                Kind::MessageStart | Kind::Ping | Kind::Blank => h.held.push(frame.into_bytes()),
+                Kind::Error => {
+                    let data = event_data(frame.into_bytes());
+                    return self.in_band_error(&data, now);
+                }
+                _ => {
+                    let mut out = Joiner::default();
+                    out.push(frame.into_bytes());
+                    return self.commit(out);
+                }
+            }
+        }
+    }
+
+    /// An in-band error before commit (first-content mode): classified like an HTTP error.
+    fn in_band_error(&mut self, data: &[u8], now: Instant) {
+        let error_type = anthropic::in_band_error_type(data);
+        let status = anthropic::status_for_error_type(error_type.as_deref().unwrap_or("api_error"));
+        let State::Holding(h) = &self.state else { return };
+        let verdict = match &self.credential {
+            Credential::Pool(_) => self.config.policy.classify(status, &h.headers, data, self.wall),
+            Credential::Key(_) | Credential::Passthrough => Verdict::Deliver,
+        };
+        if verdict.is_failover() {
+            return self.fail_over(status, verdict, now);
+        }
+        self.fail(CallError::InBand {
+            status,
+            body: Bytes::copy_from_slice(data),
+        });
+    }
+
+    /// Delivers the head and every held and ready event; the stream is committed.
+    fn commit(&mut self, mut out: Joiner) {
+        let State::Holding(h) = std::mem::replace(&mut self.state, State::Finished) else {
+            return;
+        };
+        let Holding {
+            headers,
+            mut framer,
+            held,
+        } = *h;
+        self.timers.stop(Timer::Hold);
+        let headers = self.response_headers(headers, BodyKind::EventStream);
+        self.outputs.push_back(Output::Head(Head {
+            status: StatusCode::OK,
+            headers,
+            kind: BodyKind::EventStream,
+        }));
+        let mut all = Joiner::default();
+        for bytes in held {
+            all.push(bytes);
+        }
+        if let Some(bytes) = out.finish() {
+            all.push(bytes);
+        }
+        let mut clean_end = false;
+        let mut too_large = false;
+        loop {
+            match framer.next_frame() {
+                Some(Ok(frame)) => {
+                    clean_end |= matches!(kind(&frame), Kind::MessageStop | Kind::Error);
+                    all.push(frame.into_bytes());
+                }
+                Some(Err(_)) => {
+                    too_large = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if let Some(bytes) = all.finish() {
+            self.outputs.push_back(Output::Body(bytes));
+        }
+        self.state = State::Streaming {
+            framer: Box::new(framer),
+            clean_end,
+        };
+        if too_large {
+            self.abort(StreamBreak::EventTooLarge);
+        }
+    }
+
+    fn response_headers(&self, mut headers: HeaderMap, kind: BodyKind) -> HeaderMap {
+        headers::strip_hop_by_hop(&mut headers);
+        if kind == BodyKind::EventStream {
+            // keypool may append an error event: the upstream length no longer holds.
+            headers.remove(http::header::CONTENT_LENGTH);
+        }
+        headers
+    }
+
+    fn fail(&mut self, error: CallError) {
+        let response = error.to_response(&self.request_id);
+        self.outputs.push_back(Output::Fail(Failure { error, response }));
+        self.finish();
+    }
+
+    fn abort(&mut self, why: StreamBreak) {
+        let (error, event) = match self.state {
+            State::Streaming { .. } => {
+                let error = CallError::StreamBroken(why);
+                let event = error.to_event();
+                (error, Some(event))
+            }
+            _ => (CallError::BodyBroken(why), None),
+        };
+        self.outputs.push_back(Output::Abort(Abort { error, event }));
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Finished;
+        self.timers.clear();
+    }
+}
+
+/// Joins whole events into one `Bytes`, without copying when there is only one.
+#[derive(Default)]
+struct Joiner {
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+}
+
+impl Joiner {
+    fn push(&mut self, bytes: Bytes) {
+        match (&mut self.first, &mut self.rest) {
+            (None, _) => self.first = Some(bytes),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + bytes.len());
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&bytes);
+                self.rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&bytes),
+        }
+    }
+    fn finish(&mut self) -> Option<Bytes> {
+        match (self.first.take(), self.rest.take()) {
+            (_, Some(buf)) => Some(buf.freeze()),
+            (first, None) => first,
+        }
+    }
+}
+
+/// What the call needs to know about an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    MessageStart,
+    Ping,
+    MessageStop,
+    Error,
+    /// A frame without an `event` field and without data lines (a comment or a stray blank
+    /// line): it never decides the commit point on its own.
+    Blank,
+    Other,
+}
+
+fn kind(frame: &RawEvent) -> Kind {
+    match frame.name() {
+        Some("message_start") => Kind::MessageStart,
+        Some("ping") => Kind::Ping,
+        Some("message_stop") => Kind::MessageStop,
+        Some("error") => Kind::Error,
+        Some(_) => Kind::Other,
+        None if is_blank_frame(frame.bytes()) => Kind::Blank,
+        None => Kind::Other,
+    }
+}
+
+/// Whether a frame carries no field but comments and blank lines.
+fn is_blank_frame(bytes: &[u8]) -> bool {
+    bytes
+        .split(|&b| b == b'\n' || b == b'\r')
+        .all(|line| line.is_empty() || line[0] == b':')
+}
+
+/// The data of one raw event (rare path: in-band errors before commit).
+fn event_data(raw: Bytes) -> Bytes {
+    let mut parser = Parser::new();
+    parser.feed(raw);
+    let _ = parser.finish();
+    match parser.next_event() {
+        Some(Ok(event)) => event.into_data(),
+        _ => Bytes::new(),
+    }
+}
