@@ -46,3 +46,5 @@ impl SplitMix {
         lo + self.next_u64() % (hi - lo)
     }
 }
+
+pub mod model;

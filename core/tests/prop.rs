@@ -1,0 +1,575 @@
+//! Property tests of the pool, the walker and retry-delay parsing against a plain reference
+//! model (SPEC §8 invariants 1, 2, 3 and 9).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::model::{MState, MWalker, Model, Seen};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use keypool_core::{
+    CoolReason, DisableReason, Exhausted, KeyId, KeyState, OnForbidden, OnUnauthorized, Order, Policy, Pool,
+    Verdict, Walker,
+};
+use proptest::prelude::*;
+
+const CREDIT_BODY: &[u8] = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}"#;
+const YEAR: u64 = 365 * 24 * 3600;
+
+/// 2026-01-01T00:00:00Z, the wall clock at the pool's origin.
+fn wall_origin() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies
+
+fn cool_reason() -> impl Strategy<Value = CoolReason> {
+    prop_oneof![
+        Just(CoolReason::RateLimited),
+        Just(CoolReason::Auth),
+        Just(CoolReason::Overloaded)
+    ]
+}
+
+fn disable_reason() -> impl Strategy<Value = DisableReason> {
+    prop_oneof![
+        Just(DisableReason::Unauthorized),
+        Just(DisableReason::Forbidden),
+        Just(DisableReason::Billing),
+        Just(DisableReason::Operator),
+    ]
+}
+
+/// Cooldowns: mostly seconds-scale, some sub-millisecond, some absurd.
+fn delay() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        6 => (0u64..120_000).prop_map(Duration::from_millis),
+        2 => (0u64..2_000_000).prop_map(Duration::from_nanos),
+        1 => any::<u64>().prop_map(Duration::from_nanos),
+        1 => (0u64..500 * YEAR).prop_map(Duration::from_secs),
+        1 => Just(Duration::MAX),
+    ]
+}
+
+/// Clock jumps: mostly small, sometimes huge (past the pool's ~146-year deadline range).
+fn advance() -> impl Strategy<Value = Duration> {
+    prop_oneof![
+        8 => (0u64..5_000_000_000).prop_map(Duration::from_nanos),
+        2 => (0u64..90).prop_map(Duration::from_secs),
+        1 => (0u64..200 * YEAR).prop_map(Duration::from_secs),
+    ]
+}
+
+/// A header value for `retry-after` or `retry-after-ms`: numbers, HTTP-dates relative to the
+/// wall clock, and junk.
+fn retry_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (0u64..100_000).prop_map(|n| n.to_string()),
+        (0u64..1000, 0u64..1000).prop_map(|(a, b)| format!("{a}.{b}")),
+        (-100_000i64..100_000).prop_map(|s| {
+            let at = if s >= 0 {
+                wall_origin() + Duration::from_secs(s.unsigned_abs())
+            } else {
+                wall_origin() - Duration::from_secs(s.unsigned_abs())
+            };
+            httpdate::fmt_http_date(at)
+        }),
+        "[ -~]{0,12}",
+        Just("99999999999999999999999".to_owned()),
+    ]
+}
+
+#[derive(Debug, Clone, Default)]
+struct RetryHeaders {
+    ms: Option<String>,
+    after: Option<String>,
+    date: Option<String>,
+}
+
+fn retry_headers() -> impl Strategy<Value = RetryHeaders> {
+    (
+        proptest::option::of(retry_value()),
+        proptest::option::of(retry_value()),
+        proptest::option::of((-100_000i64..100_000).prop_map(|s| {
+            httpdate::fmt_http_date(if s >= 0 {
+                wall_origin() + Duration::from_secs(s.unsigned_abs())
+            } else {
+                wall_origin() - Duration::from_secs(s.unsigned_abs())
+            })
+        })),
+    )
+        .prop_map(|(ms, after, date)| RetryHeaders { ms, after, date })
+}
+
+impl RetryHeaders {
+    fn to_map(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, v) in [
+            ("retry-after-ms", &self.ms),
+            ("retry-after", &self.after),
+            ("date", &self.date),
+        ] {
+            if let Some(v) = v {
+                if let Ok(v) = HeaderValue::from_str(v) {
+                    h.insert(name, v);
+                }
+            }
+        }
+        h
+    }
+}
+
+fn policy() -> impl Strategy<Value = Policy> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        proptest::option::of(delay()),
+        delay(),
+    )
+        .prop_map(|(cool_401, deliver_403, billing, overloaded, unauth)| {
+            let mut p = Policy::default();
+            if cool_401 {
+                p.on_unauthorized = OnUnauthorized::CoolFor(unauth);
+            }
+            if deliver_403 {
+                p.on_forbidden = OnForbidden::Deliver;
+            }
+            p.disable_on_billing = billing;
+            p.cool_on_overloaded = overloaded;
+            p
+        })
+}
+
+fn status() -> impl Strategy<Value = (u16, bool)> {
+    (
+        prop::sample::select(vec![
+            200u16, 201, 400, 401, 402, 403, 404, 413, 429, 429, 429, 500, 503, 529,
+        ]),
+        any::<bool>(),
+    )
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    NewWalk,
+    Pick {
+        walker: usize,
+    },
+    /// An upstream answer for `key`, classified by a policy and applied to the pool.
+    Mark {
+        key: usize,
+        status: u16,
+        credit_body: bool,
+        headers: RetryHeaders,
+        policy: Box<Policy>,
+    },
+    Cool {
+        key: usize,
+        dur: Duration,
+        reason: CoolReason,
+    },
+    Disable {
+        key: usize,
+        reason: DisableReason,
+    },
+    Enable {
+        key: usize,
+    },
+    Advance(Duration),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::NewWalk),
+        6 => (0usize..8).prop_map(|walker| Op::Pick { walker }),
+        4 => (0usize..16, status(), retry_headers(), policy()).prop_map(
+            |(key, (status, credit_body), headers, policy)| Op::Mark {
+                key,
+                status,
+                credit_body,
+                headers,
+                policy: Box::new(policy),
+            }
+        ),
+        3 => (0usize..16, delay(), cool_reason()).prop_map(|(key, dur, reason)| Op::Cool { key, dur, reason }),
+        1 => (0usize..16, disable_reason()).prop_map(|(key, reason)| Op::Disable { key, reason }),
+        1 => (0usize..16).prop_map(|key| Op::Enable { key }),
+        3 => advance().prop_map(Op::Advance),
+    ]
+}
+
+fn order() -> impl Strategy<Value = Order> {
+    prop_oneof![Just(Order::PrimaryWithFallback), Just(Order::RoundRobin)]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The pool's state word as seen from the origin: the raw deadline (even if expired) or the
+/// disabled reason, in the model's terms.
+fn raw(pool: &Pool, id: KeyId) -> MState {
+    match pool.state(id, pool.origin()) {
+        KeyState::Available => MState::Timed {
+            until: 0,
+            reason: CoolReason::RateLimited,
+        },
+        KeyState::Cooling { until, reason } => MState::Timed {
+            until: ns(until - pool.origin()),
+            reason,
+        },
+        KeyState::Disabled { reason } => MState::Disabled(reason),
+    }
+}
+
+fn seen(pool: &Pool, id: KeyId, now: Instant) -> Seen {
+    match pool.state(id, now) {
+        KeyState::Available => Seen::Available,
+        KeyState::Cooling { until, reason } => Seen::Cooling(ns(until - pool.origin()), reason),
+        KeyState::Disabled { reason } => Seen::Disabled(reason),
+    }
+}
+
+fn same_raw(a: MState, b: MState) -> bool {
+    // A never-marked key and an enabled key are both word 0, whatever the model's reason.
+    match (a, b) {
+        (MState::Timed { until: 0, .. }, MState::Timed { until: 0, .. }) => true,
+        _ => a == b,
+    }
+}
+
+struct Walk {
+    real: Walker,
+    model: MWalker,
+    yielded: Vec<usize>,
+    exhausted: bool,
+}
+
+fn run(n: usize, order: Order, ops: &[Op]) -> Result<(), TestCaseError> {
+    let t0 = Instant::now();
+    let pool = common::pool(n, order, t0);
+    let ids: Vec<KeyId> = pool.ids().collect();
+    let mut model = Model::new(n, order);
+    let mut walks: Vec<Walk> = Vec::new();
+    let mut elapsed = Duration::ZERO;
+
+    for op in ops {
+        let now = t0 + elapsed;
+        let now_ns = ns(elapsed);
+        let before: Vec<MState> = ids.iter().map(|&id| raw(&pool, id)).collect();
+        let mut enabled: Option<usize> = None;
+        match op {
+            Op::NewWalk => {
+                if walks.len() == 8 {
+                    walks.remove(0);
+                }
+                walks.push(Walk {
+                    real: pool.walk(),
+                    model: model.walk(),
+                    yielded: Vec::new(),
+                    exhausted: false,
+                });
+            }
+            Op::Pick { walker } => {
+                if walks.is_empty() {
+                    continue;
+                }
+                let i = walker % walks.len();
+                let w = &mut walks[i];
+                let got = w.real.next_key(&pool, now);
+                let want = model.next_key(&mut w.model, now_ns);
+                prop_assert_eq!(got.map(KeyId::index), want, "walker {} at {:?}", i, elapsed);
+                match got {
+                    Ok(k) => {
+                        // Invariant 1.
+                        prop_assert!(!w.yielded.contains(&k.index()), "key {} yielded twice", k.index());
+                        prop_assert!(pool.state(k, now).is_available());
+                        w.yielded.push(k.index());
+                        prop_assert_eq!(w.real.attempts(), w.yielded.len());
+                        prop_assert!(w.yielded.len() <= n);
+                    }
+                    Err(e) => {
+                        w.exhausted = true;
+                        // Invariant 3, stated directly as well as through the model.
+                        let states: Vec<KeyState> = ids.iter().map(|&id| pool.state(id, now)).collect();
+                        match e {
+                            Exhausted::AllDisabled => {
+                                prop_assert!(states.iter().all(KeyState::is_disabled));
+                            }
+                            Exhausted::RateLimited { retry_after } => {
+                                prop_assert!(retry_after > Duration::ZERO);
+                                prop_assert!(!states.iter().all(KeyState::is_disabled));
+                                let soonest = states
+                                    .iter()
+                                    .filter_map(|s| match s {
+                                        KeyState::Cooling { until, .. } => Some(*until - now),
+                                        _ => None,
+                                    })
+                                    .min();
+                                let any_free = states.iter().any(KeyState::is_available);
+                                let expect = match (soonest, any_free) {
+                                    (Some(s), true) => s.min(keypool_core::walk::MIN_RETRY_AFTER),
+                                    (Some(s), false) => s,
+                                    (None, _) => keypool_core::walk::MIN_RETRY_AFTER,
+                                };
+                                prop_assert_eq!(retry_after, expect);
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Mark {
+                key,
+                status,
+                credit_body,
+                headers,
+                policy,
+            } => {
+                let k = key % n;
+                let body: &[u8] = if *credit_body { CREDIT_BODY } else { b"{}" };
+                let verdict = policy.classify(
+                    StatusCode::from_u16(*status).unwrap(),
+                    &headers.to_map(),
+                    body,
+                    wall_origin() + elapsed,
+                );
+                match verdict {
+                    Verdict::Deliver => {}
+                    Verdict::CoolDown { duration, reason } => {
+                        prop_assert!(duration >= Duration::from_millis(1));
+                        prop_assert!(duration <= policy.max_cooldown);
+                        let got = pool.cool_down(ids[k], now, duration, reason);
+                        prop_assert_eq!(got, model.cool_down(k, now_ns, duration, reason));
+                    }
+                    Verdict::Disable { reason } => {
+                        let got = pool.disable(ids[k], reason);
+                        prop_assert_eq!(got, model.disable(k, reason));
+                    }
+                }
+            }
+            Op::Cool { key, dur, reason } => {
+                let k = key % n;
+                let got = pool.cool_down(ids[k], now, *dur, *reason);
+                prop_assert_eq!(got, model.cool_down(k, now_ns, *dur, *reason));
+            }
+            Op::Disable { key, reason } => {
+                let k = key % n;
+                prop_assert_eq!(pool.disable(ids[k], *reason), model.disable(k, *reason));
+            }
+            Op::Enable { key } => {
+                let k = key % n;
+                enabled = Some(k);
+                prop_assert_eq!(pool.enable(ids[k], now), model.enable(k, now_ns));
+            }
+            Op::Advance(d) => elapsed += *d,
+        }
+
+        // The whole state agrees with the model, both as raw words and as seen at `now`.
+        let now = t0 + elapsed;
+        let now_ns = ns(elapsed);
+        for (i, &id) in ids.iter().enumerate() {
+            prop_assert!(
+                same_raw(raw(&pool, id), model.keys[i]),
+                "key {}: pool {:?}, model {:?}",
+                i,
+                raw(&pool, id),
+                model.keys[i]
+            );
+            prop_assert_eq!(seen(&pool, id, now), model.seen(i, now_ns), "key {}", i);
+            // Invariant 2: deadlines never decrease, disabled stays disabled, except by enable.
+            if enabled != Some(i) {
+                match (before[i], raw(&pool, id)) {
+                    (MState::Disabled(_), after) => {
+                        prop_assert!(matches!(after, MState::Disabled(_)), "key {} revived", i);
+                    }
+                    (MState::Timed { until: a, .. }, MState::Timed { until: b, .. }) => {
+                        prop_assert!(b >= a, "key {}: deadline went from {} to {}", i, a, b);
+                    }
+                    (MState::Timed { .. }, MState::Disabled(_)) => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Invariants 1–3 over random sequences of walks, picks, classified marks, raw cooldowns,
+    /// disables, enables and clock jumps, against the reference model.
+    #[test]
+    fn pool_matches_model(n in 1usize..=8, order in order(), ops in prop::collection::vec(op(), 1..80)) {
+        run(n, order, &ops)?;
+    }
+
+    /// Larger pools (walker bitsets above 64 keys spill to the heap).
+    #[test]
+    fn big_pool_matches_model(n in 60usize..=70, order in order(), ops in prop::collection::vec(op(), 1..200)) {
+        run(n, order, &ops)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invariant 9: marks commute
+
+#[derive(Debug, Clone)]
+enum Mark {
+    Cool {
+        key: usize,
+        at: Duration,
+        dur: Duration,
+        reason: CoolReason,
+    },
+    Disable {
+        key: usize,
+        reason: DisableReason,
+    },
+}
+
+fn mark() -> impl Strategy<Value = Mark> {
+    prop_oneof![
+        6 => (0usize..4, (0u64..20).prop_map(Duration::from_secs), delay(), cool_reason())
+            .prop_map(|(key, at, dur, reason)| Mark::Cool { key, at, dur, reason }),
+        // Equal deadlines with different reasons are the interesting ties.
+        2 => (0usize..4, (0u64..3).prop_map(Duration::from_secs), (1u64..3).prop_map(Duration::from_secs), cool_reason())
+            .prop_map(|(key, at, dur, reason)| Mark::Cool { key, at, dur, reason }),
+        1 => (0usize..4, disable_reason()).prop_map(|(key, reason)| Mark::Disable { key, reason }),
+    ]
+}
+
+fn apply(pool: &Pool, marks: &[Mark]) {
+    let ids: Vec<KeyId> = pool.ids().collect();
+    for m in marks {
+        match *m {
+            Mark::Cool { key, at, dur, reason } => {
+                let _ = pool.cool_down(ids[key], pool.origin() + at, dur, reason);
+            }
+            Mark::Disable { key, reason } => {
+                let _ = pool.disable(ids[key], reason);
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Invariant 9: the same marks in any order leave the same state.
+    #[test]
+    fn marks_commute(
+        (marks, shuffled) in prop::collection::vec(mark(), 0..24)
+            .prop_flat_map(|m| (Just(m.clone()), Just(m).prop_shuffle()))
+    ) {
+        let t0 = Instant::now();
+        let a = common::pool(4, Order::PrimaryWithFallback, t0);
+        let b = common::pool(4, Order::PrimaryWithFallback, t0);
+        apply(&a, &marks);
+        apply(&b, &shuffled);
+        // The state seen from the origin shows the raw word: deadline and reason, or disabled.
+        for id in a.ids() {
+            prop_assert_eq!(a.state(id, t0), b.state(id, t0));
+            for probe in [1u64, 5, 30, 3600, 10 * YEAR] {
+                let now = t0 + Duration::from_secs(probe);
+                prop_assert_eq!(a.state(id, now), b.state(id, now));
+            }
+        }
+        // And both agree with the model applied in the original order.
+        let mut model = Model::new(4, Order::PrimaryWithFallback);
+        for m in &marks {
+            match *m {
+                Mark::Cool { key, at, dur, reason } => {
+                    let _ = model.cool_down(key, ns(at), dur, reason);
+                }
+                Mark::Disable { key, reason } => {
+                    let _ = model.disable(key, reason);
+                }
+            }
+        }
+        for (i, id) in a.ids().enumerate() {
+            prop_assert!(same_raw(raw(&a, id), model.keys[i]), "{:?} vs {:?}", raw(&a, id), model.keys[i]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retry delays
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// Whatever the headers, the delay is within [1 ms, cap] and nothing panics.
+    #[test]
+    fn retry_delay_is_always_in_range(h in retry_headers(), cap_ms in prop_oneof![Just(3_600_000u64), 0u64..100_000]) {
+        let mut p = Policy::default();
+        p.max_cooldown = Duration::from_millis(cap_ms);
+        let d = p.retry_delay(&h.to_map(), wall_origin());
+        prop_assert!(d >= Duration::from_millis(1));
+        prop_assert!(d <= p.max_cooldown.max(Duration::from_millis(1)));
+    }
+
+    /// Arbitrary bytes in the three headers never panic.
+    #[test]
+    fn retry_delay_survives_any_bytes(
+        ms in prop::collection::vec(any::<u8>(), 0..40),
+        after in prop::collection::vec(any::<u8>(), 0..40),
+        date in prop::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let mut h = HeaderMap::new();
+        for (name, v) in [("retry-after-ms", ms), ("retry-after", after), ("date", date)] {
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                h.insert(name, v);
+            }
+        }
+        let d = Policy::default().retry_delay(&h, wall_origin());
+        prop_assert!(d >= Duration::from_millis(1) && d <= Duration::from_secs(3600));
+    }
+
+    /// Integer and decimal seconds and milliseconds parse exactly (below the cap).
+    #[test]
+    fn decimal_values_parse_exactly(int in 0u64..4000, frac in 0u32..1000, digits in 1usize..=3, ms_header in any::<bool>()) {
+        let frac = frac % 10u32.pow(u32::try_from(digits).unwrap());
+        let text = format!("{int}.{frac:0digits$}");
+        let unit_ns: u64 = if ms_header { 1_000_000 } else { 1_000_000_000 };
+        let exact = int * unit_ns + u64::from(frac) * (unit_ns / 10u64.pow(u32::try_from(digits).unwrap()));
+        let mut h = HeaderMap::new();
+        h.insert(if ms_header { "retry-after-ms" } else { "retry-after" }, HeaderValue::from_str(&text).unwrap());
+        let d = Policy::default().retry_delay(&h, wall_origin());
+        let want = if exact == 0 {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_nanos(exact).clamp(Duration::from_millis(1), Duration::from_secs(3600))
+        };
+        prop_assert_eq!(d, want, "{}", text);
+    }
+
+    /// An HTTP-date `offset` seconds after the response `date` (or the wall clock) gives
+    /// `offset` seconds; one in the past, or now, gives the default.
+    #[test]
+    fn http_dates_measure_from_the_response_date(offset in -10_000i64..10_000, with_date in any::<bool>(), skew in 0u64..100_000) {
+        let base = if with_date { wall_origin() - Duration::from_secs(skew) } else { wall_origin() };
+        let at = if offset >= 0 {
+            base + Duration::from_secs(offset.unsigned_abs())
+        } else {
+            base - Duration::from_secs(offset.unsigned_abs())
+        };
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap());
+        if with_date {
+            h.insert("date", HeaderValue::from_str(&httpdate::fmt_http_date(base)).unwrap());
+        }
+        let d = Policy::default().retry_delay(&h, wall_origin());
+        let want = if offset > 0 {
+            Duration::from_secs(offset.unsigned_abs()).min(Duration::from_secs(3600))
+        } else {
+            Duration::from_secs(60)
+        };
+        prop_assert_eq!(d, want);
+    }
+}
