@@ -8,12 +8,59 @@
 //! depends on time takes `now: Instant` (and, where an HTTP-date needs it, a wall-clock
 //! `SystemTime`). Adapters read the clock, move the bytes, and hand the results back.
 //!
+//! ## The run loop
+//!
+//! An adapter drives one [`call::Call`] per upstream call: feed it what happened, drain what to
+//! do. This is the whole loop, for a blocking client (the IO functions are the adapter's own):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::{Instant, SystemTime};
+//! use bytes::Bytes;
+//! use http::{HeaderMap, StatusCode};
+//! use keypool_core::call::{Attempt, Call, CallConfig, Credential, Output, Request, TransportError};
+//! use keypool_core::{Order, Pool};
+//!
+//! /// What the adapter's HTTP client reports for the current exchange.
+//! enum Io { Head(StatusCode, HeaderMap), Chunk(Bytes), End, Error(TransportError), TimedOut }
+//! fn start_request(_attempt: Attempt) { /* open the upstream request */ }
+//! fn next_io(_deadline: Option<Instant>) -> Io { unimplemented!("read head or body, until the deadline") }
+//! fn to_caller(_output: &Output) { /* head, body bytes, error response, abort */ }
+//!
+//! let (now, wall) = (Instant::now, SystemTime::now); // the adapter's clocks
+//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), now())?);
+//! let config = CallConfig::default();
+//! let request = Request::post_json("/v1/messages", r#"{"model":"claude-sonnet-4-5","max_tokens":64}"#);
+//! let mut call = Call::new(request, Credential::Pool(pool), &config, "req_01", now());
+//! loop {
+//!     match call.poll_output() {
+//!         Output::Send(attempt) => start_request(attempt),
+//!         Output::Wait(deadline) => match next_io(deadline) {
+//!             Io::Head(status, headers) => call.handle_response_head(status, headers, now(), wall()),
+//!             Io::Chunk(bytes) => call.handle_body(bytes, now()),
+//!             Io::End => call.handle_body_end(now()),
+//!             Io::Error(e) => call.handle_transport_error(e, now()),
+//!             Io::TimedOut => call.handle_timeout(now()),
+//!         },
+//!         Output::Done => break,
+//!         other => to_caller(&other), // Head, Body, Fail, Abort
+//!     }
+//!     while let Some(mark) = call.poll_event() {
+//!         eprintln!("key {:?}: {:?} ({:?})", mark.key, mark.verdict, mark.transition);
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## The pool on its own
+//!
 //! ```
 //! use std::time::{Duration, Instant, SystemTime};
 //! use http::{HeaderMap, StatusCode};
 //! use keypool_core::{Exhausted, Order, Policy, Pool, Verdict};
 //!
-//! let start = Instant::now();
+//! let start = Instant::now;
+//! let start = start(); // the adapter reads the clock, never the core
 //! let pool = Pool::new(["sk-ant-key-one-0000000001", "sk-ant-key-two-0000000002"], Order::default(), start)?;
 //! let policy = Policy::default();
 //!
@@ -23,7 +70,7 @@
 //! // ... the upstream answers 429 with `retry-after: 5` ...
 //! let mut headers = HeaderMap::new();
 //! headers.insert("retry-after", "5".parse()?);
-//! match policy.classify(StatusCode::TOO_MANY_REQUESTS, &headers, b"", SystemTime::now()) {
+//! match policy.classify(StatusCode::TOO_MANY_REQUESTS, &headers, b"", SystemTime::UNIX_EPOCH) {
 //!     Verdict::CoolDown { duration, reason } => {
 //!         let _ = pool.cool_down(k0, start, duration, reason);
 //!     }
@@ -31,8 +78,8 @@
 //! }
 //! let k1 = walk.next_key(&pool, start).unwrap();
 //! assert_ne!(k0, k1);
-//! // Nothing left for this call: the soonest key frees up in 5 s.
 //! # let _ = pool.cool_down(k1, start, Duration::from_secs(9), keypool_core::CoolReason::RateLimited);
+//! // Nothing left for this call: the soonest key frees up in 5 s.
 //! assert_eq!(walk.next_key(&pool, start), Err(Exhausted::RateLimited { retry_after: Duration::from_secs(5) }));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -251,7 +251,7 @@ fn valid_label(label: &str) -> bool {
 
 impl Pool {
     /// Builds a pool. `origin` is any instant not later than the first `now` the pool will see
-    /// (usually the adapter's `Instant::now()` at start-up).
+    /// (usually the adapter's clock reading at start-up).
     pub fn new<K: Into<KeySpec>>(
         keys: impl IntoIterator<Item = K>,
         order: Order,
