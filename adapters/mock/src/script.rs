@@ -80,8 +80,8 @@ impl Reply {
         }
     }
 
-    /// Any status with an empty body; add a body with [`Reply::body`], [`Reply::json`],
-    /// [`Reply::text`] or [`Reply::error_body`].
+    /// Any status with an empty body (200 keeps the endpoint's normal body, as [`Reply::ok`]);
+    /// set a body with [`Reply::body`], [`Reply::json`], [`Reply::text`] or [`Reply::error_body`].
     pub fn status(status: u16) -> Self {
         Self {
             status,
