@@ -3,9 +3,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -135,11 +138,12 @@ impl fmt::Debug for Recorded {
     }
 }
 
-/// A short, non-secret hint of a key: its first 4 and last 2 characters, for logs.
+/// A short, non-secret hint of a key for logs: its first 4 and last 2 characters (a key of 8
+/// characters or fewer: at most its first 2, and never more than a third of it).
 pub fn key_hint(key: &str) -> String {
     let chars: Vec<char> = key.chars().collect();
     if chars.len() <= 8 {
-        let head: String = chars.iter().take(2).collect();
+        let head: String = chars.iter().take((chars.len() / 3).min(2)).collect();
         format!("{head}…")
     } else {
         let head: String = chars[..4].iter().collect();
@@ -272,6 +276,8 @@ pub(crate) struct Shared {
     changed: Condvar,
     shutting_down: AtomicBool,
     next_conn: AtomicU64,
+    /// Async waiters, woken on every new record.
+    wakers: Mutex<Vec<Waker>>,
 }
 
 impl Shared {
@@ -295,7 +301,16 @@ impl Shared {
             end,
         });
         drop(st);
+        self.notify();
+    }
+
+    /// Wakes blocking and async waiters; call after releasing the state lock.
+    fn notify(&self) {
         self.changed.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(PoisonError::into_inner));
+        for w in wakers {
+            w.wake();
+        }
     }
 
     fn wait<T>(
@@ -323,6 +338,77 @@ impl Shared {
                 .0;
         }
     }
+}
+
+/// An async wait on the records, runtime-agnostic: woken by new records, and by a timer thread
+/// at the deadline.
+struct WaitFuture<'a, T> {
+    shared: &'a Shared,
+    deadline: Instant,
+    wanted: usize,
+    count: fn(&State) -> usize,
+    out: fn(&State) -> T,
+    timer_started: bool,
+}
+
+impl<T> Future for WaitFuture<'_, T> {
+    type Output = Result<T, WaitTimeout>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let st = self.shared.lock();
+        let have = (self.count)(&st);
+        if have >= self.wanted {
+            return Poll::Ready(Ok((self.out)(&st)));
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Poll::Ready(Err(WaitTimeout {
+                have,
+                wanted: self.wanted,
+            }));
+        }
+        // Registered while the state lock is held, so no record can slip in unnoticed.
+        self.shared
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(cx.waker().clone());
+        drop(st);
+        if !self.timer_started {
+            self.timer_started = true;
+            let waker = cx.waker().clone();
+            let left = self.deadline - now;
+            std::thread::spawn(move || {
+                std::thread::sleep(left);
+                waker.wake();
+            });
+        }
+        Poll::Pending
+    }
+}
+
+fn count_requests(s: &State) -> usize {
+    s.requests.len()
+}
+
+fn all_requests(s: &State) -> Vec<Recorded> {
+    s.requests.clone()
+}
+
+fn count_outcomes(s: &State) -> usize {
+    s.outcomes.len()
+}
+
+fn all_outcomes(s: &State) -> Vec<Outcome> {
+    s.outcomes.clone()
+}
+
+fn count_stream_outcomes(s: &State) -> usize {
+    s.outcomes.iter().filter(|o| o.streaming).count()
+}
+
+fn stream_outcomes(s: &State) -> Vec<Outcome> {
+    s.outcomes.iter().filter(|o| o.streaming).cloned().collect()
 }
 
 impl MockServer {
@@ -369,6 +455,7 @@ impl MockServer {
             changed: Condvar::new(),
             shutting_down: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
+            wakers: Mutex::new(Vec::new()),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -510,32 +597,70 @@ impl MockServer {
 
     /// Blocks until at least `n` requests were received (or `timeout` passes); returns them.
     pub fn wait_for_requests(&self, n: usize, timeout: Duration) -> Result<Vec<Recorded>, WaitTimeout> {
-        self.shared
-            .wait(timeout, n, |s| s.requests.len(), |s| s.requests.clone())
+        self.shared.wait(timeout, n, count_requests, all_requests)
     }
 
     /// Blocks until at least `n` exchanges ended (or `timeout` passes); returns their outcomes.
     pub fn wait_for_outcomes(&self, n: usize, timeout: Duration) -> Result<Vec<Outcome>, WaitTimeout> {
-        self.shared
-            .wait(timeout, n, |s| s.outcomes.len(), |s| s.outcomes.clone())
+        self.shared.wait(timeout, n, count_outcomes, all_outcomes)
     }
 
     /// Blocks until at least `n` streamed answers ended (or `timeout` passes); returns their
     /// outcomes. This is how a test waits for the mock to notice that a client dropped a stream.
+    ///
+    /// In an async test, prefer [`MockServer::wait_for_stream_outcomes_async`]: blocking the
+    /// test's runtime thread can keep the client's own connection tasks from closing the socket.
     pub fn wait_for_stream_outcomes(&self, n: usize, timeout: Duration) -> Result<Vec<Outcome>, WaitTimeout> {
-        let streams = |s: &State| {
-            s.outcomes
-                .iter()
-                .filter(|o| o.streaming)
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        self.shared.wait(
-            timeout,
-            n,
-            |s| s.outcomes.iter().filter(|o| o.streaming).count(),
-            streams,
-        )
+        self.shared
+            .wait(timeout, n, count_stream_outcomes, stream_outcomes)
+    }
+
+    fn wait_async<T>(
+        &self,
+        n: usize,
+        timeout: Duration,
+        count: fn(&State) -> usize,
+        out: fn(&State) -> T,
+    ) -> impl Future<Output = Result<T, WaitTimeout>> + Send + '_
+    where
+        T: Send + 'static,
+    {
+        WaitFuture {
+            shared: &self.shared,
+            deadline: Instant::now() + timeout,
+            wanted: n,
+            count,
+            out,
+            timer_started: false,
+        }
+    }
+
+    /// [`MockServer::wait_for_requests`] without blocking the thread; works on any async runtime.
+    pub fn wait_for_requests_async(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Recorded>, WaitTimeout>> + Send + '_ {
+        self.wait_async(n, timeout, count_requests, all_requests)
+    }
+
+    /// [`MockServer::wait_for_outcomes`] without blocking the thread; works on any async runtime.
+    pub fn wait_for_outcomes_async(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Outcome>, WaitTimeout>> + Send + '_ {
+        self.wait_async(n, timeout, count_outcomes, all_outcomes)
+    }
+
+    /// [`MockServer::wait_for_stream_outcomes`] without blocking the thread; works on any async
+    /// runtime.
+    pub fn wait_for_stream_outcomes_async(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Outcome>, WaitTimeout>> + Send + '_ {
+        self.wait_async(n, timeout, count_stream_outcomes, stream_outcomes)
     }
 
     /// Stops the server: closes the listeners and every open connection, and waits for its thread.
@@ -689,7 +814,7 @@ async fn handle(
         });
         (index, request_id, reply)
     };
-    shared.changed.notify_all();
+    shared.notify();
 
     let mut guard = ExchangeGuard {
         shared: shared.clone(),
@@ -1015,7 +1140,8 @@ mod tests {
     #[test]
     fn key_hint_hides_the_key() {
         assert_eq!(key_hint("sk-ant-api03-abcdefgh"), "sk-a…gh");
-        assert_eq!(key_hint("key-a"), "ke…");
+        assert_eq!(key_hint("key-a"), "k…");
+        assert_eq!(key_hint("zz"), "…");
     }
 
     #[test]

@@ -565,3 +565,36 @@ fn shutdown_closes_open_streams() {
     assert!(!rest.complete && rest.error.is_some());
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+/// The async waits must not block the runtime: here the client that drops the stream runs on the
+/// same single-threaded runtime as the wait.
+#[tokio::test(flavor = "current_thread")]
+async fn async_wait_sees_a_dropped_stream_on_the_same_runtime() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = MockServer::start();
+    mock.set_fallback(Reply::stream(StreamScript::new().ending(Ending::Stall)));
+    let addr = mock.addr();
+    let client = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ncontent-length: {}\r\n\r\n{STREAM_MESSAGE}",
+            STREAM_MESSAGE.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Dropped here, mid-stream.
+    });
+    let reqs = mock.wait_for_requests_async(1, WAIT).await.unwrap();
+    assert_eq!(reqs[0].key.as_deref(), Some("k"));
+    client.await.unwrap();
+    let o = mock.wait_for_stream_outcomes_async(1, WAIT).await.unwrap();
+    assert_eq!(o[0].end, OutcomeEnd::ClientGone);
+    // A wait that cannot be satisfied times out instead of hanging.
+    let err = mock
+        .wait_for_outcomes_async(5, Duration::from_millis(20))
+        .await
+        .unwrap_err();
+    assert_eq!((err.have, err.wanted), (1, 5));
+}
