@@ -478,3 +478,38 @@ fn debug_output_never_contains_secrets() {
     }
     assert!(!all.contains("client-credential-123456789"));
 }
+
+#[test]
+fn first_content_malformed_in_band_error_still_fails_with_an_anthropic_body() {
+    // Found by call_prop: the event's data used to become the response body as it was.
+    for data in [
+        "oops, not json",
+        "{}",
+        "{\"error\":{\"type\":\"overloaded_error\"}}",
+    ] {
+        let mut sim = Sim::new(2);
+        let stream = format!("{MESSAGE_START}event: error\ndata: {data}\n\n");
+        sim.script(0, vec![vec![sse_head(), body(&stream), Step::End]]);
+        let out = sim.run(&first_content());
+        assert_eq!(out.sent.len(), 1, "{data}");
+        assert!(out.head.is_none());
+        let json = out.fail_json();
+        assert_eq!(json["type"], "error", "{data}");
+        assert!(
+            json["error"]["type"].is_string() && json["error"]["message"].is_string(),
+            "{data}"
+        );
+        assert_eq!(json["request_id"], "req_test");
+    }
+    // A well-formed one is still relayed byte for byte.
+    let mut sim = Sim::new(1);
+    let err = in_band("overloaded_error");
+    sim.script(0, vec![vec![sse_head(), body(&err), Step::End]]);
+    let out = sim.run(&first_content());
+    assert_eq!(out.status(), 529);
+    let data = err.strip_prefix("event: error\ndata: ").unwrap().trim_end();
+    assert_eq!(
+        out.fail.as_ref().unwrap().response.body().as_ref(),
+        data.as_bytes()
+    );
+}

@@ -93,7 +93,9 @@ pub enum CallError {
     #[error("the upstream event stream ended before its first event")]
     EmptyStream,
     /// An in-band `error` event arrived before commit and is delivered as the matching HTTP error
-    /// (for example `overloaded_error` as 529). The body is the event's data, unchanged.
+    /// (for example `overloaded_error` as 529). The body is the event's data, unchanged when it
+    /// is an Anthropic error object; anything else is replaced by one that keypool renders, so
+    /// the caller always gets the Anthropic shape (SPEC §6).
     #[error("the upstream answered with an in-band {status} error before any content")]
     InBand {
         /// The HTTP status matching the event's `error.type`.
@@ -140,6 +142,14 @@ fn break_message(b: StreamBreak) -> String {
     }
 }
 
+/// Whether `body` is an Anthropic error object:
+/// `{"type":"error","error":{"type":"...","message":"..."}}`.
+fn is_error_object(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+        v["type"] == "error" && v["error"]["type"].is_string() && v["error"]["message"].is_string()
+    })
+}
+
 impl CallError {
     /// The HTTP status of the rendered response.
     pub fn status(&self) -> StatusCode {
@@ -170,7 +180,7 @@ impl CallError {
     /// and in the `request-id` header.
     pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
         let body = match self {
-            Self::InBand { body, .. } => body.clone(),
+            Self::InBand { body, .. } if is_error_object(body) => body.clone(),
             _ => anthropic::error_body(self.error_type(), &self.to_string(), Some(request_id)),
         };
         let mut res = Response::new(body);
