@@ -513,3 +513,51 @@ fn first_content_malformed_in_band_error_still_fails_with_an_anthropic_body() {
         data.as_bytes()
     );
 }
+
+#[test]
+fn timeouts_too_long_to_schedule_never_fire_and_never_panic() {
+    // A huge timeout (meaning "never") used to overflow `now + timeout` and panic.
+    let timeouts = keypool_core::call::Timeouts {
+        first_byte: Duration::MAX,
+        idle: Duration::MAX,
+        connect: Duration::MAX,
+    };
+    let config = CallConfig::default()
+        .with_timeouts(timeouts)
+        .with_commit(CommitPoint::FirstContent { hold: Duration::MAX });
+    let sim = Sim::new(1);
+    let mut call = keypool_core::call::Call::new(
+        Sim::request(),
+        Credential::Pool(sim.pool.clone()),
+        &config,
+        "req",
+        sim.now,
+    );
+    assert!(matches!(call.poll_output(), keypool_core::call::Output::Send(_)));
+    assert!(matches!(
+        call.poll_output(),
+        keypool_core::call::Output::Wait(None)
+    ));
+    call.handle_response_head(
+        http::StatusCode::OK,
+        [(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        )]
+        .into_iter()
+        .collect(),
+        sim.now,
+        sim.wall,
+    );
+    call.handle_body(bytes::Bytes::from_static(MESSAGE_START.as_bytes()), sim.now);
+    assert!(matches!(
+        call.poll_output(),
+        keypool_core::call::Output::Wait(None)
+    ));
+    assert_eq!(call.poll_timeout(), None);
+    call.handle_timeout(sim.now + Duration::from_secs(1_000_000_000));
+    assert!(matches!(
+        call.poll_output(),
+        keypool_core::call::Output::Wait(None)
+    ));
+}

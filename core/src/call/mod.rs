@@ -264,8 +264,10 @@ enum Timer {
 struct Timers([Option<Instant>; 3]);
 
 impl Timers {
-    fn set(&mut self, t: Timer, at: Instant) {
-        self.0[t as usize] = Some(at);
+    /// Arms `t` to fire `after` from `now`; a deadline too far away to represent never fires
+    /// (a huge configured timeout means "no timeout", never a panic).
+    fn set(&mut self, t: Timer, now: Instant, after: Duration) {
+        self.0[t as usize] = now.checked_add(after);
     }
     fn stop(&mut self, t: Timer) {
         self.0[t as usize] = None;
@@ -421,7 +423,7 @@ impl Call {
         }
         self.wall = wall;
         self.timers.stop(Timer::Head);
-        self.timers.set(Timer::Idle, now + self.config.timeouts.idle);
+        self.timers.set(Timer::Idle, now, self.config.timeouts.idle);
         if !matches!(self.credential, Credential::Pool(_)) {
             return self.deliver(status, headers, now);
         }
@@ -481,7 +483,7 @@ impl Call {
             }
         }
         if !matches!(self.state, State::Finished | State::AwaitHead) {
-            self.timers.set(Timer::Idle, now + self.config.timeouts.idle);
+            self.timers.set(Timer::Idle, now, self.config.timeouts.idle);
         }
     }
 
@@ -594,8 +596,7 @@ impl Call {
         self.key = key;
         self.state = State::AwaitHead;
         self.timers.clear();
-        self.timers
-            .set(Timer::Head, now + self.config.timeouts.first_byte);
+        self.timers.set(Timer::Head, now, self.config.timeouts.first_byte);
         self.outputs.push_back(Output::Send(Attempt {
             number: self.attempts,
             key,
@@ -672,7 +673,7 @@ impl Call {
             }
             let framer = Framer::with_limits(limits);
             if let CommitPoint::FirstContent { hold } = self.config.commit {
-                self.timers.set(Timer::Hold, now + hold);
+                self.timers.set(Timer::Hold, now, hold);
             }
             self.state = State::Holding(Box::new(Holding {
                 headers,
