@@ -128,7 +128,7 @@ fn main() {
             states.join("  ")
         );
         if let Some(said) = said {
-            println!("{:<16}keypool answered: {said}", "");
+            println!("{}keypool answered: {said}", " ".repeat(16));
         }
     }
 }

@@ -1,0 +1,648 @@
+//! # keypool-conformance
+//!
+//! The scenario table of everything a caller can observe from SPEC §3–6, written once and run
+//! against every adapter through [`Adapter`] and [`conformance_suite!`]. A new adapter
+//! implements the trait in a few lines and inherits the whole suite.
+//!
+//! Each scenario starts a [`MockServer`] (127.0.0.1, port 0, plain HTTP or TLS), builds a client
+//! for a fresh pool, scripts the upstream per key, and checks what the caller saw, what the
+//! upstream received (the mock's record) and the pool's state. Every text the suite sees —
+//! bodies, headers, error messages, `Debug` output — goes through [`Transcript`], which fails
+//! the scenario if any part of a secret longer than its hint appears.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use keypool_core::call::{CallConfig, CommitPoint, Request, Timeouts};
+use keypool_core::{KeyId, KeyState, Pool};
+pub use keypool_mock::{Ending, MockServer, Reply, RetryAfter, SseEvent, StreamScript};
+
+/// How a client under test is built.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The upstream base URL (the mock's plain or TLS URL).
+    pub base_url: String,
+    /// The root certificate to trust, for TLS.
+    pub ca_der: Option<Vec<u8>>,
+    /// The pool's keys.
+    pub keys: Vec<String>,
+    /// Policy, commit point, timeouts.
+    pub config: CallConfig,
+}
+
+/// A blocking (non-streaming) answer as the caller saw it, normalised across adapters: an
+/// upstream response delivered as is, or keypool's own error rendered as HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Vec<u8>,
+    /// For keypool's own answers: the typed error's `Display` and `Debug`.
+    pub error: Option<String>,
+}
+
+/// A streaming answer as the caller saw it.
+#[derive(Debug, Clone, Default)]
+pub struct StreamAnswer {
+    /// The HTTP status (200 for a delivered stream).
+    pub status: u16,
+    /// The events delivered, `(type, data)`, in order. A synthesized error is not among them.
+    pub events: Vec<(String, String)>,
+    /// Set when the stream broke after commit (keypool's synthesized error), with its message.
+    pub stream_error: Option<String>,
+    /// When no stream was delivered: the error body (upstream's or keypool's).
+    pub body: Vec<u8>,
+    /// For keypool's own answers: the typed error's `Display` and `Debug`.
+    pub error: Option<String>,
+}
+
+/// One adapter under test.
+pub trait Adapter {
+    /// The client type.
+    type Client: TestClient;
+    /// Builds a client for a fresh pool.
+    fn build(setup: &Setup) -> Self::Client;
+}
+
+/// What the suite needs from a client.
+pub trait TestClient {
+    /// The pool the client uses.
+    fn pool(&self) -> Arc<Pool>;
+    /// A call with failover.
+    fn send(&self, request: Request) -> Answer;
+    /// A call with the caller's own key.
+    fn send_byok(&self, request: Request, key: &str) -> Answer;
+    /// A streaming call with failover.
+    fn stream(&self, request: Request) -> StreamAnswer;
+}
+
+/// Every text a scenario saw, checked for key material.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    texts: Vec<String>,
+}
+
+impl Transcript {
+    /// Adds a text.
+    pub fn push(&mut self, text: impl Into<String>) {
+        self.texts.push(text.into());
+    }
+    /// Adds an answer (body, headers, error).
+    pub fn answer(&mut self, a: &Answer) {
+        self.push(format!("{a:?}"));
+        self.push(String::from_utf8_lossy(&a.body).into_owned());
+    }
+    /// Adds a stream answer.
+    pub fn stream(&mut self, a: &StreamAnswer) {
+        self.push(format!("{a:?}"));
+    }
+    /// Fails if any substring of a secret longer than its hint appears anywhere.
+    pub fn assert_no_secret(&self, secrets: &[String]) {
+        for secret in secrets {
+            let hint = keypool_core::Secret::new(secret.as_str()).unwrap().hint().len();
+            // Every window one character longer than the hint must be absent.
+            let window = (hint + 1).min(secret.len());
+            for text in &self.texts {
+                for start in 0..=secret.len() - window {
+                    let piece = &secret[start..start + window];
+                    assert!(
+                        !text.contains(piece),
+                        "secret material {:?}... leaked into: {}",
+                        &piece[..3],
+                        text.chars().take(200).collect::<String>()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A running scenario: the mock, the client, the keys.
+pub struct World<C> {
+    /// The fake upstream.
+    pub mock: MockServer,
+    /// The client under test.
+    pub client: C,
+    /// The pool's keys, in order.
+    pub keys: Vec<String>,
+    /// Everything the caller saw.
+    pub transcript: Transcript,
+}
+
+/// Transport of a world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP.
+    Plain,
+    /// TLS with the mock's generated root.
+    Tls,
+}
+
+fn keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("sk-ant-api03-K{i}q{}", "Zq7Xw9Lm".repeat(5)))
+        .collect()
+}
+
+/// Short timeouts so stall scenarios end quickly (real sockets, real time).
+pub fn quick_timeouts() -> Timeouts {
+    Timeouts {
+        first_byte: Duration::from_millis(600),
+        idle: Duration::from_millis(600),
+        connect: Duration::from_secs(2),
+    }
+}
+
+impl<C: TestClient> World<C> {
+    /// Starts a mock and a client with `n` keys.
+    pub fn new<A: Adapter<Client = C>>(transport: Transport, n: usize, config: CallConfig) -> Self {
+        let mock = MockServer::start();
+        let keys = keys(n);
+        let setup = Setup {
+            base_url: match transport {
+                Transport::Plain => mock.url(),
+                Transport::Tls => mock.tls_url(),
+            },
+            ca_der: (transport == Transport::Tls).then(|| mock.ca_der()),
+            keys: keys.clone(),
+            config,
+        };
+        let client = A::build(&setup);
+        Self {
+            mock,
+            client,
+            keys,
+            transcript: Transcript::default(),
+        }
+    }
+
+    /// Key `i`'s secret, for scripting the mock.
+    pub fn key(&self, i: usize) -> &str {
+        &self.keys[i]
+    }
+
+    /// Scripts key `i`.
+    pub fn script(&self, i: usize, replies: impl IntoIterator<Item = Reply>) {
+        self.mock.script(&self.keys[i], replies);
+    }
+
+    /// A blocking call, recorded in the transcript.
+    pub fn send(&mut self) -> Answer {
+        let a = self.client.send(messages(false));
+        self.transcript.answer(&a);
+        a
+    }
+
+    /// A streaming call, recorded in the transcript.
+    pub fn stream(&mut self) -> StreamAnswer {
+        let a = self.client.stream(messages(true));
+        self.transcript.stream(&a);
+        a
+    }
+
+    /// The state of key `i` now.
+    pub fn state(&self, i: usize) -> KeyState {
+        self.client
+            .pool()
+            .state(KeyId::from_index(i), std::time::Instant::now())
+    }
+
+    /// Which keys the upstream saw, in order (index into the pool's keys, or `None` for others).
+    pub fn seen(&self) -> Vec<Option<usize>> {
+        self.mock
+            .requests()
+            .iter()
+            .map(|r| r.key.as_ref().and_then(|k| self.keys.iter().position(|x| x == k)))
+            .collect()
+    }
+
+    /// Ends the scenario: checks the transcript (and the mock's record) for secrets.
+    pub fn finish(mut self) {
+        for r in self.mock.requests() {
+            // What the upstream received may contain the key in x-api-key; nothing else may.
+            let mut headers = r.headers.clone();
+            headers.remove("x-api-key");
+            self.transcript.push(format!("{headers:?}"));
+        }
+        self.transcript.push(format!("{:?}", self.client.pool()));
+        self.transcript.push(format!(
+            "{:?}",
+            self.client.pool().snapshot(std::time::Instant::now())
+        ));
+        self.transcript.assert_no_secret(&self.keys);
+    }
+}
+
+/// The request every scenario sends: `POST /v1/messages`, with a client credential that must
+/// never reach the upstream on a pooled call.
+pub fn messages(stream: bool) -> Request {
+    let body = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"héllo ✓"}}]}}"#
+    );
+    let mut r = Request::post_json("/v1/messages", Bytes::from(body));
+    r.headers
+        .insert("x-api-key", "client-own-credential-0000000000".parse().unwrap());
+    r.headers.insert("anthropic-beta", "suite-1".parse().unwrap());
+    r
+}
+
+/// A config with short timeouts and the given commit point.
+pub fn config(commit: CommitPoint) -> CallConfig {
+    CallConfig::default()
+        .with_commit(commit)
+        .with_timeouts(quick_timeouts())
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)))
+}
+
+/// The scenarios. Each takes the adapter and the transport.
+pub mod scenarios {
+    use super::*;
+
+    fn first_byte() -> CallConfig {
+        config(CommitPoint::FirstByte)
+    }
+
+    /// One valid key: one attempt, the upstream's answer delivered.
+    pub fn one_key_delivers<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 1, first_byte());
+        let a = w.send();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(json(&a.body)["type"], "message");
+        assert_eq!(w.seen(), [Some(0)]);
+        w.finish();
+    }
+
+    /// 429 on k0: failover to k1 at once; the next call goes straight to k1 (cooldown honoured).
+    pub fn rate_limit_fails_over_and_cools<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::rate_limited(RetryAfter::Seconds("5".into()))]);
+        let a = w.send();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(w.seen(), [Some(0), Some(1)]);
+        assert!(w.state(0).is_cooling());
+        let a = w.send();
+        assert_eq!(a.status, 200);
+        assert_eq!(w.seen(), [Some(0), Some(1), Some(1)]);
+        w.finish();
+    }
+
+    /// 401, 403, 402 and the credit-balance 400 disable the key; the call fails over.
+    pub fn key_rejections_disable<A: Adapter>(t: Transport) {
+        for (reply, reason) in [
+            (Reply::unauthorized(), keypool_core::DisableReason::Unauthorized),
+            (Reply::forbidden(), keypool_core::DisableReason::Forbidden),
+            (Reply::billing(), keypool_core::DisableReason::Billing),
+            (Reply::credit_balance(), keypool_core::DisableReason::Billing),
+        ] {
+            let mut w = World::new::<A>(t, 2, first_byte());
+            w.script(0, [reply]);
+            let a = w.send();
+            assert_eq!(a.status, 200, "{a:?}");
+            assert_eq!(w.state(0), KeyState::Disabled { reason });
+            let _ = w.send();
+            assert_eq!(w.seen(), [Some(0), Some(1), Some(1)]);
+            w.finish();
+        }
+    }
+
+    /// Every key rate-limited: 429 `rate_limit_error`, `retry-after` = the soonest key.
+    pub fn exhaustion_is_429_with_soonest_retry<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 3, first_byte());
+        w.script(0, [Reply::rate_limited(RetryAfter::Seconds("5".into()))]);
+        w.script(1, [Reply::rate_limited(RetryAfter::Millis("3000".into()))]);
+        w.script(2, [Reply::rate_limited(RetryAfter::Seconds("10".into()))]);
+        let a = w.send();
+        assert_eq!(a.status, 429, "{a:?}");
+        let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((2..=3).contains(&retry), "retry-after {retry}");
+        let ms: u64 = a.headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
+        assert!((2000..=3000).contains(&ms), "retry-after-ms {ms}");
+        assert_eq!(a.headers["x-should-retry"], "true");
+        let body = json(&a.body);
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert!(body["request_id"].is_string());
+        assert!(a.error.is_some());
+        assert_eq!(w.seen(), [Some(0), Some(1), Some(2)]);
+        // The next call does not reach the upstream at all.
+        let a = w.send();
+        assert_eq!(a.status, 429);
+        assert_eq!(w.mock.request_count(), 3);
+        w.finish();
+    }
+
+    /// Every key disabled: 502 `api_error`, `x-should-retry: false`.
+    pub fn all_disabled_is_502<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::unauthorized()]);
+        w.script(1, [Reply::forbidden()]);
+        let a = w.send();
+        assert_eq!(a.status, 502, "{a:?}");
+        assert_eq!(a.headers["x-should-retry"], "false");
+        assert_eq!(json(&a.body)["error"]["type"], "api_error");
+        w.finish();
+    }
+
+    /// 500 and 529 are the upstream's problem: delivered as they are after one attempt, no mark.
+    pub fn upstream_errors_delivered_once<A: Adapter>(t: Transport) {
+        for reply in [Reply::server_error(), Reply::overloaded(), Reply::bad_request()] {
+            let mut w = World::new::<A>(t, 2, first_byte());
+            w.script(0, [reply]);
+            let a = w.send();
+            assert!(matches!(a.status, 500 | 529 | 400), "{a:?}");
+            assert!(a.error.is_none(), "delivered as is: {a:?}");
+            assert_eq!(w.seen(), [Some(0)]);
+            assert!(w.state(0).is_available());
+            w.finish();
+        }
+    }
+
+    /// The request body and every non-credential header reach the upstream identical on every
+    /// attempt; the client's own credential never does.
+    pub fn request_replayed_identically<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 3, first_byte());
+        w.script(0, [Reply::rate_limited(RetryAfter::Seconds("5".into()))]);
+        w.script(1, [Reply::unauthorized()]);
+        let a = w.send();
+        assert_eq!(a.status, 200);
+        let reqs = w.mock.requests();
+        assert_eq!(reqs.len(), 3);
+        for (i, r) in reqs.iter().enumerate() {
+            assert_eq!(r.body, reqs[0].body);
+            assert_eq!(r.body, messages(false).body);
+            assert_eq!(r.key.as_deref(), Some(w.key(i)));
+            assert!(r.headers.get("authorization").is_none());
+            assert_eq!(r.headers["anthropic-beta"], "suite-1");
+            assert_eq!(r.headers["anthropic-version"], "2023-06-01");
+            assert_eq!(r.method, http::Method::POST);
+            assert_eq!(r.uri, "/v1/messages");
+        }
+        w.finish();
+    }
+
+    /// BYOK: one attempt with the caller's key, its 429 delivered as is, the pool untouched.
+    pub fn byok_passes_through_once<A: Adapter>(t: Transport) {
+        let w = World::new::<A>(t, 2, first_byte());
+        let own = "sk-ant-api03-callers-own-key-ABCDEFGHIJKL";
+        w.mock
+            .script(own, [Reply::rate_limited(RetryAfter::Seconds("5".into()))]);
+        let a = w.client.send_byok(messages(false), own);
+        assert_eq!(a.status, 429, "{a:?}");
+        assert_eq!(a.headers["retry-after"], "5");
+        let reqs = w.mock.requests();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].key.as_deref(), Some(own));
+        assert!(w.state(0).is_available() && w.state(1).is_available());
+        w.finish();
+    }
+
+    /// A garbage `retry-after` still cools the key, for the default 60 s.
+    pub fn garbage_retry_after_uses_default<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::rate_limited(RetryAfter::Seconds("soon-ish".into()))]);
+        let _ = w.send();
+        match w.state(0) {
+            KeyState::Cooling { until, .. } => {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                assert!(
+                    left > Duration::from_secs(55) && left <= Duration::from_secs(60),
+                    "{left:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        w.finish();
+    }
+
+    /// The normal stream arrives whole, ending with `message_stop`.
+    pub fn stream_complete<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 1, first_byte());
+        w.script(
+            0,
+            [Reply::stream(StreamScript::new().text_deltas(5).chunk_size(7))],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        assert!(s.stream_error.is_none(), "{s:?}");
+        let names: Vec<&str> = s.events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.first(), Some(&"message_start"));
+        assert_eq!(names.last(), Some(&"message_stop"));
+        assert_eq!(names.iter().filter(|n| **n == "content_block_delta").count(), 5);
+        w.finish();
+    }
+
+    /// A 429 before the stream's head fails over.
+    pub fn stream_fails_over_before_commit<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::rate_limited(RetryAfter::Seconds("5".into()))]);
+        w.script(1, [Reply::stream(StreamScript::new())]);
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        assert_eq!(s.events.last().unwrap().0, "message_stop");
+        assert_eq!(w.seen(), [Some(0), Some(1)]);
+        w.finish();
+    }
+
+    /// A reset in the middle of an event: every whole event before it, then one error, then the end.
+    pub fn stream_reset_mid_event<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        let events = StreamScript::standard_events("claude-mock", 3);
+        let whole: usize = events.iter().take(4).map(|e| e.to_bytes().len()).sum();
+        w.script(
+            0,
+            [Reply::stream(
+                StreamScript::with_events(events)
+                    .chunk_size(16)
+                    .ending(Ending::ResetAfter(whole + 9)),
+            )],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        assert_eq!(s.events.len(), 4, "{s:?}");
+        assert!(s.stream_error.is_some(), "{s:?}");
+        assert_eq!(w.seen(), [Some(0)]);
+        assert!(w.state(0).is_available());
+        w.finish();
+    }
+
+    /// A stream that ends before `message_stop` ends with one error.
+    pub fn stream_ended_early<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 1, first_byte());
+        w.script(0, [Reply::stream(StreamScript::new().ending(Ending::EndEarly))]);
+        let s = w.stream();
+        assert!(s.stream_error.is_some(), "{s:?}");
+        assert!(s.events.iter().all(|(n, _)| n != "message_stop"));
+        w.finish();
+    }
+
+    /// An in-band error after content is relayed unchanged, as an event.
+    pub fn stream_in_band_error_after_content_relayed<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(
+            0,
+            [Reply::stream(StreamScript::error_after_content(
+                2,
+                "overloaded_error",
+                "Overloaded",
+            ))],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 200);
+        let last = s.events.last().unwrap();
+        assert_eq!(last.0, "error");
+        assert_eq!(json(last.1.as_bytes())["error"]["type"], "overloaded_error");
+        assert!(s.stream_error.is_none(), "relayed, not synthesized: {s:?}");
+        assert_eq!(w.seen(), [Some(0)]);
+        w.finish();
+    }
+
+    /// First-content: an early in-band `rate_limit_error` fails over with nothing delivered from
+    /// the failed attempt.
+    pub fn first_content_fails_over_on_in_band_rate_limit<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, config(CommitPoint::first_content()));
+        w.script(
+            0,
+            [Reply::stream(StreamScript::error_before_content(
+                "rate_limit_error",
+                "slow down",
+            ))],
+        );
+        w.script(1, [Reply::stream(StreamScript::new())]);
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        assert_eq!(s.events.iter().filter(|(n, _)| n == "message_start").count(), 1);
+        assert!(s.events.iter().all(|(n, _)| n != "error"));
+        assert_eq!(w.seen(), [Some(0), Some(1)]);
+        assert!(w.state(0).is_cooling());
+        w.finish();
+    }
+
+    /// First-content: an early in-band `overloaded_error` becomes an HTTP 529.
+    pub fn first_content_overloaded_is_529<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, config(CommitPoint::first_content()));
+        w.script(
+            0,
+            [Reply::stream(StreamScript::error_before_content(
+                "overloaded_error",
+                "Overloaded",
+            ))],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 529, "{s:?}");
+        assert!(s.events.is_empty());
+        assert_eq!(json(&s.body)["error"]["type"], "overloaded_error");
+        assert_eq!(w.seen(), [Some(0)]);
+        w.finish();
+    }
+
+    /// An upstream that never answers trips the first-byte timeout: 504, no second attempt.
+    pub fn stalled_head_times_out<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::stall_before_head()]);
+        let a = w.send();
+        assert_eq!(a.status, 504, "{a:?}");
+        assert_eq!(json(&a.body)["error"]["type"], "timeout_error");
+        assert_eq!(w.seen(), [Some(0)]);
+        assert!(w.state(0).is_available());
+        w.finish();
+    }
+
+    /// A stream that stalls after commit ends with one error after the idle timeout.
+    pub fn stalled_stream_times_out<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 1, first_byte());
+        w.script(0, [Reply::stream(StreamScript::new().ending(Ending::Stall))]);
+        let s = w.stream();
+        assert_eq!(s.status, 200);
+        assert!(!s.events.is_empty());
+        assert!(s.stream_error.is_some(), "{s:?}");
+        w.finish();
+    }
+
+    /// A connection reset before the head: 502 `api_error`, no second attempt, no mark.
+    pub fn reset_before_head_is_502<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [Reply::reset_before_head()]);
+        let a = w.send();
+        assert_eq!(a.status, 502, "{a:?}");
+        assert_eq!(json(&a.body)["error"]["type"], "api_error");
+        assert_eq!(w.seen(), [Some(0)]);
+        assert!(w.state(0).is_available());
+        w.finish();
+    }
+}
+
+/// Instantiates every scenario as a `#[test]` for an adapter type and a [`Transport`].
+///
+/// ```ignore
+/// keypool_conformance::conformance_suite!(plain, MyAdapter, keypool_conformance::Transport::Plain);
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($module:ident, $adapter:ty, $transport:expr) => {
+        mod $module {
+            use super::*;
+            $crate::conformance_suite!(@tests $adapter, $transport;
+                one_key_delivers,
+                rate_limit_fails_over_and_cools,
+                key_rejections_disable,
+                exhaustion_is_429_with_soonest_retry,
+                all_disabled_is_502,
+                upstream_errors_delivered_once,
+                request_replayed_identically,
+                byok_passes_through_once,
+                garbage_retry_after_uses_default,
+                stream_complete,
+                stream_fails_over_before_commit,
+                stream_reset_mid_event,
+                stream_ended_early,
+                stream_in_band_error_after_content_relayed,
+                first_content_fails_over_on_in_band_rate_limit,
+                first_content_overloaded_is_529,
+                stalled_head_times_out,
+                stalled_stream_times_out,
+                reset_before_head_is_502,
+            );
+        }
+    };
+    (@tests $adapter:ty, $transport:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::scenarios::$name::<$adapter>($transport);
+            }
+        )*
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "secret material")]
+    fn transcript_catches_a_partial_secret() {
+        let keys = keys(1);
+        let mut t = Transcript::default();
+        t.push(format!("error: bad key {}", &keys[0][10..30]));
+        t.assert_no_secret(&keys);
+    }
+
+    #[test]
+    fn transcript_allows_hints() {
+        let keys = keys(2);
+        let mut t = Transcript::default();
+        for k in &keys {
+            t.push(format!("{:?}", keypool_core::Secret::new(k.as_str()).unwrap()));
+        }
+        t.assert_no_secret(&keys);
+    }
+}

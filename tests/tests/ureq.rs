@@ -1,0 +1,100 @@
+//! The conformance suite against the blocking ureq client, over plain HTTP and TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_core::Pool;
+use keypool_core::call::Request;
+use keypool_ureq::{Client, Error};
+
+struct Ureq;
+
+struct UreqClient(Client);
+
+impl Adapter for Ureq {
+    type Client = UreqClient;
+    fn build(setup: &Setup) -> UreqClient {
+        let mut b = Client::builder()
+            .keys(setup.keys.clone())
+            .base_url(setup.base_url.clone())
+            .config(setup.config.clone());
+        if let Some(ca) = &setup.ca_der {
+            b = b.root_cert_der(ca.clone());
+        }
+        UreqClient(b.build().unwrap())
+    }
+}
+
+fn from_error(e: &Error) -> Answer {
+    let response = e.to_response().unwrap_or_else(|| panic!("no response for {e:?}"));
+    Answer {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.body().to_vec(),
+        error: Some(format!("{e} / {e:?}")),
+    }
+}
+
+fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
+    match result {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let body = std::io::read_to_string(response.into_body())
+                .unwrap()
+                .into_bytes();
+            Answer {
+                status,
+                headers,
+                body,
+                error: None,
+            }
+        }
+        Err(e) => from_error(&e),
+    }
+}
+
+impl TestClient for UreqClient {
+    fn pool(&self) -> Arc<Pool> {
+        self.0.pool().clone()
+    }
+    fn send(&self, request: Request) -> Answer {
+        answer(self.0.send(request))
+    }
+    fn send_byok(&self, request: Request, key: &str) -> Answer {
+        answer(self.0.send_byok(request, keypool_core::Secret::new(key).unwrap()))
+    }
+    fn stream(&self, request: Request) -> StreamAnswer {
+        match self.0.stream(request) {
+            Ok(events) => {
+                let mut out = StreamAnswer {
+                    status: 200,
+                    ..StreamAnswer::default()
+                };
+                for event in events {
+                    match event {
+                        Ok(e) => out.events.push((e.event_type().to_owned(), e.data().to_owned())),
+                        Err(e) => {
+                            assert!(out.stream_error.is_none(), "a second error after the first");
+                            out.stream_error = Some(format!("{e} / {e:?}"));
+                        }
+                    }
+                }
+                out
+            }
+            Err(e) => {
+                let a = from_error(&e);
+                StreamAnswer {
+                    status: a.status,
+                    body: a.body,
+                    error: a.error,
+                    ..StreamAnswer::default()
+                }
+            }
+        }
+    }
+}
+
+conformance_suite!(plain, Ureq, keypool_conformance::Transport::Plain);
+conformance_suite!(tls, Ureq, keypool_conformance::Transport::Tls);
