@@ -7,7 +7,12 @@ use bytes::{Bytes, BytesMut};
 use memchr::memchr2;
 
 use super::parser::copy_into;
-use super::{BOM, Limits, SseError, split_field};
+use super::{BOM, Limits, SseError};
+
+/// Initial capacity of the buffer for frames that span chunks. Frames are split off it and
+/// the space is reclaimed once the consumer drops them, so a steady stream allocates at most
+/// once per this many bytes of spanning frames (when frames are still held as it wraps).
+const ARENA: usize = 16 * 1024;
 
 /// One whole event as it appeared in the input: its lines and its terminating blank line,
 /// byte for byte.
@@ -207,7 +212,7 @@ impl Framer {
         }
         if rest > 0 {
             if self.acc.capacity() == 0 {
-                self.acc = BytesMut::with_capacity(rest.max(1024));
+                self.acc = BytesMut::with_capacity(rest.max(ARENA));
             }
             self.acc.extend_from_slice(&buf[frame_start..]);
         }
@@ -274,16 +279,16 @@ impl Framer {
             0
         };
         let line = &line[skip..];
-        if line.is_empty() {
-            return (true, None);
-        }
-        match split_field(line) {
-            Some((b"event", value)) if value < line.len() => {
-                (false, Some(Some(start + skip + value..start + skip + line.len())))
-            }
-            Some((b"event", _)) => (false, Some(None)),
-            _ => (false, None),
-        }
+        // Only blank lines and `event` fields matter; any other line costs one comparison.
+        let value = match line {
+            [] => return (true, None),
+            [b'e', b'v', b'e', b'n', b't'] => 5,
+            [b'e', b'v', b'e', b'n', b't', b':', b' ', ..] => 7,
+            [b'e', b'v', b'e', b'n', b't', b':', ..] => 6,
+            _ => return (false, None),
+        };
+        let range = (value < line.len()).then(|| start + skip + value..start + skip + line.len());
+        (false, Some(range))
     }
 
     fn fail(&mut self) {

@@ -222,6 +222,11 @@ impl Parser {
     /// Splits `chunk[pos..]` into lines and processes them.
     fn scan(&mut self, chunk: &Bytes, mut pos: usize) {
         let buf: &[u8] = chunk;
+        // UTF-8 is validated over long runs instead of line by line: lines start after ASCII
+        // line ends, so a line inside a validated run `[start, valid_until)` is valid. After an
+        // invalid byte (or a character cut by the chunk end) the run ends; the line holding it
+        // is checked alone and the next line starts a new run.
+        let mut valid_until: Option<usize> = None;
         while pos < buf.len() {
             let Some(offset) = memchr2(b'\n', b'\r', &buf[pos..]) else {
                 let rest = buf.len() - pos;
@@ -242,7 +247,18 @@ impl Parser {
                     });
                     return;
                 }
-                self.process_line(Some(chunk), pos, &buf[pos..end]);
+                let run_end = match valid_until {
+                    Some(run_end) if pos <= run_end => run_end,
+                    _ => {
+                        let run = match std::str::from_utf8(&buf[pos..]) {
+                            Ok(_) => buf.len() - pos,
+                            Err(e) => e.valid_up_to(),
+                        };
+                        *valid_until.insert(pos + run)
+                    }
+                };
+                let utf8 = end <= run_end || std::str::from_utf8(&buf[pos..end]).is_ok();
+                self.process_line(Some(chunk), pos, &buf[pos..end], utf8);
             } else {
                 if self.line.len() + offset > self.limits.max_line {
                     self.fail(SseError::LineTooLong {
@@ -252,7 +268,8 @@ impl Parser {
                 }
                 self.line.extend_from_slice(&buf[pos..end]);
                 let line = std::mem::take(&mut self.line);
-                self.process_line(None, 0, &line);
+                let utf8 = std::str::from_utf8(&line).is_ok();
+                self.process_line(None, 0, &line, utf8);
                 self.line = line;
                 self.line.clear();
             }
@@ -271,13 +288,20 @@ impl Parser {
     }
 
     /// Processes one complete line. `src` is the chunk the line lies in (at `base`), or `None`
-    /// when the line was assembled from several chunks.
-    fn process_line(&mut self, src: Option<&Bytes>, base: usize, line: &[u8]) {
+    /// when the line was assembled from several chunks; `utf8` tells whether it is valid UTF-8.
+    fn process_line(&mut self, src: Option<&Bytes>, base: usize, line: &[u8], utf8: bool) {
         if line.is_empty() {
             self.dispatch();
             return;
         }
-        let Some((field, value_start)) = split_field(line) else {
+        // Fast paths for the two fields that make up nearly every stream.
+        let (field, value_start): (&[u8], usize) = if line.starts_with(b"data:") {
+            (b"data", if line.get(5) == Some(&b' ') { 6 } else { 5 })
+        } else if line.starts_with(b"event:") {
+            (b"event", if line.get(6) == Some(&b' ') { 7 } else { 6 })
+        } else if let Some(split) = split_field(line) {
+            split
+        } else {
             return; // comment
         };
         let value = &line[value_start..];
@@ -285,16 +309,19 @@ impl Parser {
         match field {
             b"data" => {
                 self.in_event = true;
-                self.push_data(src, at, value);
+                self.push_data(src, at, value, utf8);
             }
             b"event" => {
                 self.in_event = true;
-                self.event_type = Some(self.text(src, at, value));
+                self.event_type = Some(match known_event_type(value) {
+                    Some(name) => Bytes::from_static(name),
+                    None => self.text(src, at, value, utf8),
+                });
             }
             b"id" => {
                 self.in_event = true;
                 if memchr(0, value).is_none() {
-                    self.last_id = self.text(src, at, value);
+                    self.last_id = self.text(src, at, value, utf8);
                 }
             }
             b"retry" => {
@@ -315,9 +342,9 @@ impl Parser {
     /// "If the field name is `data`: Append the field value to the data buffer, then append a
     /// single U+000A LINE FEED (LF) character to the data buffer." The trailing LF is implied:
     /// the buffer holds the lines joined with LF and `data_lines` counts them.
-    fn push_data(&mut self, src: Option<&Bytes>, at: usize, value: &[u8]) {
+    fn push_data(&mut self, src: Option<&Bytes>, at: usize, value: &[u8], utf8: bool) {
         let replaced;
-        let (value, sliceable) = if std::str::from_utf8(value).is_ok() {
+        let (value, sliceable) = if utf8 {
             (value, src.is_some())
         } else {
             replaced = String::from_utf8_lossy(value).into_owned();
@@ -351,10 +378,10 @@ impl Parser {
     }
 
     /// A field value as UTF-8 [`Bytes`]: a slice of the chunk when possible.
-    fn text(&mut self, src: Option<&Bytes>, at: usize, value: &[u8]) -> Bytes {
+    fn text(&mut self, src: Option<&Bytes>, at: usize, value: &[u8], utf8: bool) -> Bytes {
         if value.is_empty() {
             Bytes::new()
-        } else if std::str::from_utf8(value).is_err() {
+        } else if !utf8 {
             Bytes::from(String::from_utf8_lossy(value).into_owned())
         } else if let Some(chunk) = src {
             chunk.slice(at..at + value.len())
@@ -428,6 +455,22 @@ impl Parser {
         self.arena = BytesMut::new();
         self.skip_lf = false;
     }
+}
+
+/// The event types of the Anthropic Messages API, handed out as static [`Bytes`] so that the
+/// type of a typical event costs no reference counting.
+fn known_event_type(value: &[u8]) -> Option<&'static [u8]> {
+    const KNOWN: [&[u8]; 8] = [
+        b"content_block_delta",
+        b"ping",
+        b"content_block_start",
+        b"content_block_stop",
+        b"message_start",
+        b"message_delta",
+        b"message_stop",
+        b"error",
+    ];
+    KNOWN.into_iter().find(|name| *name == value)
 }
 
 /// Gives a collecting buffer its first capacity, so that later reservations reuse it.
