@@ -18,7 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mock;
     let (keys, base_url): (Vec<KeySpec>, String) = match real_keys {
         Some(list) => (
-            list.split([',', '\n']).map(str::trim).filter(|k| !k.is_empty()).map(KeySpec::new).collect(),
+            list.split([',', '\n'])
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(KeySpec::new)
+                .collect(),
             std::env::var("KEYPOOL_UPSTREAM").unwrap_or_else(|_| keypool_ureq::DEFAULT_BASE_URL.to_owned()),
         ),
         None => {
@@ -30,15 +34,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // alpha is rate-limited for 30 s, bravo's key was revoked, charlie is fine.
             mock.script(&keys[0], [Reply::rate_limited(RetryAfter::Seconds("30".into()))]);
             mock.set_default(&keys[1], Reply::unauthorized());
-            mock.script(&keys[2], [Reply::ok(), Reply::stream(StreamScript::new().text_deltas(4))]);
+            mock.script(
+                &keys[2],
+                [Reply::ok(), Reply::stream(StreamScript::new().text_deltas(4))],
+            );
             println!("embedded fake Anthropic API at {}", mock.url());
-            let labelled = ["alpha", "bravo", "charlie"].iter().zip(keys).map(|(l, k)| KeySpec::labelled(*l, k));
+            let labelled = ["alpha", "bravo", "charlie"]
+                .iter()
+                .zip(keys)
+                .map(|(l, k)| KeySpec::labelled(*l, k));
             (labelled.collect(), mock.url())
         }
     };
     let client = Client::builder().keys(keys).base_url(base_url).build()?;
 
-    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}"#;
+    let body =
+        r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Say hi"}]}"#;
     match client.send(messages(body)) {
         Ok(response) => {
             let status = response.status();
@@ -70,7 +81,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             KeyState::Available => "available".to_owned(),
             KeyState::Cooling { until, reason } => format!(
                 "cooling ({reason:?}) for {}s",
-                until.saturating_duration_since(std::time::Instant::now()).as_secs() + 1
+                until
+                    .saturating_duration_since(std::time::Instant::now())
+                    .as_secs()
+                    + 1
             ),
             KeyState::Disabled { reason } => format!("disabled ({reason:?})"),
         };

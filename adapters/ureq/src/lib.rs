@@ -44,6 +44,11 @@ use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
 pub use keypool_core::call::{CallError, CommitPoint, Timeouts};
 pub use keypool_core::{Policy, sse};
 
+/// The README's Rust examples, compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// The Anthropic API.
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 
