@@ -10,6 +10,11 @@
 //! Every mark is a single `fetch_max`: a later deadline wins, a disabled word is above every
 //! deadline, so marks are monotone and commute (SPEC §8.9), and no lock is ever taken.
 //! Only [`Pool::enable`], an operator action, lowers a word.
+//!
+//! The words sit in one dense array, apart from the secrets and labels, so that a walk over 16
+//! keys reads two cache lines. Times are clamped to `MAX_DEADLINE_NS`, which keeps every
+//! disabled word's deadline bits above any `now`: "available" is the one comparison
+//! `word >> 2 <= now_ns` (`Pool::is_free`).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +29,8 @@ const REASON_MASK: u64 = (1 << REASON_BITS) - 1;
 const DISABLED_FLOOR: u64 = u64::MAX - REASON_MASK;
 /// The latest deadline a word can hold (about 146 years after the pool's origin).
 const MAX_DEADLINE_NS: u64 = (DISABLED_FLOOR - 1) >> REASON_BITS;
+// `Pool::is_free` relies on this: a disabled word is never free, whatever the (clamped) `now`.
+const _: () = assert!(DISABLED_FLOOR >> REASON_BITS > MAX_DEADLINE_NS);
 
 /// Index of a key in its pool (0-based, in configuration order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -215,7 +222,6 @@ pub enum PoolError {
 struct Entry {
     secret: Secret,
     label: Box<str>,
-    word: AtomicU64,
 }
 
 /// An ordered, non-empty set of keys with shared, lock-free state.
@@ -224,6 +230,8 @@ struct Entry {
 /// method that depends on time takes `now`, measured from the `origin` given to [`Pool::new`].
 pub struct Pool {
     keys: Box<[Entry]>,
+    /// One state word per key, same order as `keys`.
+    words: Box<[AtomicU64]>,
     origin: Instant,
     order: Order,
     cursor: AtomicUsize,
@@ -294,13 +302,13 @@ impl Pool {
             entries.push(Entry {
                 secret,
                 label: label.into_boxed_str(),
-                word: AtomicU64::new(0),
             });
         }
         if entries.is_empty() {
             return Err(PoolError::Empty);
         }
         Ok(Self {
+            words: entries.iter().map(|_| AtomicU64::new(0)).collect(),
             keys: entries.into_boxed_slice(),
             origin,
             order,
@@ -312,11 +320,9 @@ impl Pool {
     /// that is also in `self`, matched by the key itself. Used when a key file is reloaded.
     pub fn reload<K: Into<KeySpec>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Self, PoolError> {
         let next = Self::new(keys, self.order, self.origin)?;
-        for entry in next.keys.iter() {
-            if let Some(old) = self.keys.iter().find(|o| o.secret == entry.secret) {
-                entry
-                    .word
-                    .store(old.word.load(Ordering::Acquire), Ordering::Release);
+        for (entry, word) in next.keys.iter().zip(next.words.iter()) {
+            if let Some(old) = self.keys.iter().position(|o| o.secret == entry.secret) {
+                word.store(self.words[old].load(Ordering::Acquire), Ordering::Release);
             }
         }
         Ok(next)
@@ -363,6 +369,7 @@ impl Pool {
     }
 
     /// Starts a walk over the keys for one upstream call (SPEC §3).
+    #[inline]
     pub fn walk(&self) -> Walker {
         let start = match self.order {
             Order::PrimaryWithFallback => 0,
@@ -371,13 +378,51 @@ impl Pool {
         Walker::new(start, self.keys.len())
     }
 
+    /// `now` in ns since the origin, clamped to `0..=MAX_DEADLINE_NS`. Clamping changes no
+    /// answer (no deadline is later than `MAX_DEADLINE_NS`), and keeps [`is_free`](Self::is_free)
+    /// a single comparison.
+    #[inline]
     fn now_ns(&self, now: Instant) -> u64 {
         let d = now.saturating_duration_since(self.origin);
-        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+        d.as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(d.subsec_nanos()))
+            .min(MAX_DEADLINE_NS)
     }
 
+    #[inline]
     pub(crate) fn word(&self, id: KeyId) -> u64 {
-        self.keys[id.0].word.load(Ordering::Acquire)
+        self.words[id.0].load(Ordering::Acquire)
+    }
+
+    /// The latest deadline a word can hold, in ns since the origin.
+    pub(crate) const MAX_DEADLINE_NS: u64 = MAX_DEADLINE_NS;
+
+    /// Whether a word means "disabled".
+    #[inline]
+    pub(crate) fn is_disabled_word(word: u64) -> bool {
+        word >= DISABLED_FLOOR
+    }
+
+    /// The deadline bits of a word, in ns since the origin: the deadline of a cooling (or
+    /// expired) word, `MAX_DEADLINE_NS + 1` for a disabled one.
+    #[inline]
+    pub(crate) fn deadline_of(word: u64) -> u64 {
+        word >> REASON_BITS
+    }
+
+    /// The state words, in key order.
+    #[inline]
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        &self.words
+    }
+
+    /// Whether a word means "available" at `now_ns` (a value from [`now_ns`](Self::now_ns)):
+    /// its deadline has passed. A disabled word's deadline bits are `MAX_DEADLINE_NS + 1`,
+    /// later than any clamped `now_ns`.
+    #[inline]
+    pub(crate) fn is_free(word: u64, now_ns: u64) -> bool {
+        word >> REASON_BITS <= now_ns
     }
 
     /// Decodes a state word as seen at `now_ns`.
@@ -391,6 +436,7 @@ impl Pool {
         }
     }
 
+    #[inline]
     pub(crate) fn ns_of(&self, now: Instant) -> u64 {
         self.now_ns(now)
     }
@@ -420,7 +466,7 @@ impl Pool {
             return Transition::Unchanged;
         }
         let new = (deadline << REASON_BITS) | cool_code(reason);
-        let prev = self.keys[id.0].word.fetch_max(new, Ordering::AcqRel);
+        let prev = self.words[id.0].fetch_max(new, Ordering::AcqRel);
         match self.decode(prev, now_ns) {
             RawState::Disabled(_) => Transition::Unchanged,
             RawState::Available => Transition::Entered,
@@ -431,9 +477,7 @@ impl Pool {
 
     /// Disables `id` until [`enable`](Self::enable). Disabling a disabled key changes nothing.
     pub fn disable(&self, id: KeyId, reason: DisableReason) -> Transition {
-        let prev = self.keys[id.0]
-            .word
-            .fetch_max(DISABLED_FLOOR + disable_code(reason), Ordering::AcqRel);
+        let prev = self.words[id.0].fetch_max(DISABLED_FLOOR + disable_code(reason), Ordering::AcqRel);
         if prev >= DISABLED_FLOOR {
             Transition::Unchanged
         } else {
@@ -443,7 +487,7 @@ impl Pool {
 
     /// Makes `id` available again, clearing a disabled state or a cooldown (operator action).
     pub fn enable(&self, id: KeyId, now: Instant) -> Transition {
-        let prev = self.keys[id.0].word.swap(0, Ordering::AcqRel);
+        let prev = self.words[id.0].swap(0, Ordering::AcqRel);
         match self.decode(prev, self.now_ns(now)) {
             RawState::Available => Transition::Unchanged,
             RawState::Cooling(_) | RawState::Disabled(_) => Transition::Entered,

@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::pool::{KeyId, Pool, RawState};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pool::{KeyId, Pool};
 
 /// The smallest `retry_after` an exhaustion reports. A key that was tried and has already
 /// freed up again by the time the walk ends (a very short cooldown, or an operator enable)
@@ -31,6 +33,7 @@ enum Tried {
 }
 
 impl Tried {
+    #[inline]
     fn new(len: usize) -> Self {
         if len <= 64 {
             Self::Inline(0)
@@ -38,18 +41,116 @@ impl Tried {
             Self::Heap(vec![0; len.div_ceil(64)].into_boxed_slice())
         }
     }
-    fn contains(&self, i: usize) -> bool {
-        match self {
-            Self::Inline(bits) => bits & (1 << i) != 0,
-            Self::Heap(words) => words[i / 64] & (1 << (i % 64)) != 0,
+}
+
+/// A set of key indices; implemented for the inline word and the heap words of [`Tried`], so
+/// that the scan is compiled once per representation with no per-key `match`.
+trait Bits {
+    fn has(&self, i: usize) -> bool;
+    fn set(&mut self, i: usize);
+}
+
+impl Bits for u64 {
+    #[inline(always)]
+    fn has(&self, i: usize) -> bool {
+        *self & (1 << i) != 0
+    }
+    #[inline(always)]
+    fn set(&mut self, i: usize) {
+        *self |= 1 << i;
+    }
+}
+
+impl Bits for [u64] {
+    #[inline(always)]
+    fn has(&self, i: usize) -> bool {
+        self[i / 64] & (1 << (i % 64)) != 0
+    }
+    #[inline(always)]
+    fn set(&mut self, i: usize) {
+        self[i / 64] |= 1 << (i % 64);
+    }
+}
+
+/// What a pass that yielded nothing saw, gathered while it looked (no second scan).
+struct Seen {
+    /// Earliest deadline bits among keys that are not free (ns since the origin); above
+    /// `Pool::MAX_DEADLINE_NS` if none of them is cooling.
+    soonest: u64,
+    disabled: usize,
+    /// A key that this walker already yielded is available again.
+    tried_free: bool,
+}
+
+impl Seen {
+    /// Looks at key `i`'s word: `true` if the walker should yield it. One predictable branch
+    /// per key: a disabled word's deadline bits lie above every real deadline, so it can join
+    /// the minimum unconditionally (see [`exhausted`](Self::exhausted)).
+    #[inline(always)]
+    fn visit<B: Bits + ?Sized>(&mut self, tried: &mut B, i: usize, word: u64, now_ns: u64) -> bool {
+        if Pool::is_free(word, now_ns) {
+            if !tried.has(i) {
+                tried.set(i);
+                return true;
+            }
+            self.tried_free = true;
+        } else {
+            self.disabled += usize::from(Pool::is_disabled_word(word));
+            self.soonest = self.soonest.min(Pool::deadline_of(word));
+        }
+        false
+    }
+
+    /// The exhaustion this pass found, for a pool of `len` keys.
+    #[cold]
+    fn exhausted(&self, len: usize, now_ns: u64) -> Exhausted {
+        if self.disabled == len {
+            return Exhausted::AllDisabled;
+        }
+        // Not all disabled, so some key is cooling or was tried and is free again; a free one
+        // "frees up now" and counts as `MIN_RETRY_AFTER`, even next to longer cooldowns.
+        // Disabled words joined the minimum with deadline bits above every real deadline.
+        let cooling =
+            (self.soonest <= Pool::MAX_DEADLINE_NS).then(|| Duration::from_nanos(self.soonest - now_ns));
+        let free = self.tried_free.then_some(MIN_RETRY_AFTER);
+        let retry_after = match (cooling, free) {
+            (Some(c), Some(f)) => c.min(f),
+            (Some(d), None) | (None, Some(d)) => d,
+            (None, None) => {
+                debug_assert!(false, "neither cooling nor free, yet not all disabled");
+                MIN_RETRY_AFTER
+            }
+        };
+        Exhausted::RateLimited { retry_after }
+    }
+}
+
+/// One pass over `words` in walk order (`start..`, then `..start`): the first key to yield,
+/// or what was seen.
+#[inline(always)]
+fn scan<B: Bits + ?Sized>(
+    tried: &mut B,
+    words: &[AtomicU64],
+    start: usize,
+    now_ns: u64,
+) -> Result<usize, Seen> {
+    let mut seen = Seen {
+        soonest: u64::MAX,
+        disabled: 0,
+        tried_free: false,
+    };
+    let (before, from) = words.split_at(start);
+    for (k, word) in from.iter().enumerate() {
+        if seen.visit(tried, start + k, word.load(Ordering::Acquire), now_ns) {
+            return Ok(start + k);
         }
     }
-    fn insert(&mut self, i: usize) {
-        match self {
-            Self::Inline(bits) => *bits |= 1 << i,
-            Self::Heap(words) => words[i / 64] |= 1 << (i % 64),
+    for (i, word) in before.iter().enumerate() {
+        if seen.visit(tried, i, word.load(Ordering::Acquire), now_ns) {
+            return Ok(i);
         }
     }
+    Err(seen)
 }
 
 /// Yields the keys of one upstream call, each at most once, skipping keys that are cooling or
@@ -67,6 +168,7 @@ pub struct Walker {
 }
 
 impl Walker {
+    #[inline]
     pub(crate) fn new(start: usize, len: usize) -> Self {
         Self {
             start,
@@ -84,47 +186,24 @@ impl Walker {
     /// The next key to try, or why there is none.
     ///
     /// `pool` must be the pool that created the walker.
+    #[inline]
     pub fn next_key(&mut self, pool: &Pool, now: Instant) -> Result<KeyId, Exhausted> {
-        debug_assert_eq!(pool.len(), self.len, "walker used with another pool");
+        let words = pool.words();
+        debug_assert_eq!(words.len(), self.len, "walker used with another pool");
+        // Guards against a walker used with another pool: wrong answers, but no panic.
+        let words = &words[..self.len.min(words.len())];
+        let start = if self.start < words.len() { self.start } else { 0 };
         let now_ns = pool.ns_of(now);
-        let mut soonest: Option<u64> = None;
-        let mut disabled = 0usize;
-        let mut tried_free = false;
-        for step in 0..self.len {
-            let mut i = self.start + step;
-            if i >= self.len {
-                i -= self.len;
-            }
-            let id = KeyId(i);
-            let tried = self.tried.contains(i);
-            match pool.decode(pool.word(id), now_ns) {
-                RawState::Available if !tried => {
-                    self.tried.insert(i);
-                    self.attempts += 1;
-                    return Ok(id);
-                }
-                RawState::Available => tried_free = true,
-                RawState::Cooling(deadline) => {
-                    soonest = Some(soonest.map_or(deadline, |s| s.min(deadline)));
-                }
-                RawState::Disabled(_) => disabled += 1,
-            }
-        }
-        if disabled == self.len {
-            return Err(Exhausted::AllDisabled);
-        }
-        // Not all disabled, so some key is cooling or was tried and is free again; a free one
-        // "frees up now" and counts as `MIN_RETRY_AFTER`, even next to longer cooldowns.
-        let cooling = soonest.map(|deadline| Duration::from_nanos(deadline - now_ns));
-        let free = tried_free.then_some(MIN_RETRY_AFTER);
-        let retry_after = match (cooling, free) {
-            (Some(c), Some(f)) => c.min(f),
-            (Some(d), None) | (None, Some(d)) => d,
-            (None, None) => {
-                debug_assert!(false, "neither cooling nor free, yet not all disabled");
-                MIN_RETRY_AFTER
-            }
+        let found = match &mut self.tried {
+            Tried::Inline(bits) => scan(bits, words, start, now_ns),
+            Tried::Heap(bits) => scan(&mut **bits, words, start, now_ns),
         };
-        Err(Exhausted::RateLimited { retry_after })
+        match found {
+            Ok(i) => {
+                self.attempts += 1;
+                Ok(KeyId(i))
+            }
+            Err(seen) => Err(seen.exhausted(words.len(), now_ns)),
+        }
     }
 }
