@@ -439,8 +439,15 @@ impl MockServer {
 
     /// Starts a server set up with `scenario`, reporting failure.
     pub fn try_start_with(scenario: Scenario) -> std::io::Result<Self> {
-        let plain = StdTcpListener::bind("127.0.0.1:0")?;
-        let tls_listener = StdTcpListener::bind("127.0.0.1:0")?;
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::try_start_on(loopback, loopback, scenario)
+    }
+
+    /// Starts a server on chosen addresses (port 0 picks a free port), e.g. for
+    /// `keypool mock-upstream --listen`.
+    pub fn try_start_on(plain: SocketAddr, tls: SocketAddr, scenario: Scenario) -> std::io::Result<Self> {
+        let plain = StdTcpListener::bind(plain)?;
+        let tls_listener = StdTcpListener::bind(tls)?;
         plain.set_nonblocking(true)?;
         tls_listener.set_nonblocking(true)?;
         let addr = plain.local_addr()?;
