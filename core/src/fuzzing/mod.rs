@@ -4,3 +4,4 @@
 //! bodies are compiled (and linted) by normal CI builds with `--features fuzzing`.
 pub mod call;
 pub mod sse;
+pub mod pool;

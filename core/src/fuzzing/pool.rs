@@ -1,0 +1,523 @@
+//! Fuzz bodies for the pool, the walker and retry-delay parsing.
+//!
+//! [`pool_ops`] applies a vector of operations to a pool of 1–8 keys and to a plain reference
+//! model side by side, checking SPEC §8 invariants 1–3 (and full agreement with the model)
+//! after every step; [`retry_delay`] feeds arbitrary header bytes to
+//! [`Policy::retry_delay`]. Both panic on any violation.
+//!
+//! The pool needs an origin `Instant`, and core never reads a clock, so the fuzz target passes
+//! one in.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use arbitrary::{Arbitrary, Unstructured};
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
+use crate::pool::{CoolReason, DisableReason, KeyId, KeyState, Order, Pool, Transition};
+use crate::walk::{Exhausted, MIN_RETRY_AFTER, Walker};
+
+const MAX_DEADLINE_NS: u64 = Pool::MAX_DEADLINE_NS;
+/// The wall clock at the pool's origin, for HTTP-dates: 2026-01-01T00:00:00Z.
+const WALL_ORIGIN_SECS: u64 = 1_767_225_600;
+
+#[derive(Debug, Arbitrary)]
+enum RetryValue {
+    Secs(u32),
+    Millis(u32),
+    Decimal(u16, u16),
+    /// An HTTP-date this many seconds from the wall clock (negative: in the past).
+    Date(i32),
+    Raw(Vec<u8>),
+}
+
+impl RetryValue {
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Secs(v) | Self::Millis(v) => v.to_string().into_bytes(),
+            Self::Decimal(a, b) => format!("{a}.{b}").into_bytes(),
+            Self::Date(off) => httpdate::fmt_http_date(wall_at(*off)).into_bytes(),
+            Self::Raw(b) => b.clone(),
+        }
+    }
+}
+
+/// The wall clock `offset_secs` from [`WALL_ORIGIN_SECS`], kept after 1970 (HTTP-dates cannot
+/// express earlier times, and `httpdate` panics formatting them).
+fn wall_at(offset_secs: i32) -> SystemTime {
+    let offset_secs = offset_secs.max(-1_000_000_000);
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(WALL_ORIGIN_SECS);
+    let d = Duration::from_secs(u64::from(offset_secs.unsigned_abs()));
+    if offset_secs >= 0 { base + d } else { base - d }
+}
+
+#[derive(Debug, Arbitrary)]
+enum Op {
+    NewWalk,
+    Pick {
+        walker: u8,
+    },
+    /// An upstream answer for a key, classified and applied as a call would.
+    Mark {
+        key: u8,
+        status: u16,
+        credit_body: bool,
+        retry_after_ms: Option<RetryValue>,
+        retry_after: Option<RetryValue>,
+        date: Option<i32>,
+        policy: u8,
+        configured: u32,
+    },
+    Cool {
+        key: u8,
+        nanos: u64,
+        scale: u8,
+        reason: u8,
+    },
+    Disable {
+        key: u8,
+        reason: u8,
+    },
+    Enable {
+        key: u8,
+    },
+    Advance(u32),
+    AdvanceYears(u8),
+}
+
+fn cool_reason(r: u8) -> CoolReason {
+    match r % 3 {
+        0 => CoolReason::RateLimited,
+        1 => CoolReason::Auth,
+        _ => CoolReason::Overloaded,
+    }
+}
+
+fn disable_reason(r: u8) -> DisableReason {
+    match r % 4 {
+        0 => DisableReason::Unauthorized,
+        1 => DisableReason::Forbidden,
+        2 => DisableReason::Billing,
+        _ => DisableReason::Operator,
+    }
+}
+
+/// Ties (equal deadlines, two disables) resolve to the higher of these ranks, so that marks
+/// commute; the pool does the same through `fetch_max`.
+fn cool_rank(r: CoolReason) -> u8 {
+    match r {
+        CoolReason::RateLimited => 0,
+        CoolReason::Auth => 1,
+        CoolReason::Overloaded => 2,
+    }
+}
+
+fn disable_rank(r: DisableReason) -> u8 {
+    match r {
+        DisableReason::Unauthorized => 0,
+        DisableReason::Forbidden => 1,
+        DisableReason::Billing => 2,
+        DisableReason::Operator => 3,
+    }
+}
+
+/// One key in the model: a deadline that is kept after it passes (0 = never marked), or
+/// disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MKey {
+    Timed { until: u64, reason: CoolReason },
+    Disabled(DisableReason),
+}
+
+const FRESH: MKey = MKey::Timed {
+    until: 0,
+    reason: CoolReason::RateLimited,
+};
+
+struct Model {
+    keys: Vec<MKey>,
+    cursor: usize,
+    order: Order,
+}
+
+impl Model {
+    fn state(&self, i: usize, now: u64) -> Option<(u64, CoolReason)> {
+        match self.keys[i] {
+            MKey::Timed { until, reason } if until > now => Some((until, reason)),
+            _ => None,
+        }
+    }
+
+    fn is_free(&self, i: usize, now: u64) -> bool {
+        matches!(self.keys[i], MKey::Timed { until, .. } if until <= now)
+    }
+
+    fn cool_down(&mut self, i: usize, now: u64, dur: Duration, reason: CoolReason) -> Transition {
+        let dur = u64::try_from(dur.as_nanos()).unwrap_or(u64::MAX);
+        let deadline = now.saturating_add(dur).min(MAX_DEADLINE_NS);
+        if deadline <= now {
+            return Transition::Unchanged;
+        }
+        match self.keys[i] {
+            MKey::Disabled(_) => Transition::Unchanged,
+            MKey::Timed { until, reason: old } => {
+                if deadline > until || (deadline == until && cool_rank(reason) > cool_rank(old)) {
+                    self.keys[i] = MKey::Timed {
+                        until: deadline,
+                        reason,
+                    };
+                }
+                if until <= now {
+                    Transition::Entered
+                } else if until < deadline {
+                    Transition::Extended
+                } else {
+                    Transition::Unchanged
+                }
+            }
+        }
+    }
+
+    fn disable(&mut self, i: usize, reason: DisableReason) -> Transition {
+        match self.keys[i] {
+            MKey::Disabled(old) => {
+                if disable_rank(reason) > disable_rank(old) {
+                    self.keys[i] = MKey::Disabled(reason);
+                }
+                Transition::Unchanged
+            }
+            MKey::Timed { .. } => {
+                self.keys[i] = MKey::Disabled(reason);
+                Transition::Entered
+            }
+        }
+    }
+
+    fn enable(&mut self, i: usize, now: u64) -> Transition {
+        let was_free = self.is_free(i, now);
+        self.keys[i] = FRESH;
+        if was_free {
+            Transition::Unchanged
+        } else {
+            Transition::Entered
+        }
+    }
+
+    fn walk_start(&mut self) -> usize {
+        match self.order {
+            Order::PrimaryWithFallback => 0,
+            Order::RoundRobin => {
+                let s = self.cursor % self.keys.len();
+                self.cursor += 1;
+                s
+            }
+        }
+    }
+
+    fn next_key(&self, start: usize, tried: &mut [bool], now: u64) -> Result<usize, Exhausted> {
+        let n = self.keys.len();
+        for step in 0..n {
+            let i = (start + step) % n;
+            if !tried[i] && self.is_free(i, now) {
+                tried[i] = true;
+                return Ok(i);
+            }
+        }
+        if self.keys.iter().all(|k| matches!(k, MKey::Disabled(_))) {
+            return Err(Exhausted::AllDisabled);
+        }
+        let mut soonest: Option<Duration> = None;
+        for i in 0..n {
+            let d = match self.state(i, now) {
+                Some((until, _)) => Duration::from_nanos(until - now),
+                None if self.is_free(i, now) => MIN_RETRY_AFTER,
+                None => continue,
+            };
+            soonest = Some(soonest.map_or(d, |s| s.min(d)));
+        }
+        Err(Exhausted::RateLimited {
+            retry_after: soonest.unwrap_or(MIN_RETRY_AFTER),
+        })
+    }
+}
+
+struct Walk {
+    real: Walker,
+    start: usize,
+    tried: Vec<bool>,
+    yielded: Vec<usize>,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The pool's word for a key, in the model's terms (the state seen from the origin shows the
+/// raw deadline even after it has passed).
+fn raw(pool: &Pool, id: KeyId) -> MKey {
+    match pool.state(id, pool.origin()) {
+        KeyState::Available => FRESH,
+        KeyState::Cooling { until, reason } => MKey::Timed {
+            until: ns(until.saturating_duration_since(pool.origin())),
+            reason,
+        },
+        KeyState::Disabled { reason } => MKey::Disabled(reason),
+    }
+}
+
+fn same(a: MKey, b: MKey) -> bool {
+    match (a, b) {
+        (MKey::Timed { until: 0, .. }, MKey::Timed { until: 0, .. }) => true,
+        _ => a == b,
+    }
+}
+
+fn policy_for(selector: u8, configured: u32) -> Policy {
+    let mut p = Policy::default();
+    let d = Duration::from_millis(u64::from(configured));
+    if selector & 1 != 0 {
+        p.on_unauthorized = OnUnauthorized::CoolFor(d);
+    }
+    if selector & 2 != 0 {
+        p.on_forbidden = OnForbidden::Deliver;
+    }
+    if selector & 4 != 0 {
+        p.disable_on_billing = false;
+    }
+    if selector & 8 != 0 {
+        p.cool_on_overloaded = Some(d / 3);
+    }
+    if selector & 16 != 0 {
+        p.max_cooldown = d / 7;
+    }
+    if selector & 32 != 0 {
+        p.default_cooldown = d / 5;
+    }
+    p
+}
+
+const CREDIT_BODY: &[u8] = br#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API."}}"#;
+
+/// Applies arbitrary operations to a pool of 1–8 keys and to the reference model, checking
+/// SPEC §8 invariants 1–3 after each one. `origin` is any instant (the target reads the clock
+/// so that core does not have to). Panics on a violation.
+pub fn pool_ops(data: &[u8], origin: Instant) {
+    let mut u = Unstructured::new(data);
+    let (Ok(n), Ok(round_robin)) = (u.int_in_range(1usize..=8), u.arbitrary::<bool>()) else {
+        return;
+    };
+    let order = if round_robin {
+        Order::RoundRobin
+    } else {
+        Order::PrimaryWithFallback
+    };
+    let specs = (0..n).map(|i| format!("sk-ant-api03-fuzz-{i:02}-0123456789abcdef"));
+    let Ok(pool) = Pool::new(specs, order, origin) else {
+        panic!("a valid key list was rejected");
+    };
+    let ids: Vec<KeyId> = pool.ids().collect();
+    let mut model = Model {
+        keys: vec![FRESH; n],
+        cursor: 0,
+        order,
+    };
+    let mut walks: Vec<Walk> = Vec::new();
+    let mut elapsed = Duration::ZERO;
+
+    for _ in 0..512 {
+        let Ok(op) = u.arbitrary::<Op>() else { break };
+        let now = origin + elapsed;
+        let now_ns = ns(elapsed);
+        let before: Vec<MKey> = ids.iter().map(|&id| raw(&pool, id)).collect();
+        let mut enabled = None;
+        match op {
+            Op::NewWalk => {
+                if walks.len() == 8 {
+                    walks.remove(0);
+                }
+                walks.push(Walk {
+                    real: pool.walk(),
+                    start: model.walk_start(),
+                    tried: vec![false; n],
+                    yielded: Vec::new(),
+                });
+            }
+            Op::Pick { walker } => {
+                if walks.is_empty() {
+                    continue;
+                }
+                let len = walks.len();
+                let w = &mut walks[usize::from(walker) % len];
+                let got = w.real.next_key(&pool, now);
+                let want = model.next_key(w.start, &mut w.tried, now_ns);
+                assert_eq!(got.map(KeyId::index), want, "walker disagrees with the model");
+                match got {
+                    Ok(k) => {
+                        // Invariant 1.
+                        assert!(!w.yielded.contains(&k.index()), "key yielded twice");
+                        assert!(
+                            pool.state(k, now).is_available(),
+                            "yielded a key that is not available"
+                        );
+                        w.yielded.push(k.index());
+                        assert_eq!(w.real.attempts(), w.yielded.len());
+                    }
+                    Err(Exhausted::AllDisabled) => {
+                        // Invariant 3.
+                        assert!(ids.iter().all(|&id| pool.state(id, now).is_disabled()));
+                    }
+                    Err(Exhausted::RateLimited { retry_after }) => {
+                        assert!(retry_after > Duration::ZERO);
+                        assert!(!ids.iter().all(|&id| pool.state(id, now).is_disabled()));
+                    }
+                }
+            }
+            Op::Mark {
+                key,
+                status,
+                credit_body,
+                retry_after_ms,
+                retry_after,
+                date,
+                policy,
+                configured,
+            } => {
+                let k = usize::from(key) % n;
+                let Ok(status) = StatusCode::from_u16(100 + status % 900) else {
+                    panic!("status codes 100..=999 are valid");
+                };
+                let mut headers = HeaderMap::new();
+                let values = [
+                    ("retry-after-ms", retry_after_ms.map(|v| v.bytes())),
+                    ("retry-after", retry_after.map(|v| v.bytes())),
+                    (
+                        "date",
+                        date.map(|d| httpdate::fmt_http_date(wall_at(d)).into_bytes()),
+                    ),
+                ];
+                for (name, value) in values {
+                    if let Some(Ok(v)) = value.map(|v| HeaderValue::from_bytes(&v)) {
+                        headers.insert(name, v);
+                    }
+                }
+                let policy = policy_for(policy, configured);
+                let body: &[u8] = if credit_body { CREDIT_BODY } else { b"{}" };
+                let wall = wall_at(0) + elapsed;
+                match policy.classify(status, &headers, body, wall) {
+                    Verdict::Deliver => {}
+                    Verdict::CoolDown { duration, reason } => {
+                        assert!(duration >= Duration::from_millis(1));
+                        assert!(duration <= policy.max_cooldown.max(Duration::from_millis(1)));
+                        let got = pool.cool_down(ids[k], now, duration, reason);
+                        assert_eq!(got, model.cool_down(k, now_ns, duration, reason));
+                    }
+                    Verdict::Disable { reason } => {
+                        assert_eq!(pool.disable(ids[k], reason), model.disable(k, reason));
+                    }
+                }
+            }
+            Op::Cool {
+                key,
+                nanos,
+                scale,
+                reason,
+            } => {
+                let k = usize::from(key) % n;
+                let dur = match scale % 4 {
+                    0 => Duration::from_nanos(nanos % 10_000_000_000),
+                    1 => Duration::from_nanos(nanos),
+                    2 => Duration::from_secs(nanos),
+                    _ => Duration::MAX,
+                };
+                let reason = cool_reason(reason);
+                let got = pool.cool_down(ids[k], now, dur, reason);
+                assert_eq!(got, model.cool_down(k, now_ns, dur, reason));
+            }
+            Op::Disable { key, reason } => {
+                let k = usize::from(key) % n;
+                let reason = disable_reason(reason);
+                assert_eq!(pool.disable(ids[k], reason), model.disable(k, reason));
+            }
+            Op::Enable { key } => {
+                let k = usize::from(key) % n;
+                enabled = Some(k);
+                assert_eq!(pool.enable(ids[k], now), model.enable(k, now_ns));
+            }
+            Op::Advance(ms) => elapsed += Duration::from_millis(u64::from(ms % 100_000)),
+            Op::AdvanceYears(y) => elapsed += Duration::from_secs(u64::from(y) * 365 * 24 * 3600),
+        }
+
+        let now = origin + elapsed;
+        let now_ns = ns(elapsed);
+        for (i, &id) in ids.iter().enumerate() {
+            let after = raw(&pool, id);
+            assert!(
+                same(after, model.keys[i]),
+                "key {i}: pool {after:?}, model {:?}",
+                model.keys[i]
+            );
+            assert_eq!(pool.state(id, now).is_available(), model.is_free(i, now_ns));
+            // Invariant 2.
+            if enabled != Some(i) {
+                match (before[i], after) {
+                    (MKey::Disabled(_), after) => {
+                        assert!(
+                            matches!(after, MKey::Disabled(_)),
+                            "disabled key revived without enable"
+                        );
+                    }
+                    (MKey::Timed { until: a, .. }, MKey::Timed { until: b, .. }) => {
+                        assert!(b >= a, "cooldown deadline decreased");
+                    }
+                    (MKey::Timed { .. }, MKey::Disabled(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Arbitrary bytes for `retry-after-ms`, `retry-after` and `date`, and an arbitrary wall clock
+/// and cap: never panics, and the delay is within [1 ms, cap] (1 ms if the cap is below it).
+pub fn retry_delay(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let mut headers = HeaderMap::new();
+    for name in ["retry-after-ms", "retry-after", "date"] {
+        let Ok(bytes) = <Option<&[u8]>>::arbitrary(&mut u) else {
+            return;
+        };
+        if let Some(Ok(v)) = bytes.map(HeaderValue::from_bytes) {
+            headers.insert(name, v);
+        }
+    }
+    let (Ok(wall_secs), Ok(cap_ms), Ok(default_ms)) =
+        (u.arbitrary::<u32>(), u.arbitrary::<u32>(), u.arbitrary::<u32>())
+    else {
+        return;
+    };
+    let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(wall_secs) * 4);
+    let configured = Policy {
+        max_cooldown: Duration::from_millis(u64::from(cap_ms)),
+        default_cooldown: Duration::from_millis(u64::from(default_ms)),
+        ..Policy::default()
+    };
+    for policy in [Policy::default(), configured] {
+        let d = policy.retry_delay(&headers, wall);
+        assert!(
+            d >= Duration::from_millis(1),
+            "zero or sub-millisecond delay {d:?}"
+        );
+        assert!(
+            d <= policy.max_cooldown.max(Duration::from_millis(1)),
+            "delay {d:?} above the cap {:?}",
+            policy.max_cooldown
+        );
+        let v = policy.classify(StatusCode::TOO_MANY_REQUESTS, &headers, b"", wall);
+        assert_eq!(
+            v,
+            Verdict::CoolDown {
+                duration: d,
+                reason: CoolReason::RateLimited
+            }
+        );
+    }
+}
