@@ -561,3 +561,35 @@ fn timeouts_too_long_to_schedule_never_fire_and_never_panic() {
         keypool_core::call::Output::Wait(None)
     ));
 }
+
+#[test]
+fn summary_reports_attempts_key_and_every_mark() {
+    let mut sim = Sim::new(3);
+    sim.script(0, vec![rate_limited("5")])
+        .script(1, vec![status(401)]);
+    let mut call = keypool_core::call::Call::new(
+        Sim::request(),
+        Credential::Pool(sim.pool.clone()),
+        &cfg(),
+        "req",
+        sim.now,
+    );
+    let out = sim.drive(&mut call);
+    assert_eq!(out.status(), 200);
+    let summary = call.summary();
+    assert_eq!(summary.attempts, 3);
+    assert_eq!(summary.key, Some(KeyId::from_index(2)));
+    let marked: Vec<(usize, u16)> = summary
+        .marks
+        .iter()
+        .map(|m| (m.key.index(), m.status.as_u16()))
+        .collect();
+    assert_eq!(marked, [(0, 429), (1, 401)]);
+    // poll_event hands out the same marks once each.
+    let mut events = Vec::new();
+    while let Some(m) = call.poll_event() {
+        events.push(m);
+    }
+    assert_eq!(events, summary.marks);
+    assert_eq!(call.poll_event(), None);
+}

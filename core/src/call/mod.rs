@@ -252,6 +252,17 @@ pub struct KeyMark {
     pub transition: Transition,
 }
 
+/// What one call did, for logs and metrics ([`Call::summary`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallSummary {
+    /// Upstream attempts made.
+    pub attempts: usize,
+    /// The pool key of the latest attempt (the one that answered, if any answered).
+    pub key: Option<KeyId>,
+    /// Every key mark the call made, in order.
+    pub marks: Vec<KeyMark>,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Timer {
     Head = 0,
@@ -326,7 +337,9 @@ pub struct Call {
     timers: Timers,
     wall: SystemTime,
     outputs: VecDeque<Output>,
-    marks: VecDeque<KeyMark>,
+    /// Every mark of the call, in order; `poll_event` hands them out from `next_mark`.
+    marks: Vec<KeyMark>,
+    next_mark: usize,
     request_id: String,
 }
 
@@ -358,7 +371,8 @@ impl Call {
             timers: Timers::default(),
             wall: SystemTime::UNIX_EPOCH,
             outputs: VecDeque::new(),
-            marks: VecDeque::new(),
+            marks: Vec::new(),
+            next_mark: 0,
             request_id: request_id.into(),
         };
         call.next_attempt(now);
@@ -398,7 +412,19 @@ impl Call {
 
     /// The next key mark made by this call, for logs and metrics.
     pub fn poll_event(&mut self) -> Option<KeyMark> {
-        self.marks.pop_front()
+        let mark = self.marks.get(self.next_mark).cloned();
+        self.next_mark += usize::from(mark.is_some());
+        mark
+    }
+
+    /// What the call has done so far: attempts, the key of the latest attempt, every mark. After
+    /// a head or a failure is delivered this is final (no attempt follows).
+    pub fn summary(&self) -> CallSummary {
+        CallSummary {
+            attempts: self.attempts,
+            key: self.key,
+            marks: self.marks.clone(),
+        }
     }
 
     /// The earliest deadline at which [`handle_timeout`](Self::handle_timeout) must be called.
@@ -617,7 +643,7 @@ impl Call {
             Verdict::CoolDown { duration, reason } => pool.cool_down(key, now, duration, reason),
             Verdict::Disable { reason } => pool.disable(key, reason),
         };
-        self.marks.push_back(KeyMark {
+        self.marks.push(KeyMark {
             key,
             status,
             verdict,
