@@ -236,15 +236,8 @@ struct Config {
 impl Config {
     fn build(&self) -> CallConfig {
         let defaults = Timeouts::default();
-        // `Duration::MAX` as the first-byte timeout is left out for now: rendering the 504 of an
-        // adapter-reported timeout with it overflows `anthropic::human_duration` (reported to
-        // the lead; anthropic.rs is not this target's to fix). Just as long, but whole seconds:
-        let first_byte = match self.first_byte {
-            Span::Never => Duration::from_secs(u64::MAX),
-            ref span => span.or(defaults.first_byte),
-        };
         let timeouts = Timeouts {
-            first_byte,
+            first_byte: self.first_byte.or(defaults.first_byte),
             idle: self.idle.or(defaults.idle),
             connect: defaults.connect,
         };
