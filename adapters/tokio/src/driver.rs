@@ -1,0 +1,240 @@
+//! The loop: one [`Call`] driven over one upstream exchange at a time.
+
+use std::error::Error as StdError;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_core::future::BoxFuture;
+use http::{HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use keypool_core::call::{Attempt, Call, CallConfig, Credential, Output, Request, TransportError};
+
+/// A boxed error, as tower services and bodies produce them.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// An upstream response body, whatever produced it.
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A started upstream request: resolves to its response head.
+pub(crate) type Exchange = BoxFuture<'static, Result<http::Response<UpstreamBody>, BoxError>>;
+
+/// Whatever sends an attempt upstream: the hyper-util client or a tower service.
+pub(crate) trait Upstream: Send + 'static {
+    /// Starts this attempt; the returned future resolves to the response head.
+    fn start(&mut self, attempt: Attempt) -> Exchange;
+}
+
+/// The current upstream exchange.
+enum Current {
+    /// No exchange (before the first `Send`, after `Done`, after a transport error).
+    Idle,
+    /// Sent, waiting for the head.
+    Head(Exchange),
+    /// Reading the body.
+    Body(UpstreamBody),
+}
+
+/// What the current exchange produced next.
+enum Io {
+    Head(StatusCode, HeaderMap),
+    Chunk(Bytes),
+    End,
+    /// A frame that is not data (trailers): nothing to report.
+    Other,
+    Error(TransportError),
+    TimedOut,
+}
+
+/// Runs a call until it has something for the caller. Dropping it cancels the upstream request.
+pub(crate) struct Driver {
+    upstream: Box<dyn Upstream>,
+    pub(crate) call: Call,
+    current: Current,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        upstream: Box<dyn Upstream>,
+        request: Request,
+        credential: Credential,
+        config: &CallConfig,
+    ) -> Self {
+        let call = Call::new(request, credential, config, request_id(), Instant::now());
+        Self {
+            upstream,
+            call,
+            current: Current::Idle,
+        }
+    }
+
+    /// Drains the call; does the IO it asks for until it has an output for the caller.
+    pub(crate) async fn next_output(&mut self) -> Output {
+        loop {
+            match self.call.poll_output() {
+                Output::Send(attempt) => {
+                    // The previous exchange is over: dropping it closes its connection.
+                    self.current = Current::Idle;
+                    self.current = Current::Head(self.upstream.start(attempt));
+                }
+                Output::Wait(deadline) => self.wait(deadline).await,
+                Output::Done => {
+                    self.current = Current::Idle;
+                    return Output::Done;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn wait(&mut self, deadline: Option<Instant>) {
+        let io = tokio::select! {
+            io = self.current.next_io() => io,
+            () = timer(deadline) => Io::TimedOut,
+        };
+        let now = Instant::now();
+        match io {
+            Io::Head(status, headers) => {
+                self.call
+                    .handle_response_head(status, headers, now, SystemTime::now());
+            }
+            Io::Chunk(bytes) => self.call.handle_body(bytes, now),
+            Io::End => self.call.handle_body_end(now),
+            Io::Other => {}
+            Io::Error(e) => self.call.handle_transport_error(e, now),
+            Io::TimedOut => self.call.handle_timeout(now),
+        }
+    }
+}
+
+impl Current {
+    /// The next head or body frame. Cancel safe: an unfinished head future stays in place.
+    async fn next_io(&mut self) -> Io {
+        match self {
+            Self::Idle => Io::Error(TransportError::Eof),
+            Self::Head(exchange) => match exchange.await {
+                Ok(response) => {
+                    let (parts, body) = response.into_parts();
+                    *self = Self::Body(body);
+                    Io::Head(parts.status, parts.headers)
+                }
+                Err(e) => {
+                    *self = Self::Idle;
+                    Io::Error(transport_error(&*e))
+                }
+            },
+            Self::Body(body) => match body.frame().await {
+                None => Io::End,
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(bytes) => Io::Chunk(bytes),
+                    Err(_) => Io::Other,
+                },
+                Some(Err(e)) => Io::Error(transport_error(&*e)),
+            },
+        }
+    }
+}
+
+/// Fires at the deadline; never without one.
+async fn timer(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = match self.current {
+            Current::Idle => "idle",
+            Current::Head(_) => "awaiting head",
+            Current::Body(_) => "reading body",
+        };
+        f.debug_struct("Driver")
+            .field("call", &self.call)
+            .field("current", &current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if !self.call.is_done() {
+            self.call.handle_caller_gone();
+        }
+    }
+}
+
+/// Maps a hyper, hyper-util, rustls or IO error (anywhere in the source chain) to what the
+/// call needs to know.
+pub(crate) fn transport_error(error: &(dyn StdError + 'static)) -> TransportError {
+    let mut connect = false;
+    let mut found = None;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<rustls::Error>() {
+            return TransportError::Tls;
+        }
+        if let Some(e) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            connect |= e.is_connect();
+        }
+        if let Some(e) = e.downcast_ref::<hyper::Error>()
+            && found.is_none()
+        {
+            found = hyper_kind(e);
+        }
+        if let Some(e) = e.downcast_ref::<io::Error>() {
+            // `io::Error::source` skips the wrapped error itself; look at it first.
+            if let Some(inner) = e.get_ref() {
+                next = Some(inner);
+                if found.is_none() && !matches!(e.kind(), io::ErrorKind::Other) {
+                    found = Some(io_kind(e.kind()));
+                }
+                continue;
+            }
+            if found.is_none() {
+                found = Some(io_kind(e.kind()));
+            }
+        }
+        next = e.source();
+    }
+    if connect {
+        return TransportError::Connect;
+    }
+    found.unwrap_or(TransportError::Reset)
+}
+
+fn hyper_kind(e: &hyper::Error) -> Option<TransportError> {
+    if e.is_timeout() {
+        Some(TransportError::Timeout)
+    } else if e.is_incomplete_message() {
+        Some(TransportError::Eof)
+    } else if e.is_parse() || e.is_parse_status() {
+        Some(TransportError::Protocol)
+    } else {
+        None
+    }
+}
+
+fn io_kind(kind: io::ErrorKind) -> TransportError {
+    match kind {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => TransportError::Timeout,
+        io::ErrorKind::ConnectionRefused => TransportError::Connect,
+        io::ErrorKind::UnexpectedEof => TransportError::Eof,
+        io::ErrorKind::InvalidData => TransportError::Protocol,
+        _ => TransportError::Reset,
+    }
+}
+
+/// A request id for keypool's own error bodies: unique in the process, no randomness needed.
+fn request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    format!("req_keypool_{t:x}{n:04x}")
+}

@@ -1,0 +1,371 @@
+//! # keypool-tokio
+//!
+//! An async Anthropic client with API-key pool failover, on tokio and a pooled hyper-util
+//! client (HTTP/1.1 and HTTP/2 by ALPN, rustls with the ring provider), and a tower
+//! [`KeypoolLayer`] that adds the same failover to any HTTP service. Both are thin loops around
+//! [`keypool_core::call::Call`]: the core decides which key to use, what an answer means and
+//! what the caller sees; this crate starts requests, awaits the next head or body frame (or the
+//! call's deadline), reads the clock, and hands the results back.
+//!
+//! ```no_run
+//! use keypool_tokio::Client;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::builder()
+//!     .keys(["sk-ant-api03-first-key...", "sk-ant-api03-second-key..."])
+//!     .build()?;
+//! let body = r#"{"model":"claude-sonnet-4-5","max_tokens":256,"messages":[{"role":"user","content":"Hi"}]}"#;
+//! let response = client.send(keypool_tokio::messages(body)).await?;
+//! let status = response.status();
+//! let mut body = response.into_body();
+//! while let Some(chunk) = body.next_chunk().await? {
+//!     println!("{status}: {}", String::from_utf8_lossy(&chunk));
+//! }
+//!
+//! // Streaming: parsed events; a stream that breaks after commit ends in one `Err`.
+//! let stream = r#"{"model":"claude-sonnet-4-5","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+//! let mut events = client.stream(keypool_tokio::messages(stream)).await?;
+//! while let Some(event) = events.next_event().await {
+//!     let event = event?;
+//!     println!("{}: {}", event.event_type(), event.data());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The tower layer, around any service that takes `http::Request<Full<Bytes>>` (here the
+//! hyper-util client of a [`Client`]):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use keypool_core::{Order, Pool};
+//! use keypool_tokio::{Client, KeypoolLayer};
+//! use tower::{Layer, Service};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key..."], Order::default(), std::time::Instant::now())?);
+//! let http = Client::builder().build_with_pool(pool.clone())?.http_client().clone();
+//! let mut service = KeypoolLayer::new(pool).layer(http);
+//! let request = http::Request::post("https://api.anthropic.com/v1/messages")
+//!     .header("content-type", "application/json")
+//!     .header("anthropic-version", "2023-06-01")
+//!     .body(Full::new(Bytes::from_static(br#"{"model":"claude-sonnet-4-5","max_tokens":64}"#)))?;
+//! let response = service.call(request).await?;
+//! println!("{}", response.status());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Timeouts come from [`Timeouts`]: `connect` for the TCP and TLS connect (the connector's own
+//! timeout), `first_byte` for the response head and `idle` for each body frame (the call's
+//! deadlines, awaited with `tokio::time::sleep_until`).
+//!
+//! Cancel safety: dropping a `send`/`stream` future, a [`Body`] or an [`EventStream`] drops
+//! the upstream response, which closes its connection (HTTP/1.1) or resets its stream
+//! (HTTP/2); no key is marked for it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use keypool_core::call::{Attempt, CallConfig, Credential, Failure, Output, Request};
+use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
+
+mod body;
+mod driver;
+mod layer;
+
+pub use body::{Body, BodyError, EventStream, StreamError};
+pub use driver::BoxError;
+pub use keypool_core::call::{CallError, CommitPoint, Timeouts};
+pub use keypool_core::{Policy, sse};
+pub use layer::{Byok, KeypoolLayer, KeypoolService};
+
+use driver::{Driver, Exchange, Upstream};
+
+/// The Anthropic API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+/// The pooled hyper-util client a [`Client`] sends with (HTTP and HTTPS, HTTP/1.1 and HTTP/2).
+pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
+pub fn messages(body: impl Into<Bytes>) -> Request {
+    Request::post_json("/v1/messages", body)
+}
+
+/// What can go wrong. `Display` never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// keypool answered instead of the upstream: every key is out, the upstream could not be
+    /// reached or timed out, or an in-band error before commit. [`Error::to_response`] renders
+    /// the Anthropic-shaped HTTP response.
+    #[error("{}", .0.error)]
+    Call(Box<Failure>),
+    /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
+    #[error("the upstream answered {} instead of an event stream", .0.status())]
+    Status(Box<http::Response<Bytes>>),
+    /// Reading a delivered response failed.
+    #[error("reading the response failed: {0}")]
+    Body(#[from] BodyError),
+    /// The request body could not be read (tower layer); no key was spent.
+    #[error("reading the request body failed: {0}")]
+    RequestBody(#[source] BoxError),
+    /// The client configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The key list is invalid.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+impl Error {
+    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
+    pub fn to_response(&self) -> Option<http::Response<Bytes>> {
+        match self {
+            Self::Call(failure) => Some(failure.response.clone()),
+            Self::Status(response) => Some((**response).clone()),
+            _ => None,
+        }
+    }
+
+    /// The typed keypool error, when keypool answered.
+    pub fn call_error(&self) -> Option<&CallError> {
+        match self {
+            Self::Call(failure) => Some(&failure.error),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    keys: Vec<KeySpec>,
+    order: Order,
+    base_url: Option<String>,
+    config: CallConfig,
+    root_certs_der: Vec<Vec<u8>>,
+}
+
+impl ClientBuilder {
+    /// The pool's keys, in order (the first is the primary).
+    pub fn keys<K: Into<KeySpec>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+    /// How walks pick their first key (default: primary with fallback).
+    pub fn order(mut self, order: Order) -> Self {
+        self.order = order;
+        self
+    }
+    /// The upstream (default `https://api.anthropic.com`).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+    /// Policy, commit point and timeouts.
+    pub fn config(mut self, config: CallConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Also trust this root certificate (DER), besides the built-in web PKI roots.
+    pub fn root_cert_der(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.root_certs_der.push(der.into());
+        self
+    }
+    /// Builds the client. Fails on an invalid key list, base URL or root certificate.
+    pub fn build(self) -> Result<Client, Error> {
+        let pool = Pool::new(self.keys, self.order, Instant::now())?;
+        Self::with_pool(Arc::new(pool), self.base_url, self.config, self.root_certs_der)
+    }
+    /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
+    pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<Client, Error> {
+        Self::with_pool(pool, self.base_url, self.config, self.root_certs_der)
+    }
+
+    fn with_pool(
+        pool: Arc<Pool>,
+        base_url: Option<String>,
+        config: CallConfig,
+        roots: Vec<Vec<u8>>,
+    ) -> Result<Client, Error> {
+        let base = base_url.unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
+        let base = base.trim_end_matches('/').to_owned();
+        let uri: http::Uri = base
+            .parse()
+            .map_err(|_| Error::Config(format!("invalid base URL {base:?}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(Error::Config(format!(
+                "base URL {base:?} must be http:// or https:// with a host"
+            )));
+        }
+        let connector = https_connector(config.timeouts.connect, roots)?;
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                pool,
+                config,
+            }),
+        })
+    }
+}
+
+/// TCP with `TCP_NODELAY` and the connect timeout, then TLS (ring, web PKI roots plus `extra`)
+/// for `https`, offering HTTP/2 and HTTP/1.1 by ALPN.
+fn https_connector(
+    connect: std::time::Duration,
+    extra: Vec<Vec<u8>>,
+) -> Result<HttpsConnector<HttpConnector>, Error> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for der in extra {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .map_err(|e| Error::Config(format!("invalid root certificate: {e}")))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect));
+    Ok(HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp))
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: HttpClient,
+    base: String,
+    pool: Arc<Pool>,
+    config: CallConfig,
+}
+
+/// Sends attempts with the client's hyper-util client.
+struct ClientUpstream(Arc<Inner>);
+
+impl Upstream for ClientUpstream {
+    fn start(&mut self, attempt: Attempt) -> Exchange {
+        let url = format!("{}{}", self.0.base, attempt.path_and_query);
+        let mut builder = http::Request::builder().method(attempt.method).uri(url);
+        if let Some(headers) = builder.headers_mut() {
+            *headers = attempt.headers;
+        }
+        let request = builder.body(Full::new(attempt.body));
+        let http = self.0.http.clone();
+        Box::pin(async move {
+            let response = http.request(request?).await?;
+            Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+        })
+    }
+}
+
+/// An async client with key failover. Cheap to clone; clones share the pool and connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The shared key pool (for state, snapshots, `enable`).
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.inner.pool
+    }
+
+    /// The underlying pooled hyper-util client (no failover), e.g. as the inner service of a
+    /// [`KeypoolLayer`].
+    pub fn http_client(&self) -> &HttpClient {
+        &self.inner.http
+    }
+
+    /// Sends a request with failover over the pool and returns the delivered response, whose
+    /// body streams from the upstream. keypool's own answers (exhaustion, transport failure,
+    /// timeout) are `Err(Error::Call)`.
+    pub async fn send(&self, request: Request) -> Result<http::Response<Body>, Error> {
+        self.send_as(request, Credential::Pool(self.inner.pool.clone()))
+            .await
+    }
+
+    /// Sends a request once with the caller's own key (BYOK); the pool is not touched.
+    pub async fn send_byok(&self, request: Request, key: Secret) -> Result<http::Response<Body>, Error> {
+        self.send_as(request, Credential::Key(key)).await
+    }
+
+    /// Opens a streaming call and returns its parsed events. An answer that is not an event
+    /// stream is `Err(Error::Status)` (or `Err(Error::Call)` when keypool answered).
+    pub async fn stream(&self, request: Request) -> Result<EventStream, Error> {
+        self.stream_as(request, Credential::Pool(self.inner.pool.clone()))
+            .await
+    }
+
+    /// [`stream`](Self::stream) with the caller's own key (BYOK).
+    pub async fn stream_byok(&self, request: Request, key: Secret) -> Result<EventStream, Error> {
+        self.stream_as(request, Credential::Key(key)).await
+    }
+
+    fn driver(&self, request: Request, credential: Credential) -> Box<Driver> {
+        let upstream = Box::new(ClientUpstream(self.inner.clone()));
+        Box::new(Driver::new(upstream, request, credential, &self.inner.config))
+    }
+
+    async fn send_as(&self, request: Request, credential: Credential) -> Result<http::Response<Body>, Error> {
+        respond(self.driver(request, credential)).await
+    }
+
+    async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
+        let response = self.send_as(request, credential).await?;
+        let is_events = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !(response.status().is_success() && is_events) {
+            let (parts, mut body) = response.into_parts();
+            let bytes = body.collect_bytes().await?;
+            return Err(Error::Status(Box::new(http::Response::from_parts(parts, bytes))));
+        }
+        Ok(EventStream::new(response.into_body()))
+    }
+}
+
+/// Runs the call to its first output for the caller: a head (the response) or a failure.
+async fn respond(mut driver: Box<Driver>) -> Result<http::Response<Body>, Error> {
+    match driver.next_output().await {
+        Output::Head(head) => {
+            let mut response = http::Response::new(Body::new(driver));
+            *response.status_mut() = head.status;
+            *response.headers_mut() = head.headers;
+            Ok(response)
+        }
+        Output::Fail(failure) => Err(Error::Call(Box::new(failure))),
+        other => Err(Error::Config(format!(
+            "internal: unexpected call output {other:?}"
+        ))),
+    }
+}
