@@ -74,7 +74,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use keypool_core::call::{Attempt, CallConfig, Credential, Failure, Output, Request};
+use keypool_core::call::{Attempt, CallConfig, Failure, Output, Request};
 use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
 
 mod body;
@@ -83,7 +83,7 @@ mod layer;
 
 pub use body::{Body, BodyError, EventStream, StreamError};
 pub use driver::BoxError;
-pub use keypool_core::call::{CallError, CommitPoint, Timeouts};
+pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
 pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 
@@ -140,6 +140,14 @@ impl Error {
     pub fn call_error(&self) -> Option<&CallError> {
         match self {
             Self::Call(failure) => Some(&failure.error),
+            _ => None,
+        }
+    }
+
+    /// What the call did before keypool answered (attempts, key marks), when keypool answered.
+    pub fn summary(&self) -> Option<&CallSummary> {
+        match self {
+            Self::Call(failure) => Some(&failure.summary),
             _ => None,
         }
     }
@@ -329,6 +337,17 @@ impl Client {
         self.stream_as(request, Credential::Key(key)).await
     }
 
+    /// Sends a request with an explicit credential: a (possibly different, e.g. reloaded) pool,
+    /// the caller's key, or the caller's own credential headers passed through. This is what the
+    /// gateway uses. The response's extensions carry the [`CallSummary`].
+    pub async fn send_with(
+        &self,
+        request: Request,
+        credential: Credential,
+    ) -> Result<http::Response<Body>, Error> {
+        self.send_as(request, credential).await
+    }
+
     fn driver(&self, request: Request, credential: Credential) -> Box<Driver> {
         let upstream = Box::new(ClientUpstream(self.inner.clone()));
         Box::new(Driver::new(upstream, request, credential, &self.inner.config))
@@ -358,9 +377,11 @@ impl Client {
 async fn respond(mut driver: Box<Driver>) -> Result<http::Response<Body>, Error> {
     match driver.next_output().await {
         Output::Head(head) => {
+            let summary = driver.call.summary();
             let mut response = http::Response::new(Body::new(driver));
             *response.status_mut() = head.status;
             *response.headers_mut() = head.headers;
+            response.extensions_mut().insert(summary);
             Ok(response)
         }
         Output::Fail(failure) => Err(Error::Call(Box::new(failure))),

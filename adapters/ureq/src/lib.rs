@@ -35,13 +35,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::Method;
-use keypool_core::call::{
-    Attempt, Call, CallConfig, Credential, Failure, Output, Request, StreamBreak, TransportError,
-};
+use keypool_core::call::{Attempt, Call, CallConfig, Failure, Output, Request, StreamBreak, TransportError};
 use keypool_core::sse::{Event, Parser};
 use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
 
-pub use keypool_core::call::{CallError, CommitPoint, Timeouts};
+pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
 pub use keypool_core::{Policy, sse};
 
 /// The README's Rust examples, compiled and run as doctests.
@@ -94,6 +92,14 @@ impl Error {
     pub fn call_error(&self) -> Option<&CallError> {
         match self {
             Self::Call(failure) => Some(&failure.error),
+            _ => None,
+        }
+    }
+
+    /// What the call did before keypool answered (attempts, key marks), when keypool answered.
+    pub fn summary(&self) -> Option<&CallSummary> {
+        match self {
+            Self::Call(failure) => Some(&failure.summary),
             _ => None,
         }
     }
@@ -251,6 +257,7 @@ impl Client {
         let mut driver = Driver::new(self.inner.clone(), request, credential);
         match driver.next_output() {
             Output::Head(head) => {
+                let summary = driver.call.summary();
                 let mut response = http::Response::new(Body {
                     driver,
                     pending: Bytes::new(),
@@ -258,6 +265,7 @@ impl Client {
                 });
                 *response.status_mut() = head.status;
                 *response.headers_mut() = head.headers;
+                response.extensions_mut().insert(summary);
                 Ok(response)
             }
             Output::Fail(failure) => Err(Error::Call(Box::new(failure))),

@@ -217,6 +217,8 @@ pub struct Failure {
     pub error: CallError,
     /// Its Anthropic-shaped rendering.
     pub response: http::Response<Bytes>,
+    /// What the call did before failing (attempts, marks), for logs and metrics.
+    pub summary: CallSummary,
 }
 
 /// What the adapter must do next. See the [module docs](self) for the drain order.
@@ -829,7 +831,12 @@ impl Call {
 
     fn fail(&mut self, error: CallError) {
         let response = error.to_response(&self.request_id);
-        self.outputs.push_back(Output::Fail(Failure { error, response }));
+        let summary = self.summary();
+        self.outputs.push_back(Output::Fail(Failure {
+            error,
+            response,
+            summary,
+        }));
         self.finish();
     }
 

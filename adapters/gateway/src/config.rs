@@ -1,0 +1,405 @@
+//! `keypool serve` flags, and their validation into a [`Config`].
+//!
+//! Every problem is reported as one line that names it and the fix; nothing here ever prints a
+//! key or a token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use keypool_core::call::{CallConfig, CommitPoint, Timeouts};
+use keypool_core::{KeySpec, OnForbidden, OnUnauthorized, Order, Policy, Secret};
+
+use crate::access::AccessPolicy;
+use crate::keys;
+
+/// Flags of `keypool serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Without client tokens only a loopback address is allowed.
+    #[arg(long, default_value = "127.0.0.1:8787", env = "KEYPOOL_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Upstream base URL every `/v1/...` request is forwarded to.
+    #[arg(long, default_value = "https://api.anthropic.com", env = "KEYPOOL_UPSTREAM")]
+    pub upstream: String,
+
+    /// File with the pool's keys: one per line, `#` comments, optional `label=key`.
+    /// Re-read on SIGHUP. Takes precedence over KEYPOOL_KEYS.
+    #[arg(long, value_name = "PATH")]
+    pub keys_file: Option<PathBuf>,
+
+    /// Client tokens that may use the pool (repeat the flag, or comma-separate in the env var).
+    /// Without any, the gateway serves only loopback clients.
+    #[arg(
+        long = "client-token",
+        value_name = "TOKEN",
+        env = "KEYPOOL_CLIENT_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub client_tokens: Vec<String>,
+
+    /// Forward a client credential that is not a client token as the caller's own key, once.
+    #[arg(long)]
+    pub allow_byok: bool,
+
+    /// Token for /admin routes (x-api-key or Authorization: Bearer). Without it they are off.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KEYPOOL_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+
+    /// Which key a call tries first: `primary` (always the first healthy key, keeps the prompt
+    /// cache warm) or `round-robin`.
+    #[arg(long, value_enum, default_value_t = OrderArg::Primary)]
+    pub order: OrderArg,
+
+    /// When a stream stops being able to fail over: at the first byte, or at the first content
+    /// block (holding message_start and ping for up to --hold).
+    #[arg(long, value_enum, default_value_t = CommitArg::FirstByte)]
+    pub commit: CommitArg,
+
+    /// Longest hold of the first-content commit point.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub hold: Duration,
+
+    /// What a 401 does to a key: disable it, or cool it for 60 s.
+    #[arg(long = "on-401", value_enum, default_value_t = On401::Disable)]
+    pub on_401: On401,
+
+    /// What a 403 does: disable the key, or deliver the 403 to the client.
+    #[arg(long = "on-403", value_enum, default_value_t = On403::Disable)]
+    pub on_403: On403,
+
+    /// Cooldown of a 429 that carries no usable retry-after.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub default_cooldown: Duration,
+
+    /// Longest cooldown any retry-after can ask for.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub max_cooldown: Duration,
+
+    /// Largest request body accepted (bigger ones get 413 request_too_large).
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = parse_size)]
+    pub max_body: usize,
+
+    /// TCP + TLS connect timeout to the upstream.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Longest wait for the upstream's response head (a non-streaming answer arrives whole).
+    #[arg(long, value_name = "DURATION", default_value = "600s", value_parser = parse_duration)]
+    pub first_byte_timeout: Duration,
+
+    /// Longest gap between two chunks of an upstream body or stream.
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Extra root certificate (PEM) to trust for the upstream, e.g. a test upstream's CA.
+    #[arg(long, value_name = "PATH")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrderArg {
+    /// Primary with fallback.
+    Primary,
+    /// Round robin.
+    RoundRobin,
+}
+
+/// `--commit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CommitArg {
+    /// Commit at the first byte.
+    FirstByte,
+    /// Commit at the first content block.
+    FirstContent,
+}
+
+/// `--on-401`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum On401 {
+    /// Disable the key.
+    Disable,
+    /// Cool it for 60 s.
+    Cool,
+}
+
+/// `--on-403`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum On403 {
+    /// Disable the key.
+    Disable,
+    /// Deliver the 403.
+    Deliver,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A file, re-read on SIGHUP.
+    File(PathBuf),
+    /// `KEYPOOL_KEYS`.
+    Env,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Upstream base URL, without a trailing slash.
+    pub upstream: String,
+    /// The keys.
+    pub keys: Vec<KeySpec>,
+    /// Where they came from.
+    pub key_source: KeySource,
+    /// Access control.
+    pub access: AccessPolicy,
+    /// Admin token.
+    pub admin_token: Option<Secret>,
+    /// Walk order.
+    pub order: Order,
+    /// Policy, commit point, timeouts.
+    pub call: CallConfig,
+    /// Request body limit.
+    pub max_body: usize,
+    /// Shutdown grace period.
+    pub grace: Duration,
+    /// Extra upstream root certificates (DER).
+    pub upstream_roots: Vec<Vec<u8>>,
+}
+
+/// A configuration problem: one line, naming the problem and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl ServeArgs {
+    /// Validates the flags; `env_keys` is the value of `KEYPOOL_KEYS`, if set.
+    pub fn validate(&self, env_keys: Option<&str>) -> Result<Config, ConfigError> {
+        let (keys, key_source) = match (&self.keys_file, env_keys) {
+            (Some(path), _) => (load_keys_file(path)?, KeySource::File(path.clone())),
+            (None, Some(value)) => {
+                let keys = keys::parse_env(value, "KEYPOOL_KEYS").map_err(|e| err(e.to_string()))?;
+                (keys.into_iter().map(|k| k.spec).collect(), KeySource::Env)
+            }
+            (None, None) => {
+                return Err(err(
+                    "no keys: set KEYPOOL_KEYS=key1,key2 or pass --keys-file PATH (one key per line)",
+                ));
+            }
+        };
+        // Validate the key list exactly as the pool will, so errors surface before listening.
+        keypool_core::Pool::new(keys.clone(), Order::default(), std::time::Instant::now())
+            .map_err(|e| err(format!("invalid key list: {e}")))?;
+
+        let mut tokens = Vec::new();
+        for (i, t) in self
+            .client_tokens
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .enumerate()
+        {
+            tokens.push(Secret::new(t).map_err(|e| err(format!("client token #{}: {e}", i + 1)))?);
+        }
+        if tokens.is_empty() && !self.listen.ip().is_loopback() {
+            return Err(err(format!(
+                "refusing to listen on {} without client tokens: anyone who reaches it could spend your keys; \
+                 set --client-token (or KEYPOOL_CLIENT_TOKENS), or listen on 127.0.0.1",
+                self.listen
+            )));
+        }
+        let admin_token = match self
+            .admin_token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            Some(t) => Some(Secret::new(t).map_err(|e| err(format!("admin token: {e}")))?),
+            None => None,
+        };
+
+        let upstream = self.upstream.trim_end_matches('/').to_owned();
+        let uri: http::Uri = upstream.parse().map_err(|_| {
+            err(format!(
+                "invalid --upstream {upstream:?}: use a URL like https://api.anthropic.com"
+            ))
+        })?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(err(format!(
+                "invalid --upstream {upstream:?}: it must start with http:// or https:// and name a host"
+            )));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(err(format!(
+                "invalid --upstream {upstream:?}: give the base URL only (no path); /v1/... is appended per request"
+            )));
+        }
+        let upstream_roots = match &self.upstream_ca {
+            Some(path) => load_pem_certs(path)?,
+            None => Vec::new(),
+        };
+        if self.max_body == 0 {
+            return Err(err("--max-body must be larger than 0"));
+        }
+
+        let mut policy = Policy::default();
+        policy.on_unauthorized = match self.on_401 {
+            On401::Disable => OnUnauthorized::Disable,
+            On401::Cool => OnUnauthorized::CoolFor(Duration::from_secs(60)),
+        };
+        policy.on_forbidden = match self.on_403 {
+            On403::Disable => OnForbidden::Disable,
+            On403::Deliver => OnForbidden::Deliver,
+        };
+        policy.default_cooldown = self.default_cooldown;
+        policy.max_cooldown = self.max_cooldown;
+        let commit = match self.commit {
+            CommitArg::FirstByte => CommitPoint::FirstByte,
+            CommitArg::FirstContent => CommitPoint::FirstContent { hold: self.hold },
+        };
+        let call = CallConfig::default()
+            .with_policy(policy)
+            .with_commit(commit)
+            .with_timeouts(Timeouts {
+                first_byte: self.first_byte_timeout,
+                idle: self.idle_timeout,
+                connect: self.connect_timeout,
+            });
+        Ok(Config {
+            listen: self.listen,
+            upstream,
+            keys,
+            key_source,
+            access: AccessPolicy {
+                tokens,
+                allow_byok: self.allow_byok,
+            },
+            admin_token,
+            order: match self.order {
+                OrderArg::Primary => Order::PrimaryWithFallback,
+                OrderArg::RoundRobin => Order::RoundRobin,
+            },
+            call,
+            max_body: self.max_body,
+            grace: self.grace,
+            upstream_roots,
+        })
+    }
+}
+
+/// Reads and parses a key file.
+pub fn load_keys_file(path: &std::path::Path) -> Result<Vec<KeySpec>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("cannot read --keys-file {}: {e}", path.display())))?;
+    let keys = keys::parse_file(&text, &path.display().to_string()).map_err(|e| err(e.to_string()))?;
+    Ok(keys.into_iter().map(|k| k.spec).collect())
+}
+
+fn load_pem_certs(path: &std::path::Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(format!("cannot read --upstream-ca {}: {e}", path.display())))?
+        .filter_map(Result::ok)
+        .map(|c| c.to_vec())
+        .collect();
+    if certs.is_empty() {
+        return Err(err(format!(
+            "--upstream-ca {}: no PEM CERTIFICATE block found",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// Parses `500ms`, `2s`, `10m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try 500ms, 2s, 10m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// Parses `1024`, `64KiB`, `32MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 32MiB)"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("unknown size unit {other:?} (use B, KiB, MiB, GiB)")),
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_size("32MiB"), Ok(32 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+    }
+}

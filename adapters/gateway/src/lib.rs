@@ -1,0 +1,29 @@
+//! # keypool-gateway
+//!
+//! The `keypool` binary: an HTTP proxy that a team runs once and points every Anthropic client
+//! at (`ANTHROPIC_BASE_URL=http://127.0.0.1:8787`). Every `/v1/...` request is forwarded with
+//! key failover by the same core as the library clients; see `keypool serve --help`.
+//!
+//! The library half exists so the binary's parts can be tested and embedded: [`server::Server`]
+//! binds and serves a validated [`config::Config`].
+
+pub mod access;
+pub mod config;
+pub mod demo;
+pub mod keys;
+pub mod metrics;
+pub mod mock_upstream;
+pub mod server;
+
+/// Sets up logging to stderr (`RUST_LOG` filters; default `info`).
+pub fn init_logging(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,197 @@
+//! Prometheus metrics (SPEC §7), labelled by key label, never by key.
+
+use std::time::{Duration, Instant};
+
+use keypool_core::{KeyState, Pool};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabel {
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    key: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+/// The gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    key_state: Family<KeyLabel, Gauge>,
+    transitions: Family<TransitionLabels, Counter>,
+    attempts: Histogram,
+    exhaustions: Family<KindLabel, Counter>,
+    upstream_status: Family<StatusLabel, Counter>,
+    responses: Family<StatusLabel, Counter>,
+    latency: Histogram,
+    ttfb: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    ]
+    .into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keypool");
+        let key_state = Family::<KeyLabel, Gauge>::default();
+        registry.register(
+            "key_state",
+            "State of each key: 0 available, 1 cooling, 2 disabled",
+            key_state.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "key_transitions",
+            "Key state transitions by key and reason (rate_limited, auth, overloaded, unauthorized, forbidden, billing, operator, enabled)",
+            transitions.clone(),
+        );
+        let attempts = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]);
+        registry.register(
+            "attempts_per_request",
+            "Upstream attempts per pooled request",
+            attempts.clone(),
+        );
+        let exhaustions = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "exhaustions",
+            "Requests answered because no key was left, by kind",
+            exhaustions.clone(),
+        );
+        let upstream_status = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "upstream_responses",
+            "Upstream response heads by status",
+            upstream_status.clone(),
+        );
+        let responses = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "responses",
+            "Responses sent to clients by status",
+            responses.clone(),
+        );
+        let latency = Histogram::new(latency_buckets());
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response",
+            latency.clone(),
+        );
+        let ttfb = Histogram::new(latency_buckets());
+        registry.register(
+            "time_to_first_byte_seconds",
+            "Time from request to the response head",
+            ttfb.clone(),
+        );
+        Self {
+            registry,
+            key_state,
+            transitions,
+            attempts,
+            exhaustions,
+            upstream_status,
+            responses,
+            latency,
+            ttfb,
+        }
+    }
+
+    /// A key changed state.
+    pub fn transition(&self, label: &str, reason: &str) {
+        self.transitions
+            .get_or_create(&TransitionLabels {
+                key: label.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A pooled request is answered after `attempts` upstream attempts.
+    pub fn attempts(&self, attempts: usize) {
+        self.attempts.observe(attempts as f64);
+    }
+
+    /// No key was left.
+    pub fn exhausted(&self, kind: &str) {
+        self.exhaustions
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An upstream head arrived.
+    pub fn upstream_status(&self, status: u16) {
+        self.upstream_status
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// A response head went to the client after `ttfb`.
+    pub fn response(&self, status: u16, ttfb: Duration) {
+        self.responses
+            .get_or_create(&StatusLabel {
+                status: status.to_string(),
+            })
+            .inc();
+        self.ttfb.observe(ttfb.as_secs_f64());
+    }
+
+    /// A response body ended after `total`.
+    pub fn finished(&self, total: Duration) {
+        self.latency.observe(total.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition, with key states read from `pool` at `now`.
+    pub fn render(&self, pool: &Pool, now: Instant) -> String {
+        self.key_state.clear();
+        for key in pool.snapshot(now) {
+            let value = match key.state {
+                KeyState::Available => 0,
+                KeyState::Cooling { .. } => 1,
+                KeyState::Disabled { .. } => 2,
+            };
+            self.key_state
+                .get_or_create(&KeyLabel { key: key.label })
+                .set(value);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,573 @@
+//! The gateway's HTTP server: routes, access control, forwarding with failover, admin,
+//! health, metrics, reload and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keypool_core::call::{CallError, CallSummary, Credential, Request as CallRequest};
+use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Transition, Verdict, anthropic};
+use tokio::net::TcpListener;
+
+use crate::access::{self, Access};
+use crate::config::{Config, KeySource, load_keys_file};
+use crate::metrics::Metrics;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What the gateway shares between connections.
+pub struct Shared {
+    config: Config,
+    pool: RwLock<Arc<Pool>>,
+    client: keypool_tokio::Client,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Builds the shared state: the pool and the upstream client.
+    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+        let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
+        let pool = Arc::new(pool);
+        let mut builder = keypool_tokio::Client::builder()
+            .base_url(config.upstream.clone())
+            .config(config.call.clone());
+        for der in &config.upstream_roots {
+            builder = builder.root_cert_der(der.clone());
+        }
+        let client = builder.build_with_pool(pool.clone()).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Self {
+            config,
+            pool: RwLock::new(pool),
+            client,
+            metrics: Metrics::new(),
+        }))
+    }
+
+    /// The current pool (replaced on reload).
+    pub fn pool(&self) -> Arc<Pool> {
+        match self.pool.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the key file and swaps in a pool that keeps the state of kept keys.
+    pub fn reload(&self) -> Result<String, String> {
+        let KeySource::File(path) = &self.config.key_source else {
+            return Err("keys come from KEYPOOL_KEYS; there is no file to reload".into());
+        };
+        let keys = load_keys_file(path).map_err(|e| e.to_string())?;
+        let old = self.pool();
+        let new = old.reload(keys).map_err(|e| format!("invalid key list: {e}"))?;
+        let kept = new
+            .ids()
+            .filter(|&id| old.ids().any(|o| old.secret(o) == new.secret(id)))
+            .count();
+        let summary = format!(
+            "{} keys ({} kept with their state, {} added, {} removed)",
+            new.len(),
+            kept,
+            new.len() - kept,
+            old.len() - kept
+        );
+        match self.pool.write() {
+            Ok(mut p) => *p = Arc::new(new),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+        }
+        Ok(summary)
+    }
+}
+
+/// The body the gateway sends: a keypool body relayed from upstream, or a whole buffer.
+pub enum GatewayBody {
+    /// A whole response made by the gateway.
+    Full(Option<Bytes>),
+    /// An upstream body, relayed through the call state machine.
+    Relay {
+        /// The body.
+        body: keypool_tokio::Body,
+        /// For the end-of-request log line and metrics.
+        log: Option<Box<RequestLog>>,
+    },
+}
+
+impl std::fmt::Debug for GatewayBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayBody")
+    }
+}
+
+/// What is logged when a relayed response ends.
+pub struct RequestLog {
+    shared: Arc<Shared>,
+    method: Method,
+    path: String,
+    status: u16,
+    attempts: usize,
+    key: String,
+    started: Instant,
+}
+
+impl RequestLog {
+    fn emit(self, outcome: &str) {
+        let elapsed = self.started.elapsed();
+        self.shared.metrics.finished(elapsed);
+        tracing::info!(
+            target: "keypool::request",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            attempts = self.attempts,
+            key = %self.key,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            outcome,
+            "request"
+        );
+    }
+}
+
+impl Drop for GatewayBody {
+    fn drop(&mut self) {
+        if let Self::Relay { log, .. } = self
+            && let Some(log) = log.take()
+        {
+            log.emit("client_gone");
+        }
+    }
+}
+
+impl http_body::Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Relay { body, log } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => {
+                    if let Some(log) = log.take() {
+                        log.emit("complete");
+                    }
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(log) = log.take() {
+                        log.emit("upstream_broke");
+                    }
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(b) => b.is_none(),
+            Self::Relay { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Relay { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<GatewayBody> {
+    let mut res = Response::new(GatewayBody::Full(Some(body.into())));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+/// An Anthropic-shaped error made by the gateway itself.
+fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
+    let body = anthropic::error_body(anthropic::error_type_for_status(status), message, None);
+    full(status, "application/json", body)
+}
+
+fn json(value: &serde_json::Value) -> Response<GatewayBody> {
+    full(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec(value).unwrap_or_default(),
+    )
+}
+
+/// Handles one request.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => health(&shared),
+        (&Method::GET, "/metrics") => {
+            let text = shared.metrics.render(&shared.pool(), Instant::now());
+            full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
+        (_, p) if p.starts_with("/v1/") => forward(shared, req).await,
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {} {}", req.method(), short(&path)),
+        ),
+    }
+}
+
+fn short(path: &str) -> String {
+    path.chars().take(100).collect()
+}
+
+fn health(shared: &Shared) -> Response<GatewayBody> {
+    let pool = shared.pool();
+    let now = Instant::now();
+    let available = pool
+        .ids()
+        .filter(|&id| pool.state(id, now).is_available())
+        .count();
+    json(&serde_json::json!({"status": "ok", "keys": pool.len(), "available": available}))
+}
+
+fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
+    let Some(token) = &shared.config.admin_token else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "admin routes are off: start keypool with --admin-token",
+        );
+    };
+    if !access::presented(req.headers()).is_some_and(|t| token.ct_eq(t)) {
+        return error(StatusCode::UNAUTHORIZED, "admin routes need the admin token");
+    }
+    let pool = shared.pool();
+    let now = Instant::now();
+    let parts: Vec<&str> = req.uri().path().trim_end_matches('/').split('/').collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["", "admin", "keys"]) => {
+            let keys: Vec<serde_json::Value> = pool
+                .snapshot(now)
+                .into_iter()
+                .map(|k| {
+                    let (state, reason, seconds) = match k.state {
+                        KeyState::Available => ("available", None, None),
+                        KeyState::Cooling { until, reason } => (
+                            "cooling",
+                            Some(format!("{reason:?}")),
+                            Some(until.saturating_duration_since(now).as_secs_f64()),
+                        ),
+                        KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
+                    };
+                    serde_json::json!({
+                        "label": k.label, "hint": k.hint, "state": state,
+                        "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
+                    })
+                })
+                .collect();
+            json(&serde_json::json!({ "keys": keys }))
+        }
+        (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
+            let Some(id) = pool.find(label) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no key labelled {:?}", short(label)),
+                );
+            };
+            let t = if *action == "enable" {
+                pool.enable(id, now)
+            } else {
+                pool.disable(id, DisableReason::Operator)
+            };
+            if t == Transition::Entered {
+                shared.metrics.transition(
+                    label,
+                    if *action == "enable" {
+                        "enabled"
+                    } else {
+                        "operator"
+                    },
+                );
+                tracing::info!(target: "keypool::key", key = %label, action = %action, "operator {action}d key");
+            }
+            json(&serde_json::json!({"label": label, "changed": t == Transition::Entered}))
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "admin routes: GET /admin/keys, POST /admin/keys/{label}/enable|disable",
+        ),
+    }
+}
+
+fn snake(debug: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let credential = match shared.config.access.decide(req.headers()) {
+        Access::Pool => Credential::Pool(shared.pool()),
+        Access::Byok => Credential::Passthrough,
+        Access::Denied(why) => return error(StatusCode::UNAUTHORIZED, why),
+    };
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let max = shared.config.max_body;
+    if body.size_hint().lower() > max as u64 {
+        return too_large(max);
+    }
+    let body = match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(max),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the request body ended before it was complete; nothing was sent upstream",
+            );
+        }
+    };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path = short(parts.uri.path());
+    let request = CallRequest {
+        method: parts.method.clone(),
+        path_and_query,
+        headers: parts.headers,
+        body,
+    };
+    let pool = match &credential {
+        Credential::Pool(p) => Some(p.clone()),
+        _ => None,
+    };
+    let result = shared.client.send_with(request, credential).await;
+    let ttfb = started.elapsed();
+    let summary = match &result {
+        Ok(res) => res.extensions().get::<CallSummary>().cloned(),
+        Err(e) => e.summary().cloned(),
+    }
+    .unwrap_or_default();
+    if let Some(pool) = &pool {
+        for mark in &summary.marks {
+            let label = pool.label(mark.key).to_owned();
+            if mark.transition != Transition::Unchanged {
+                let reason = match mark.verdict {
+                    Verdict::CoolDown { reason, .. } => snake(&format!("{reason:?}")),
+                    Verdict::Disable { reason } => snake(&format!("{reason:?}")),
+                    Verdict::Deliver => "none".into(),
+                };
+                shared.metrics.transition(&label, &reason);
+                tracing::warn!(
+                    target: "keypool::key", key = %label, status = mark.status.as_u16(), reason = %reason,
+                    transition = ?mark.transition, "key state changed"
+                );
+            }
+        }
+        shared.metrics.attempts(summary.attempts);
+    }
+    for mark in &summary.marks {
+        shared.metrics.upstream_status(mark.status.as_u16());
+    }
+    if let Ok(response) = &result {
+        shared.metrics.upstream_status(response.status().as_u16());
+    }
+    let key_label = match (&pool, summary.key) {
+        (Some(pool), Some(id)) => pool.label(id).to_owned(),
+        (None, _) => "byok".to_owned(),
+        _ => "-".to_owned(),
+    };
+    match result {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            shared.metrics.response(parts.status.as_u16(), ttfb);
+            let log = RequestLog {
+                shared: shared.clone(),
+                method,
+                path,
+                status: parts.status.as_u16(),
+                attempts: summary.attempts,
+                key: key_label,
+                started,
+            };
+            Response::from_parts(
+                parts,
+                GatewayBody::Relay {
+                    body,
+                    log: Some(Box::new(log)),
+                },
+            )
+        }
+        Err(e) => {
+            let Some(response) = e.to_response() else {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "the gateway could not complete the request",
+                );
+            };
+            if let Some(CallError::Exhausted { exhausted, .. }) = e.call_error() {
+                shared.metrics.exhausted(match exhausted {
+                    Exhausted::RateLimited { .. } => "rate_limited",
+                    Exhausted::AllDisabled => "all_disabled",
+                });
+            }
+            let status = response.status().as_u16();
+            shared.metrics.response(status, ttfb);
+            shared.metrics.finished(ttfb);
+            tracing::info!(
+                target: "keypool::request", method = %method, path = %path, status, attempts = summary.attempts,
+                key = %key_label, latency_ms = ttfb.as_secs_f64() * 1000.0, outcome = "keypool_error",
+                error = %e, "request"
+            );
+            let (parts, body) = response.into_parts();
+            Response::from_parts(parts, GatewayBody::Full(Some(body)))
+        }
+    }
+}
+
+fn too_large(max: usize) -> Response<GatewayBody> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body is larger than this gateway's limit of {max} bytes (--max-body)"),
+    )
+}
+
+/// A bound, not yet serving gateway.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Binds the listen address.
+    pub async fn bind(config: Config) -> Result<Self, String> {
+        let listen = config.listen;
+        let shared = Shared::new(config)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        Ok(Self { listener, shared })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The shared state (pool, reload).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests and
+    /// streams finish for up to the grace period.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Self { listener, shared } = self;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                    });
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let grace = shared.config.grace;
+        tracing::info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: no new connections; waiting for in-flight requests"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+            tracing::warn!("grace period over; closing the remaining connections");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT; re-reads the key file on every SIGHUP meanwhile.
+pub async fn signals(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop keypool with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match shared.reload() {
+                Ok(summary) => tracing::info!("reloaded the key file: {summary}"),
+                Err(e) => tracing::error!("key file not reloaded, the previous keys stay in use: {e}"),
+            },
+        }
+    }
+}

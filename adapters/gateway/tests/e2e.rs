@@ -1,0 +1,507 @@
+//! End-to-end tests of the `keypool` binary: real process, real signals, real sockets on
+//! 127.0.0.1, a `keypool-mock` upstream. No sleeps: every wait is for an observable event
+//! (a log line, a byte, a process exit), bounded by a timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keypool_mock::{Ending, MockServer, OutcomeEnd, Reply, RetryAfter, StreamScript};
+
+const K0: &str = "sk-ant-api03-e2e-key-zero-Q8wRtY2uIoP4aSdF";
+const K1: &str = "sk-ant-api03-e2e-key-one-Z1xCvB3nMlK5jHgF";
+const K2: &str = "sk-ant-api03-e2e-key-two-P0oIuY7tReW9qAsD";
+const TOKEN: &str = "team-token-Hs72Kd9Lq3";
+const ADMIN: &str = "admin-token-Vb81Nm4Xz6";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keypool")
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keypool-e2e-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keys.txt");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+    events: Receiver<String>,
+}
+
+impl Gateway {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--grace",
+                "10s",
+            ])
+            .args(args)
+            .env_remove("KEYPOOL_KEYS")
+            .env_remove("KEYPOOL_CLIENT_TOKENS")
+            .env_remove("KEYPOOL_ADMIN_TOKEN")
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, events) = channel();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let line = events
+                .recv_timeout(deadline - Instant::now())
+                .expect("gateway did not start");
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(listen) = v["fields"]["listen"].as_str()
+            {
+                break listen.parse().unwrap();
+            }
+        };
+        Self {
+            child,
+            addr,
+            lines,
+            events,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        if self.lines.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            return;
+        }
+        loop {
+            let line = self
+                .events
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap();
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn logs(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit");
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+const BODY: &str =
+    r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM_BODY: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn post(gw: &Gateway, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut req = agent()
+        .post(gw.url("/v1/messages"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut res = req.send(body).unwrap();
+    (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+}
+
+fn get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = agent().get(gw.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut res = req.call().unwrap();
+    (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+}
+
+fn assert_no_secret(text: &str) {
+    for secret in [K0, K1, K2, TOKEN, ADMIN] {
+        let hint = 11.min(secret.len());
+        for start in 0..secret.len() - hint {
+            let piece = &secret[start..=start + hint];
+            assert!(!text.contains(piece), "secret material leaked: {}…", &piece[..4]);
+        }
+    }
+}
+
+fn run_config_error(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .env_remove("KEYPOOL_KEYS")
+        .env_remove("KEYPOOL_CLIENT_TOKENS")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("keypool: error: "), "{stderr}");
+    assert_no_secret(&stderr);
+    stderr
+}
+
+#[test]
+fn bad_configuration_exits_with_one_clear_line() {
+    let e = run_config_error(&[], &[]);
+    assert!(e.contains("KEYPOOL_KEYS") && e.contains("--keys-file"), "{e}");
+    let file = temp_file("badline", &format!("ok={K0}\nbad label={K1}\n"));
+    let e = run_config_error(&["--keys-file", file.to_str().unwrap()], &[]);
+    assert!(e.contains("line 2"), "{e}");
+    let e = run_config_error(&["--listen", "0.0.0.0:0"], &[("KEYPOOL_KEYS", K0)]);
+    assert!(e.contains("--client-token") && e.contains("127.0.0.1"), "{e}");
+    let e = run_config_error(&["--upstream", "ftp://example"], &[("KEYPOOL_KEYS", K0)]);
+    assert!(e.contains("--upstream"), "{e}");
+    let e = run_config_error(&[], &[("KEYPOOL_KEYS", &format!("{K0},{K0}"))]);
+    assert!(e.contains("same key"), "{e}");
+}
+
+#[test]
+fn help_explains_every_flag_with_defaults() {
+    let out = Command::new(bin()).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--keys-file",
+        "--client-token",
+        "--allow-byok",
+        "--admin-token",
+        "--order",
+        "--commit",
+        "--hold",
+        "--on-401",
+        "--on-403",
+        "--max-body",
+        "--connect-timeout",
+        "--first-byte-timeout",
+        "--idle-timeout",
+        "--grace",
+        "[default: 127.0.0.1:8787]",
+        "[default: 32MiB]",
+    ] {
+        assert!(help.contains(flag), "missing {flag} in\n{help}");
+    }
+    for sub in ["mock-upstream", "demo"] {
+        let out = Command::new(bin()).args([sub, "--help"]).output().unwrap();
+        assert!(out.status.success());
+    }
+}
+
+#[test]
+fn access_control_byok_admin_and_no_secret_anywhere() {
+    let mock = MockServer::start();
+    let keys = format!("{K0},{K1}");
+    let gw = Gateway::start(
+        &[
+            "--upstream",
+            &mock.url(),
+            "--client-token",
+            TOKEN,
+            "--admin-token",
+            ADMIN,
+        ],
+        &[("KEYPOOL_KEYS", &keys)],
+    );
+    // No credential, wrong credential (BYOK off): 401, nothing sent upstream.
+    let (s, b) = post(&gw, &[], BODY);
+    assert_eq!(s, 401);
+    assert!(b.contains("authentication_error"));
+    let (s, _) = post(&gw, &[("x-api-key", "not-a-token-123")], BODY);
+    assert_eq!(s, 401);
+    assert_eq!(mock.request_count(), 0);
+    // The token, as x-api-key and as a bearer token: served from the pool, token never forwarded.
+    assert_eq!(post(&gw, &[("x-api-key", TOKEN)], BODY).0, 200);
+    assert_eq!(
+        post(&gw, &[("authorization", &format!("Bearer {TOKEN}"))], BODY).0,
+        200
+    );
+    for r in mock.requests() {
+        assert_eq!(r.key.as_deref(), Some(K0));
+        assert!(r.headers.get("authorization").is_none());
+    }
+    // Admin routes need the admin token; the client token is not enough.
+    assert_eq!(get(&gw, "/admin/keys", &[]).0, 401);
+    assert_eq!(get(&gw, "/admin/keys", &[("x-api-key", TOKEN)]).0, 401);
+    let (s, admin) = get(&gw, "/admin/keys", &[("x-api-key", ADMIN)]);
+    assert_eq!(s, 200, "{admin}");
+    assert!(admin.contains("\"state\":\"available\""), "{admin}");
+    let (s, metrics) = get(&gw, "/metrics", &[]);
+    assert_eq!(s, 200);
+    assert!(metrics.contains("keypool_key_state"), "{metrics}");
+    let (s, health) = get(&gw, "/healthz", &[]);
+    assert_eq!(s, 200);
+    assert!(health.contains("\"available\":2"));
+    // Operator disable through the admin route; the next call uses k1.
+    let label: String = serde_json::from_str::<serde_json::Value>(&admin).unwrap()["keys"][0]["label"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let res = agent()
+        .post(gw.url(&format!("/admin/keys/{label}/disable")))
+        .header("x-api-key", ADMIN)
+        .send_empty()
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(post(&gw, &[("x-api-key", TOKEN)], BODY).0, 200);
+    assert_eq!(mock.requests().last().unwrap().key.as_deref(), Some(K1));
+    // A rate-limited and a rejected key leave log lines and metrics, never secrets.
+    mock.script(K1, [Reply::rate_limited(RetryAfter::Seconds("30".into()))]);
+    let (s, b) = post(&gw, &[("x-api-key", TOKEN)], BODY);
+    assert_eq!(s, 429, "{b}");
+    let (_, metrics) = get(&gw, "/metrics", &[]);
+    let (_, admin) = get(&gw, "/admin/keys", &[("x-api-key", ADMIN)]);
+    gw.wait_log("key state changed");
+    let everything = format!("{}\n{metrics}\n{admin}\n{b}", gw.logs());
+    assert!(
+        everything.contains("\"status\":429")
+            || everything.contains("status=429")
+            || everything.contains("429")
+    );
+    assert_no_secret(&everything);
+}
+
+#[test]
+fn byok_is_sent_once_with_the_callers_key() {
+    let mock = MockServer::start();
+    let gw = Gateway::start(
+        &["--upstream", &mock.url(), "--client-token", TOKEN, "--allow-byok"],
+        &[("KEYPOOL_KEYS", K0)],
+    );
+    let own = "sk-ant-api03-callers-own-key-000000000000";
+    mock.script(own, [Reply::rate_limited(RetryAfter::Seconds("7".into()))]);
+    let (s, _) = post(&gw, &[("x-api-key", own)], BODY);
+    assert_eq!(s, 429);
+    let reqs = mock.requests();
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0].key.as_deref(), Some(own));
+    let (_, health) = get(&gw, "/healthz", &[]);
+    assert!(
+        health.contains("\"available\":1"),
+        "the pool was not touched: {health}"
+    );
+}
+
+#[test]
+fn sighup_reloads_keys_without_failing_requests() {
+    let mock = MockServer::start();
+    let file = temp_file("reload", &format!("zero={K0}\none={K1}\n"));
+    let gw = Gateway::start(
+        &["--upstream", &mock.url(), "--keys-file", file.to_str().unwrap()],
+        &[],
+    );
+    // k0 cools for a minute; calls go to k1.
+    mock.script(K0, [Reply::rate_limited(RetryAfter::Seconds("60".into()))]);
+    assert_eq!(post(&gw, &[], BODY).0, 200);
+    assert_eq!(mock.requests().last().unwrap().key.as_deref(), Some(K1));
+    // Requests keep flowing while the file is edited and reloaded.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = gw.url("/v1/messages");
+    let flag = stop.clone();
+    let load = std::thread::spawn(move || {
+        let mut statuses = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut res = agent()
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(BODY)
+                .unwrap();
+            let _ = res.body_mut().read_to_string();
+            statuses.push(res.status().as_u16());
+        }
+        statuses
+    });
+    std::fs::write(&file, format!("zero={K0}\ntwo={K2}\n")).unwrap();
+    gw.signal("-HUP");
+    gw.wait_log("reloaded the key file");
+    // Wait until the new key has served a request, then stop the load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mock.requests().iter().any(|r| r.key.as_deref() == Some(K2)) {
+        assert!(Instant::now() < deadline, "new key never used");
+        std::thread::yield_now();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.join().unwrap();
+    assert!(!statuses.is_empty());
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let before = mock.request_count();
+    assert_eq!(post(&gw, &[], BODY).0, 200);
+    let after: Vec<_> = mock.requests()[before..]
+        .iter()
+        .map(|r| r.key.clone().unwrap())
+        .collect();
+    // k0 kept its cooldown (not tried), k1 is gone, k2 serves.
+    assert_eq!(after, vec![K2.to_owned()]);
+    assert!(
+        gw.logs().contains("1 kept with their state, 1 added, 1 removed"),
+        "{}",
+        gw.logs()
+    );
+}
+
+#[test]
+fn sigterm_lets_a_stream_finish_and_exits_zero() {
+    let mock = MockServer::start();
+    mock.script(
+        K0,
+        [Reply::stream(
+            StreamScript::new()
+                .text_deltas(6)
+                .chunk_delay(Duration::from_millis(60)),
+        )],
+    );
+    let mut gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
+        STREAM_BODY.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 64];
+    let n = stream.read(&mut first).unwrap();
+    assert!(n > 0);
+    gw.signal("-TERM");
+    gw.wait_log("shutting down");
+    // New connections are refused once the listener is closed.
+    assert!(TcpStream::connect(gw.addr).is_err());
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&first[..n]),
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(all.contains("event: message_stop"), "the stream completed: {all}");
+    assert_eq!(gw.wait_exit(), 0);
+}
+
+#[test]
+fn client_disconnect_mid_stream_cancels_upstream() {
+    let mock = MockServer::start();
+    mock.script(K0, [Reply::stream(StreamScript::new().ending(Ending::Stall))]);
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{STREAM_BODY}",
+        STREAM_BODY.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(stream.read(&mut buf).unwrap() > 0);
+    drop(stream);
+    let outcomes = mock.wait_for_stream_outcomes(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(outcomes[0].end, OutcomeEnd::ClientGone);
+    let (_, health) = get(&gw, "/healthz", &[]);
+    assert!(health.contains("\"available\":1"), "no mark: {health}");
+}
+
+#[test]
+fn oversized_bodies_get_413_without_reaching_upstream() {
+    let mock = MockServer::start();
+    let gw = Gateway::start(
+        &["--upstream", &mock.url(), "--max-body", "1KiB"],
+        &[("KEYPOOL_KEYS", K0)],
+    );
+    let big = "x".repeat(4096);
+    let (s, b) = post(&gw, &[], &big);
+    assert_eq!(s, 413, "{b}");
+    assert!(b.contains("request_too_large"));
+    // Chunked, no content-length: cut off at the limit, not buffered whole.
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream
+        .write_all(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    for _ in 0..8 {
+        let _ = stream.write_all(b"200\r\n");
+        let _ = stream.write_all(&[b'y'; 512]);
+        let _ = stream.write_all(b"\r\n");
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_eq!(mock.request_count(), 0);
+    let (s, b) = get(&gw, "/nope", &[]);
+    assert_eq!(s, 404);
+    assert!(b.contains("not_found_error"));
+}
+
+#[test]
+fn demo_runs_without_network_or_keys() {
+    let out = Command::new(bin())
+        .arg("demo")
+        .env_remove("KEYPOOL_KEYS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("alpha -> bravo"), "{stdout}");
+    assert!(stdout.contains("cooling"), "{stdout}");
+    assert!(stdout.contains("disabled"), "{stdout}");
+    assert!(stdout.contains("429 retry-after"), "{stdout}");
+}

@@ -1,0 +1,187 @@
+//! The conformance suite against the `keypool` gateway, through a plain HTTP client.
+//!
+//! The gateway runs in-process on 127.0.0.1:0 (its own tokio runtime on a background thread)
+//! in front of the scenario's mock; the suite's client speaks plain HTTP/1.1 to it, exactly as
+//! an SDK would with `ANTHROPIC_BASE_URL`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_core::call::Request;
+use keypool_core::sse::Parser;
+use keypool_core::{KeySpec, Order, Pool};
+use keypool_gateway::access::AccessPolicy;
+use keypool_gateway::config::{Config, KeySource};
+use keypool_gateway::server::{Server, Shared};
+
+struct Gateway;
+
+struct GatewayClient {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    agent: ureq::Agent,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for GatewayClient {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Adapter for Gateway {
+    type Client = GatewayClient;
+    fn build(setup: &Setup) -> GatewayClient {
+        let config = Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            upstream: setup.base_url.clone(),
+            keys: setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect(),
+            key_source: KeySource::Env,
+            access: AccessPolicy {
+                tokens: Vec::new(),
+                allow_byok: true,
+            },
+            admin_token: None,
+            order: Order::PrimaryWithFallback,
+            call: setup.config.clone(),
+            max_body: 1 << 20,
+            grace: Duration::from_secs(1),
+            upstream_roots: setup.ca_der.iter().cloned().collect(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let server = Server::bind(config).await.unwrap();
+                tx.send((server.local_addr(), server.shared())).unwrap();
+                server
+                    .serve(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        let (addr, shared) = rx.recv().unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        GatewayClient {
+            addr,
+            shared,
+            agent,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl GatewayClient {
+    fn raw(&self, request: Request, own_key: Option<&str>) -> (u16, http::HeaderMap, Vec<u8>) {
+        let mut builder = http::Request::builder()
+            .method(request.method)
+            .uri(format!("http://{}{}", self.addr, request.path_and_query));
+        for (k, v) in &request.headers {
+            if k != "x-api-key" {
+                builder = builder.header(k, v);
+            }
+        }
+        // In loopback mode with BYOK allowed, a client credential means "my own key".
+        if let Some(key) = own_key {
+            builder = builder.header("x-api-key", key);
+        }
+        let response = self
+            .agent
+            .run(builder.body(request.body.to_vec()).unwrap())
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut body = Vec::new();
+        let _ = response.into_body().into_reader().read_to_end(&mut body);
+        (status, headers, body)
+    }
+}
+
+fn is_keypool_error(body: &[u8]) -> bool {
+    // keypool's own errors carry a request_id made by keypool ("req_keypool_...").
+    std::str::from_utf8(body).is_ok_and(|s| s.contains("\"request_id\":\"req_keypool_"))
+}
+
+impl TestClient for GatewayClient {
+    fn pool(&self) -> Arc<Pool> {
+        self.shared.pool()
+    }
+    fn send(&self, request: Request) -> Answer {
+        let (status, headers, body) = self.raw(request, None);
+        let error = is_keypool_error(&body).then(|| String::from_utf8_lossy(&body).into_owned());
+        Answer {
+            status,
+            headers,
+            body,
+            error,
+        }
+    }
+    fn send_byok(&self, request: Request, key: &str) -> Answer {
+        let (status, headers, body) = self.raw(request, Some(key));
+        Answer {
+            status,
+            headers,
+            body,
+            error: None,
+        }
+    }
+    fn stream(&self, request: Request) -> StreamAnswer {
+        let (status, headers, body) = self.raw(request, None);
+        let is_events = headers
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+        if !is_events {
+            let error = is_keypool_error(&body).then(|| String::from_utf8_lossy(&body).into_owned());
+            return StreamAnswer {
+                status,
+                body,
+                error,
+                ..StreamAnswer::default()
+            };
+        }
+        let mut parser = Parser::new();
+        parser.feed(bytes::Bytes::from(body));
+        let _ = parser.finish();
+        let mut out = StreamAnswer {
+            status,
+            ..StreamAnswer::default()
+        };
+        while let Some(event) = parser.next_event() {
+            let event = event.unwrap();
+            assert!(out.stream_error.is_none(), "an event after keypool's error event");
+            let synthesized = event.event_type() == "error"
+                && serde_json::from_str::<serde_json::Value>(event.data())
+                    .is_ok_and(|v| v["error"]["type"] == "api_error");
+            if synthesized {
+                out.stream_error = Some(event.data().to_owned());
+            } else {
+                out.events
+                    .push((event.event_type().to_owned(), event.data().to_owned()));
+            }
+        }
+        out
+    }
+}
+
+conformance_suite!(plain_upstream, Gateway, keypool_conformance::Transport::Plain);
+conformance_suite!(tls_upstream, Gateway, keypool_conformance::Transport::Tls);
