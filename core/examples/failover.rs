@@ -47,7 +47,10 @@ fn main() {
         VecDeque::from([(200, ""), (429, "90")]),
     ];
 
-    println!("{:<6} {:>7}  {:<28} {:<8} key states after", "call", "t", "attempts", "result");
+    println!(
+        "{:<6} {:>7}  {:<28} {:<8} key states after",
+        "call", "t", "attempts", "result"
+    );
     for (n, advance) in [0u64, 1, 2, 3, 40, 60].into_iter().enumerate() {
         now += Duration::from_secs(advance);
         let request = Request::post_json("/v1/messages", r#"{"model":"claude-sonnet-4-5","max_tokens":64}"#);

@@ -3,5 +3,5 @@
 //! The target files under `fuzz/fuzz_targets/` are one line each and call into here, so the
 //! bodies are compiled (and linted) by normal CI builds with `--features fuzzing`.
 pub mod call;
-pub mod sse;
 pub mod pool;
+pub mod sse;
