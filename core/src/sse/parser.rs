@@ -47,6 +47,8 @@ pub struct Parser {
     limits: Limits,
     /// The bytes of a line whose end has not arrived yet.
     line: Vec<u8>,
+    /// Length of a prefix of `line` known to be valid UTF-8 (ending at a character boundary).
+    line_valid: usize,
     /// The last chunk ended with CR: an LF at the start of the next one belongs to it.
     skip_lf: bool,
     /// Past the point where a BOM could start the stream.
@@ -93,6 +95,7 @@ impl Parser {
         Self {
             limits,
             line: Vec::new(),
+            line_valid: 0,
             skip_lf: false,
             bom_done: false,
             data_lines: 0,
@@ -167,6 +170,7 @@ impl Parser {
     pub fn finish(&mut self) -> bool {
         let discarded = !self.line.is_empty() || self.in_event;
         self.line.clear();
+        self.line_valid = 0;
         self.skip_lf = false;
         self.bom_done = false;
         self.reset_event();
@@ -222,19 +226,24 @@ impl Parser {
     /// Splits `chunk[pos..]` into lines and processes them.
     fn scan(&mut self, chunk: &Bytes, mut pos: usize) {
         let buf: &[u8] = chunk;
-        // UTF-8 is validated over long runs instead of line by line: lines start after ASCII
-        // line ends, so a line inside a validated run `[start, valid_until)` is valid. After an
-        // invalid byte (or a character cut by the chunk end) the run ends; the line holding it
-        // is checked alone and the next line starts a new run.
-        let mut valid_until: Option<usize> = None;
+        let run = Utf8Run::of(buf, pos);
         while pos < buf.len() {
-            let Some(offset) = memchr2(b'\n', b'\r', &buf[pos..]) else {
+            // A blank line (every third line of a typical stream) needs no search.
+            let found = match buf[pos] {
+                b'\n' | b'\r' => Some(0),
+                _ => memchr2(b'\n', b'\r', &buf[pos..]),
+            };
+            let Some(offset) = found else {
                 let rest = buf.len() - pos;
                 if self.line.len() + rest > self.limits.max_line {
                     self.fail(SseError::LineTooLong {
                         limit: self.limits.max_line,
                     });
                     return;
+                }
+                if self.line_valid == self.line.len() {
+                    // The held part grows its known-valid prefix by what the run covers.
+                    self.line_valid += run.valid_from(pos, buf.len());
                 }
                 self.line.extend_from_slice(&buf[pos..]);
                 return;
@@ -247,17 +256,7 @@ impl Parser {
                     });
                     return;
                 }
-                let run_end = match valid_until {
-                    Some(run_end) if pos <= run_end => run_end,
-                    _ => {
-                        let run = match std::str::from_utf8(&buf[pos..]) {
-                            Ok(_) => buf.len() - pos,
-                            Err(e) => e.valid_up_to(),
-                        };
-                        *valid_until.insert(pos + run)
-                    }
-                };
-                let utf8 = end <= run_end || std::str::from_utf8(&buf[pos..end]).is_ok();
+                let utf8 = run.covers(pos, end) || is_utf8(&buf[pos..end]);
                 self.process_line(Some(chunk), pos, &buf[pos..end], utf8);
             } else {
                 if self.line.len() + offset > self.limits.max_line {
@@ -266,12 +265,24 @@ impl Parser {
                     });
                     return;
                 }
+                // The line is [known valid prefix][unknown middle][tail in this chunk]; when
+                // the run covers the tail from its first character start, only the middle
+                // (at most a character cut by the chunk end, plus its continuation bytes
+                // here) needs checking: valid strings joined at character starts are valid.
+                let head = self.line.len();
+                let tail_start = run.start.clamp(pos, end);
                 self.line.extend_from_slice(&buf[pos..end]);
                 let line = std::mem::take(&mut self.line);
-                let utf8 = std::str::from_utf8(&line).is_ok();
+                let middle_end = if run.covers(tail_start, end) {
+                    head + (tail_start - pos)
+                } else {
+                    line.len()
+                };
+                let utf8 = is_utf8(&line[self.line_valid.min(middle_end)..middle_end]);
                 self.process_line(None, 0, &line, utf8);
                 self.line = line;
                 self.line.clear();
+                self.line_valid = 0;
             }
             if self.failed {
                 return;
@@ -423,7 +434,12 @@ impl Parser {
         let event = Event {
             event_type: Event::normalize_type(self.event_type.take().unwrap_or_default()),
             data,
-            id: self.last_id.clone(),
+            // An empty id (most streams) is a fresh empty `Bytes`: no vtable call.
+            id: if self.last_id.is_empty() {
+                Bytes::new()
+            } else {
+                self.last_id.clone()
+            },
             retry: self.event_retry.take(),
         };
         // Step 7.
@@ -451,6 +467,7 @@ impl Parser {
         self.error = Some(error);
         self.reset_event();
         self.line = Vec::new();
+        self.line_valid = 0;
         self.data_acc = BytesMut::new();
         self.arena = BytesMut::new();
         self.skip_lf = false;
@@ -485,4 +502,55 @@ pub(super) fn copy_into(arena: &mut BytesMut, bytes: &[u8]) -> Bytes {
     ensure_arena(arena);
     arena.extend_from_slice(bytes);
     arena.split().freeze()
+}
+
+/// Whether `bytes` is valid UTF-8.
+fn is_utf8(bytes: &[u8]) -> bool {
+    simdutf8::basic::from_utf8(bytes).is_ok()
+}
+
+/// The valid UTF-8 run of one chunk, found by a single validation pass: `[start, end)` where
+/// `start` skips the (at most three) continuation bytes that finish a character begun in the
+/// previous chunk, so `start` is a character start and every line end inside the run is too.
+#[derive(Clone, Copy)]
+struct Utf8Run {
+    start: usize,
+    end: usize,
+}
+
+impl Utf8Run {
+    fn of(buf: &[u8], pos: usize) -> Self {
+        let start = pos
+            + buf[pos..]
+                .iter()
+                .take(3)
+                .take_while(|&&b| b & 0xC0 == 0x80)
+                .count();
+        let rest = &buf[start..];
+        // The plain check is the faster one; only a failure asks where the run ends.
+        let len = if simdutf8::basic::from_utf8(rest).is_ok() {
+            rest.len()
+        } else {
+            simdutf8::compat::from_utf8(rest).map_or_else(|e| e.valid_up_to(), str::len)
+        };
+        Self {
+            start,
+            end: start + len,
+        }
+    }
+
+    /// Whether `[from, to)`, with `from` at a character start or line start, lies in the run.
+    const fn covers(self, from: usize, to: usize) -> bool {
+        self.start <= from && to <= self.end
+    }
+
+    /// How many bytes from `from` (a line start or line continuation at a character start)
+    /// up to `to` are known valid: the run's part of `[from, to)`, if the run contains `from`.
+    fn valid_from(self, from: usize, to: usize) -> usize {
+        if self.start <= from && from <= self.end {
+            to.min(self.end) - from
+        } else {
+            0
+        }
+    }
 }
