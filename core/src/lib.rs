@@ -87,6 +87,7 @@
 
 pub mod anthropic;
 pub mod call;
+pub mod client;
 pub mod policy;
 pub mod pool;
 pub mod secret;

@@ -51,9 +51,8 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
@@ -61,12 +60,14 @@ use futures_io::AsyncRead;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, future};
 use http::{HeaderMap, Method, StatusCode};
 use keypool_core::call::{
-    Attempt, Call, CallConfig, Credential, Failure, Output, Request, StreamBreak, TransportError,
+    Attempt, Call, CallConfig, Credential, Output, Request, StreamBreak, TransportError,
 };
+use keypool_core::client::{ClientAdapter, ClientSettings, is_event_stream_response, request_id};
 use keypool_core::sse::{Event, Parser};
-use keypool_core::{KeyId, KeySpec, Order, Pool, PoolError, Secret};
+use keypool_core::{KeyId, Pool, Secret};
 
-pub use keypool_core::call::{CallError, CommitPoint, Timeouts};
+pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Timeouts};
+pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 
 mod conn;
@@ -79,144 +80,36 @@ pub mod fuzzing;
 use conn::{Conn, Connector};
 use h1::{BodyDecoder, Decoded};
 
-/// The Anthropic API.
-pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
-
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
     Request::post_json("/v1/messages", body)
 }
 
-/// What can go wrong. `Display` never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// keypool answered instead of the upstream: every key is out, the upstream could not be
-    /// reached or timed out, or an in-band error before commit. [`Error::to_response`] renders
-    /// the Anthropic-shaped HTTP response.
-    #[error("{}", .0.error)]
-    Call(Box<Failure>),
-    /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
-    #[error("the upstream answered {} instead of an event stream", .0.status())]
-    Status(Box<http::Response<Bytes>>),
-    /// Reading a delivered response failed.
-    #[error("reading the response failed: {0}")]
-    Io(#[from] io::Error),
-    /// The client configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The key list is invalid.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-}
+/// Builds a [`Client`]: `Client::builder().keys([...]).base_url(...).config(...).build()`.
+pub type ClientBuilder = keypool_core::client::ClientBuilder<Client>;
 
-impl Error {
-    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
-    pub fn to_response(&self) -> Option<http::Response<Bytes>> {
-        match self {
-            Self::Call(failure) => Some(failure.response.clone()),
-            Self::Status(response) => Some((**response).clone()),
-            _ => None,
-        }
+impl ClientAdapter for Client {
+    fn now() -> Instant {
+        Instant::now()
     }
 
-    /// The typed keypool error, when keypool answered.
-    pub fn call_error(&self) -> Option<&CallError> {
-        match self {
-            Self::Call(failure) => Some(&failure.error),
-            _ => None,
-        }
-    }
-}
-
-/// A committed stream broke: the upstream reset, ended early, went idle or sent an oversized event.
-/// keypool's synthesized `error` event is turned into this.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct StreamError {
-    /// What happened.
-    pub error: CallError,
-}
-
-/// Builds a [`Client`].
-#[derive(Debug, Default)]
-pub struct ClientBuilder {
-    keys: Vec<KeySpec>,
-    order: Order,
-    base_url: Option<String>,
-    config: CallConfig,
-    root_certs_der: Vec<Vec<u8>>,
-}
-
-impl ClientBuilder {
-    /// The pool's keys, in order (the first is the primary).
-    pub fn keys<K: Into<KeySpec>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
-        self.keys = keys.into_iter().map(Into::into).collect();
-        self
-    }
-    /// How walks pick their first key (default: primary with fallback).
-    pub fn order(mut self, order: Order) -> Self {
-        self.order = order;
-        self
-    }
-    /// The upstream (default `https://api.anthropic.com`).
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = Some(url.into());
-        self
-    }
-    /// Policy, commit point and timeouts.
-    pub fn config(mut self, config: CallConfig) -> Self {
-        self.config = config;
-        self
-    }
-    /// Also trust this root certificate (DER), besides the built-in web PKI roots.
-    pub fn root_cert_der(mut self, der: impl Into<Vec<u8>>) -> Self {
-        self.root_certs_der.push(der.into());
-        self
-    }
-    /// Builds the client. Fails on an invalid key list, base URL or root certificate.
-    pub fn build(self) -> Result<Client, Error> {
-        let pool = Pool::new(self.keys, self.order, Instant::now())?;
-        Self::with_pool(Arc::new(pool), self.base_url, self.config, &self.root_certs_der)
-    }
-    /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
-    pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<Client, Error> {
-        Self::with_pool(pool, self.base_url, self.config, &self.root_certs_der)
-    }
-
-    fn with_pool(
-        pool: Arc<Pool>,
-        base_url: Option<String>,
-        config: CallConfig,
-        roots: &[Vec<u8>],
-    ) -> Result<Client, Error> {
-        let base = base_url.unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
-        let base = base.trim_end_matches('/').to_owned();
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|_| Error::Config(format!("invalid base URL {base:?}")))?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
-                return Err(Error::Config(format!(
-                    "base URL {base:?} must be http:// or https://"
-                )));
-            }
-        };
-        let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
-            return Err(Error::Config(format!("base URL {base:?} has no host")));
-        };
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let connector =
-            Connector::new(https, host, port, roots, config.timeouts.connect).map_err(Error::Config)?;
-        Ok(Client {
+    fn from_settings(settings: ClientSettings) -> Result<Self, Error> {
+        let up = &settings.upstream;
+        let connector = Connector::new(
+            up.is_https(),
+            up.host(),
+            up.port(),
+            &settings.root_certs_der,
+            settings.config.timeouts.connect,
+        )
+        .map_err(Error::Config)?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 connector,
-                host_header: authority.as_str().to_owned(),
-                prefix: uri.path().trim_end_matches('/').to_owned(),
-                pool,
-                config,
+                host_header: up.authority().to_owned(),
+                prefix: up.prefix().to_owned(),
+                pool: settings.pool,
+                config: settings.config,
             }),
         })
     }
@@ -297,12 +190,7 @@ impl Client {
 
     async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential).await?;
-        let is_events = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !(response.status().is_success() && is_events) {
+        if !is_event_stream_response(&response) {
             let (parts, mut body) = response.into_parts();
             let mut bytes = Vec::new();
             body.read_to_end(&mut bytes).await?;
@@ -441,16 +329,6 @@ impl AsyncRead for Body {
     }
 }
 
-/// A delivered body broke (see [`Body::next_chunk`]).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct BodyError {
-    /// What happened.
-    pub error: CallError,
-    /// For an event stream: the synthesized `error` event keypool appends.
-    pub event: Option<Bytes>,
-}
-
 /// The parsed events of a streaming call: a [`Stream`] that ends after `message_stop`, or with
 /// one `Err(StreamError)` when the stream broke after commit.
 #[derive(Debug)]
@@ -520,7 +398,13 @@ struct Driver {
 
 impl Driver {
     fn new(inner: Arc<Inner>, request: Request, credential: Credential) -> Self {
-        let call = Call::new(request, credential, &inner.config, request_id(), Instant::now());
+        let call = Call::new(
+            request,
+            credential,
+            &inner.config,
+            request_id(SystemTime::now()),
+            Instant::now(),
+        );
         Self {
             inner,
             call,
@@ -771,15 +655,4 @@ fn io_transport_error(e: &io::Error) -> TransportError {
         io::ErrorKind::InvalidData => TransportError::Protocol,
         _ => TransportError::Reset,
     }
-}
-
-/// A request id for keypool's own error bodies: unique in the process, no randomness needed.
-fn request_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    format!("req_keypool_{t:x}{n:04x}")
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use keypool_core::call::{CallError, Output, StreamBreak, TransportError};
+use keypool_core::client::{BodyError, StreamError};
 use keypool_core::sse::{Event, Parser};
 
 use crate::driver::Driver;
@@ -148,25 +149,6 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
     }
-}
-
-/// A delivered body broke (see [`Body::next_chunk`]).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct BodyError {
-    /// What happened.
-    pub error: CallError,
-    /// For an event stream: the synthesized `error` event keypool appends.
-    pub event: Option<Bytes>,
-}
-
-/// A committed stream broke: the upstream reset, ended early, went idle or sent an oversized event.
-/// keypool's synthesized `error` event is turned into this.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct StreamError {
-    /// What happened.
-    pub error: CallError,
 }
 
 /// The parsed events of a streaming call, as a [`futures_core::Stream`]. Ends after

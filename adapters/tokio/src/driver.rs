@@ -2,8 +2,7 @@
 
 use std::error::Error as StdError;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
@@ -62,7 +61,13 @@ impl Driver {
         credential: Credential,
         config: &CallConfig,
     ) -> Self {
-        let call = Call::new(request, credential, config, request_id(), Instant::now());
+        let call = Call::new(
+            request,
+            credential,
+            config,
+            keypool_core::client::request_id(SystemTime::now()),
+            Instant::now(),
+        );
         Self {
             upstream,
             call,
@@ -226,15 +231,4 @@ fn io_kind(kind: io::ErrorKind) -> TransportError {
         io::ErrorKind::InvalidData => TransportError::Protocol,
         _ => TransportError::Reset,
     }
-}
-
-/// A request id for keypool's own error bodies: unique in the process, no randomness needed.
-fn request_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    format!("req_keypool_{t:x}{n:04x}")
 }

@@ -74,23 +74,24 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use keypool_core::call::{Attempt, CallConfig, Failure, Output, Request};
-use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
+use keypool_core::call::{Attempt, CallConfig, Output, Request};
+use keypool_core::client::{
+    ClientAdapter, ClientSettings, Upstream as UpstreamUrl, is_event_stream_response,
+};
+use keypool_core::{Pool, Secret};
 
 mod body;
 mod driver;
 mod layer;
 
-pub use body::{Body, BodyError, EventStream, StreamError};
+pub use body::{Body, EventStream};
 pub use driver::BoxError;
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
+pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 
 use driver::{Driver, Exchange, Upstream};
-
-/// The Anthropic API.
-pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 
 /// The pooled hyper-util client a [`Client`] sends with (HTTP and HTTPS, HTTP/1.1 and HTTP/2).
 pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -100,132 +101,29 @@ pub fn messages(body: impl Into<Bytes>) -> Request {
     Request::post_json("/v1/messages", body)
 }
 
-/// What can go wrong. `Display` never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// keypool answered instead of the upstream: every key is out, the upstream could not be
-    /// reached or timed out, or an in-band error before commit. [`Error::to_response`] renders
-    /// the Anthropic-shaped HTTP response.
-    #[error("{}", .0.error)]
-    Call(Box<Failure>),
-    /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
-    #[error("the upstream answered {} instead of an event stream", .0.status())]
-    Status(Box<http::Response<Bytes>>),
-    /// Reading a delivered response failed.
-    #[error("reading the response failed: {0}")]
-    Body(#[from] BodyError),
-    /// The request body could not be read (tower layer); no key was spent.
-    #[error("reading the request body failed: {0}")]
-    RequestBody(#[source] BoxError),
-    /// The client configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The key list is invalid.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-}
+/// Builds a [`Client`]: `Client::builder().keys([...]).base_url(...).config(...).build()`.
+pub type ClientBuilder = keypool_core::client::ClientBuilder<Client>;
 
-impl Error {
-    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
-    pub fn to_response(&self) -> Option<http::Response<Bytes>> {
-        match self {
-            Self::Call(failure) => Some(failure.response.clone()),
-            Self::Status(response) => Some((**response).clone()),
-            _ => None,
-        }
+impl ClientAdapter for Client {
+    fn now() -> Instant {
+        Instant::now()
     }
 
-    /// The typed keypool error, when keypool answered.
-    pub fn call_error(&self) -> Option<&CallError> {
-        match self {
-            Self::Call(failure) => Some(&failure.error),
-            _ => None,
-        }
-    }
-
-    /// What the call did before keypool answered (attempts, key marks), when keypool answered.
-    pub fn summary(&self) -> Option<&CallSummary> {
-        match self {
-            Self::Call(failure) => Some(&failure.summary),
-            _ => None,
-        }
-    }
-}
-
-/// Builds a [`Client`].
-#[derive(Debug, Default)]
-pub struct ClientBuilder {
-    keys: Vec<KeySpec>,
-    order: Order,
-    base_url: Option<String>,
-    config: CallConfig,
-    root_certs_der: Vec<Vec<u8>>,
-}
-
-impl ClientBuilder {
-    /// The pool's keys, in order (the first is the primary).
-    pub fn keys<K: Into<KeySpec>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
-        self.keys = keys.into_iter().map(Into::into).collect();
-        self
-    }
-    /// How walks pick their first key (default: primary with fallback).
-    pub fn order(mut self, order: Order) -> Self {
-        self.order = order;
-        self
-    }
-    /// The upstream (default `https://api.anthropic.com`).
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = Some(url.into());
-        self
-    }
-    /// Policy, commit point and timeouts.
-    pub fn config(mut self, config: CallConfig) -> Self {
-        self.config = config;
-        self
-    }
-    /// Also trust this root certificate (DER), besides the built-in web PKI roots.
-    pub fn root_cert_der(mut self, der: impl Into<Vec<u8>>) -> Self {
-        self.root_certs_der.push(der.into());
-        self
-    }
-    /// Builds the client. Fails on an invalid key list, base URL or root certificate.
-    pub fn build(self) -> Result<Client, Error> {
-        let pool = Pool::new(self.keys, self.order, Instant::now())?;
-        Self::with_pool(Arc::new(pool), self.base_url, self.config, self.root_certs_der)
-    }
-    /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
-    pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<Client, Error> {
-        Self::with_pool(pool, self.base_url, self.config, self.root_certs_der)
-    }
-
-    fn with_pool(
-        pool: Arc<Pool>,
-        base_url: Option<String>,
-        config: CallConfig,
-        roots: Vec<Vec<u8>>,
-    ) -> Result<Client, Error> {
-        let base = base_url.unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
-        let base = base.trim_end_matches('/').to_owned();
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|_| Error::Config(format!("invalid base URL {base:?}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(Error::Config(format!(
-                "base URL {base:?} must be http:// or https:// with a host"
-            )));
-        }
-        let connector = https_connector(config.timeouts.connect, roots)?;
+    fn from_settings(settings: ClientSettings) -> Result<Self, Error> {
+        let connector = https_connector(settings.config.timeouts.connect, settings.root_certs_der)?;
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // Take response heads as large over HTTP/2 as over HTTP/1.1 (hyper's HTTP/2 default
+            // is 16 KiB, which turns a 20 KiB head into a reset).
+            .http2_max_header_list_size(256 << 10)
             .build(connector);
-        Ok(Client {
+        Ok(Self {
             inner: Arc::new(Inner {
                 http,
-                base,
-                pool,
-                config,
+                upstream: settings.upstream,
+                pool: settings.pool,
+                config: settings.config,
             }),
         })
     }
@@ -265,7 +163,7 @@ fn https_connector(
 #[derive(Debug)]
 struct Inner {
     http: HttpClient,
-    base: String,
+    upstream: UpstreamUrl,
     pool: Arc<Pool>,
     config: CallConfig,
 }
@@ -275,7 +173,7 @@ struct ClientUpstream(Arc<Inner>);
 
 impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
-        let url = format!("{}{}", self.0.base, attempt.path_and_query);
+        let url = self.0.upstream.url(&attempt.path_and_query);
         let mut builder = http::Request::builder().method(attempt.method).uri(url);
         if let Some(headers) = builder.headers_mut() {
             *headers = attempt.headers;
@@ -359,12 +257,7 @@ impl Client {
 
     async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential).await?;
-        let is_events = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !(response.status().is_success() && is_events) {
+        if !is_event_stream_response(&response) {
             let (parts, mut body) = response.into_parts();
             let bytes = body.collect_bytes().await?;
             return Err(Error::Status(Box::new(http::Response::from_parts(parts, bytes))));

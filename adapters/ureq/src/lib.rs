@@ -30,16 +30,17 @@
 
 use std::io::{self, Read};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Method;
-use keypool_core::call::{Attempt, Call, CallConfig, Failure, Output, Request, StreamBreak, TransportError};
+use keypool_core::call::{Attempt, Call, CallConfig, Output, Request, StreamBreak, TransportError};
+use keypool_core::client::{ClientAdapter, ClientSettings, Upstream, is_event_stream_response, request_id};
 use keypool_core::sse::{Event, Parser};
-use keypool_core::{KeySpec, Order, Pool, PoolError, Secret};
+use keypool_core::{Pool, Secret};
 
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
+pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 
 /// The README's Rust examples, compiled and run as doctests.
@@ -47,141 +48,30 @@ pub use keypool_core::{Policy, sse};
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-/// The Anthropic API.
-pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
-
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
     Request::post_json("/v1/messages", body)
 }
 
-/// What can go wrong. `Display` never contains a secret.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// keypool answered instead of the upstream: every key is out, the upstream could not be
-    /// reached or timed out, or an in-band error before commit. [`Error::to_response`] renders
-    /// the Anthropic-shaped HTTP response.
-    #[error("{}", .0.error)]
-    Call(Box<Failure>),
-    /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
-    #[error("the upstream answered {} instead of an event stream", .0.status())]
-    Status(Box<http::Response<Bytes>>),
-    /// Reading a delivered response failed.
-    #[error("reading the response failed: {0}")]
-    Io(#[from] io::Error),
-    /// The client configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The key list is invalid.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-}
+/// Builds a [`Client`]: `Client::builder().keys([...]).base_url(...).config(...).build()`.
+///
+/// Root certificates given with `root_cert_der` replace the built-in web PKI roots in this
+/// adapter (ureq takes one root store), where the async adapters add them.
+pub type ClientBuilder = keypool_core::client::ClientBuilder<Client>;
 
-impl Error {
-    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
-    pub fn to_response(&self) -> Option<http::Response<Bytes>> {
-        match self {
-            Self::Call(failure) => Some(failure.response.clone()),
-            Self::Status(response) => Some((**response).clone()),
-            _ => None,
-        }
+impl ClientAdapter for Client {
+    fn now() -> Instant {
+        Instant::now()
     }
 
-    /// The typed keypool error, when keypool answered.
-    pub fn call_error(&self) -> Option<&CallError> {
-        match self {
-            Self::Call(failure) => Some(&failure.error),
-            _ => None,
-        }
-    }
-
-    /// What the call did before keypool answered (attempts, key marks), when keypool answered.
-    pub fn summary(&self) -> Option<&CallSummary> {
-        match self {
-            Self::Call(failure) => Some(&failure.summary),
-            _ => None,
-        }
-    }
-}
-
-/// A committed stream broke: the upstream reset, ended early, went idle or sent an oversized event.
-/// keypool's synthesized `error` event is turned into this.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct StreamError {
-    /// What happened.
-    pub error: CallError,
-}
-
-/// Builds a [`Client`].
-#[derive(Debug, Default)]
-pub struct ClientBuilder {
-    keys: Vec<KeySpec>,
-    order: Order,
-    base_url: Option<String>,
-    config: CallConfig,
-    root_certs_der: Vec<Vec<u8>>,
-}
-
-impl ClientBuilder {
-    /// The pool's keys, in order (the first is the primary).
-    pub fn keys<K: Into<KeySpec>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
-        self.keys = keys.into_iter().map(Into::into).collect();
-        self
-    }
-    /// How walks pick their first key (default: primary with fallback).
-    pub fn order(mut self, order: Order) -> Self {
-        self.order = order;
-        self
-    }
-    /// The upstream (default `https://api.anthropic.com`).
-    pub fn base_url(mut self, url: impl Into<String>) -> Self {
-        self.base_url = Some(url.into());
-        self
-    }
-    /// Policy, commit point and timeouts.
-    pub fn config(mut self, config: CallConfig) -> Self {
-        self.config = config;
-        self
-    }
-    /// Trust this root certificate (DER) instead of the built-in web PKI roots.
-    pub fn root_cert_der(mut self, der: impl Into<Vec<u8>>) -> Self {
-        self.root_certs_der.push(der.into());
-        self
-    }
-    /// Builds the client. Fails on an invalid key list or base URL.
-    pub fn build(self) -> Result<Client, Error> {
-        let pool = Pool::new(self.keys, self.order, Instant::now())?;
-        Self::with_pool(Arc::new(pool), self.base_url, self.config, self.root_certs_der)
-    }
-    /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
-    pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<Client, Error> {
-        Self::with_pool(pool, self.base_url, self.config, self.root_certs_der)
-    }
-
-    fn with_pool(
-        pool: Arc<Pool>,
-        base_url: Option<String>,
-        config: CallConfig,
-        roots: Vec<Vec<u8>>,
-    ) -> Result<Client, Error> {
-        let base = base_url.unwrap_or_else(|| DEFAULT_BASE_URL.to_owned());
-        let base = base.trim_end_matches('/').to_owned();
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|_| Error::Config(format!("invalid base URL {base:?}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(Error::Config(format!(
-                "base URL {base:?} must be http:// or https:// with a host"
-            )));
-        }
-        let t = config.timeouts;
+    fn from_settings(settings: ClientSettings) -> Result<Self, Error> {
+        let t = settings.config.timeouts;
         let mut tls = ureq::tls::TlsConfig::builder();
-        if !roots.is_empty() {
-            let certs: Vec<ureq::tls::Certificate<'static>> = roots
-                .into_iter()
-                .map(|der| ureq::tls::Certificate::from_der(&der).to_owned())
+        if !settings.root_certs_der.is_empty() {
+            let certs: Vec<ureq::tls::Certificate<'static>> = settings
+                .root_certs_der
+                .iter()
+                .map(|der| ureq::tls::Certificate::from_der(der).to_owned())
                 .collect();
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
@@ -194,12 +84,12 @@ impl ClientBuilder {
             .tls_config(tls.build())
             .build()
             .into();
-        Ok(Client {
+        Ok(Self {
             inner: Arc::new(Inner {
                 agent,
-                base,
-                pool,
-                config,
+                upstream: settings.upstream,
+                pool: settings.pool,
+                config: settings.config,
             }),
         })
     }
@@ -208,7 +98,7 @@ impl ClientBuilder {
 #[derive(Debug)]
 struct Inner {
     agent: ureq::Agent,
-    base: String,
+    upstream: Upstream,
     pool: Arc<Pool>,
     config: CallConfig,
 }
@@ -275,12 +165,7 @@ impl Client {
 
     fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential)?;
-        let is_events = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
-        if !(response.status().is_success() && is_events) {
+        if !is_event_stream_response(&response) {
             let (parts, mut body) = response.into_parts();
             let mut bytes = Vec::new();
             body.read_to_end(&mut bytes)?;
@@ -338,16 +223,6 @@ impl Body {
             }
         }
     }
-}
-
-/// A delivered body broke (see [`Body::next_chunk`]).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{error}")]
-pub struct BodyError {
-    /// What happened.
-    pub error: CallError,
-    /// For an event stream: the synthesized `error` event keypool appends.
-    pub event: Option<Bytes>,
 }
 
 impl Read for Body {
@@ -430,7 +305,13 @@ struct Driver {
 
 impl Driver {
     fn new(inner: Arc<Inner>, request: Request, credential: Credential) -> Self {
-        let call = Call::new(request, credential, &inner.config, request_id(), Instant::now());
+        let call = Call::new(
+            request,
+            credential,
+            &inner.config,
+            request_id(SystemTime::now()),
+            Instant::now(),
+        );
         Self {
             inner,
             call,
@@ -455,7 +336,7 @@ impl Driver {
 
     fn send(&mut self, attempt: Attempt) {
         self.reader = None;
-        let url = format!("{}{}", self.inner.base, attempt.path_and_query);
+        let url = self.inner.upstream.url(&attempt.path_and_query);
         let mut builder = http::Request::builder().method(attempt.method.clone()).uri(url);
         if let Some(headers) = builder.headers_mut() {
             *headers = attempt.headers;
@@ -546,15 +427,4 @@ fn io_transport_error(e: &io::Error) -> TransportError {
         io::ErrorKind::InvalidData => TransportError::Protocol,
         _ => TransportError::Reset,
     }
-}
-
-/// A request id for keypool's own error bodies: unique in the process, no randomness needed.
-fn request_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    format!("req_keypool_{t:x}{n:04x}")
 }

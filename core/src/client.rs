@@ -1,0 +1,318 @@
+//! What every client adapter shares: the builder, the upstream URL, the error types and request
+//! ids. An adapter implements [`ClientAdapter`] (how to read its clock, how to make its HTTP
+//! client from the [`ClientSettings`]) and gets the rest from here, so the blocking, tokio and
+//! async-std clients cannot drift apart.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+
+use crate::call::{CallConfig, CallError, CallSummary, Failure};
+use crate::pool::{KeySpec, Order, Pool, PoolError};
+
+/// The Anthropic API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+/// What can go wrong in a client call. `Display` never contains a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// keypool answered instead of the upstream: every key is out, the upstream could not be
+    /// reached or timed out, or an in-band error before commit. [`ClientError::to_response`]
+    /// renders the Anthropic-shaped HTTP response.
+    #[error("{}", .0.error)]
+    Call(Box<Failure>),
+    /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
+    #[error("the upstream answered {} instead of an event stream", .0.status())]
+    Status(Box<http::Response<Bytes>>),
+    /// A delivered body broke while it was being read whole.
+    #[error("reading the response failed: {0}")]
+    Body(#[from] BodyError),
+    /// Reading a delivered response failed at the IO level.
+    #[error("reading the response failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The request body could not be read (tower layer); no key was spent.
+    #[error("reading the request body failed: {0}")]
+    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The client configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The key list is invalid.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+impl ClientError {
+    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
+    pub fn to_response(&self) -> Option<http::Response<Bytes>> {
+        match self {
+            Self::Call(failure) => Some(failure.response.clone()),
+            Self::Status(response) => Some((**response).clone()),
+            _ => None,
+        }
+    }
+
+    /// The typed keypool error, when keypool answered.
+    pub fn call_error(&self) -> Option<&CallError> {
+        match self {
+            Self::Call(failure) => Some(&failure.error),
+            _ => None,
+        }
+    }
+
+    /// What the call did before keypool answered (attempts, key marks), when keypool answered.
+    pub fn summary(&self) -> Option<&CallSummary> {
+        match self {
+            Self::Call(failure) => Some(&failure.summary),
+            _ => None,
+        }
+    }
+}
+
+/// A delivered body broke.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct BodyError {
+    /// What happened.
+    pub error: CallError,
+    /// For an event stream: the synthesized `error` event keypool appends.
+    pub event: Option<Bytes>,
+}
+
+/// A committed stream broke: the upstream reset, ended early, went idle or sent an oversized
+/// event. keypool's synthesized `error` event is turned into this.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct StreamError {
+    /// What happened.
+    pub error: CallError,
+}
+
+/// The upstream base URL, checked once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    base: String,
+    https: bool,
+    host: String,
+    port: u16,
+    authority: String,
+    prefix: String,
+}
+
+impl Upstream {
+    /// Parses `http://host[:port][/prefix]` or `https://...`; a trailing `/` is ignored.
+    pub fn parse(url: &str) -> Result<Self, ClientError> {
+        let base = url.trim().trim_end_matches('/').to_owned();
+        let uri: http::Uri = base
+            .parse()
+            .map_err(|_| ClientError::Config(format!("invalid base URL {base:?}")))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(ClientError::Config(format!(
+                    "base URL {base:?} must be http:// or https://"
+                )));
+            }
+        };
+        let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
+            return Err(ClientError::Config(format!("base URL {base:?} has no host")));
+        };
+        if uri.query().is_some() {
+            return Err(ClientError::Config(format!(
+                "base URL {base:?} must not have a query"
+            )));
+        }
+        Ok(Self {
+            https,
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            authority: authority.as_str().to_owned(),
+            prefix: uri.path().trim_end_matches('/').to_owned(),
+            base,
+        })
+    }
+    /// Whether the scheme is `https`.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+    /// The host name or address (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+    /// The port (the scheme's default when absent).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// `host[:port]` as written, for the `host` header.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+    /// The path prefix without a trailing `/` (usually empty).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// The full URL of an attempt.
+    pub fn url(&self, path_and_query: &PathAndQuery) -> String {
+        format!("{}{}", self.base, path_and_query)
+    }
+}
+
+/// Everything an adapter needs to make its client, checked.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientSettings {
+    /// The shared pool.
+    pub pool: Arc<Pool>,
+    /// The upstream.
+    pub upstream: Upstream,
+    /// Policy, commit point, timeouts.
+    pub config: CallConfig,
+    /// Extra root certificates (DER) to trust for the upstream.
+    pub root_certs_der: Vec<Vec<u8>>,
+}
+
+/// An adapter's client type, made by [`ClientBuilder`].
+pub trait ClientAdapter: Sized {
+    /// Reads the adapter's monotonic clock (the core never does).
+    fn now() -> Instant;
+    /// Makes the client from checked settings.
+    fn from_settings(settings: ClientSettings) -> Result<Self, ClientError>;
+}
+
+/// Builds an adapter's client: `Client::builder().keys([...]).base_url(...).build()`.
+pub struct ClientBuilder<C> {
+    keys: Vec<KeySpec>,
+    order: Order,
+    base_url: Option<String>,
+    config: CallConfig,
+    root_certs_der: Vec<Vec<u8>>,
+    client: PhantomData<fn() -> C>,
+}
+
+impl<C> Default for ClientBuilder<C> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            order: Order::default(),
+            base_url: None,
+            config: CallConfig::default(),
+            root_certs_der: Vec::new(),
+            client: PhantomData,
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for ClientBuilder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("keys", &self.keys)
+            .field("order", &self.order)
+            .field("base_url", &self.base_url)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ClientAdapter> ClientBuilder<C> {
+    /// The pool's keys, in order (the first is the primary).
+    pub fn keys<K: Into<KeySpec>>(mut self, keys: impl IntoIterator<Item = K>) -> Self {
+        self.keys = keys.into_iter().map(Into::into).collect();
+        self
+    }
+    /// How walks pick their first key (default: primary with fallback).
+    pub fn order(mut self, order: Order) -> Self {
+        self.order = order;
+        self
+    }
+    /// The upstream (default `https://api.anthropic.com`).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+    /// Policy, commit point and timeouts.
+    pub fn config(mut self, config: CallConfig) -> Self {
+        self.config = config;
+        self
+    }
+    /// Also trust this root certificate (DER), e.g. a private CA or a test upstream's.
+    pub fn root_cert_der(mut self, der: impl Into<Vec<u8>>) -> Self {
+        self.root_certs_der.push(der.into());
+        self
+    }
+    /// Builds the client with a new pool of the builder's keys. Fails on an invalid key list,
+    /// base URL or root certificate.
+    pub fn build(self) -> Result<C, ClientError> {
+        let mut this = self;
+        let keys = std::mem::take(&mut this.keys);
+        let pool = Pool::new(keys, this.order, C::now())?;
+        this.build_with_pool(Arc::new(pool))
+    }
+    /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
+    pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<C, ClientError> {
+        let upstream = Upstream::parse(self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL))?;
+        C::from_settings(ClientSettings {
+            pool,
+            upstream,
+            config: self.config,
+            root_certs_der: self.root_certs_der,
+        })
+    }
+}
+
+/// A request id for keypool's own error bodies (`req_keypool_...`): unique in the process, no
+/// randomness needed. `wall` is the adapter's wall clock.
+pub fn request_id(wall: SystemTime) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = wall
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    format!("req_keypool_{t:x}{n:04x}")
+}
+
+/// Whether a delivered response is an event stream that `stream` can parse.
+pub fn is_event_stream_response<B>(response: &http::Response<B>) -> bool {
+    response.status().is_success() && crate::call::headers::is_event_stream(response.headers())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        let u = Upstream::parse("https://api.anthropic.com/").unwrap();
+        assert!(u.is_https());
+        assert_eq!(
+            (u.host(), u.port(), u.authority(), u.prefix()),
+            ("api.anthropic.com", 443, "api.anthropic.com", "")
+        );
+        assert_eq!(
+            u.url(&PathAndQuery::from_static("/v1/messages?x=1")),
+            "https://api.anthropic.com/v1/messages?x=1"
+        );
+        let u = Upstream::parse("http://127.0.0.1:8080/proxy").unwrap();
+        assert_eq!((u.port(), u.prefix()), (8080, "/proxy"));
+        assert_eq!(
+            u.url(&PathAndQuery::from_static("/v1/models")),
+            "http://127.0.0.1:8080/proxy/v1/models"
+        );
+        for bad in ["ftp://x", "not a url", "http://", "/v1", "https://h/?q=1"] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let a = request_id(SystemTime::UNIX_EPOCH);
+        let b = request_id(SystemTime::UNIX_EPOCH);
+        assert!(a.starts_with("req_keypool_"));
+        assert_ne!(a, b);
+    }
+}
