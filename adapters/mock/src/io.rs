@@ -28,6 +28,8 @@ pub(crate) struct ConnCtl {
     waiters: Mutex<Vec<Waker>>,
     /// Close with a TCP reset (SO_LINGER 0) and refuse further writes.
     reset: AtomicBool,
+    /// Bytes written straight to the socket when the connection is dropped (a partial head).
+    tail: Mutex<Option<Bytes>>,
 }
 
 impl ConnCtl {
@@ -38,6 +40,7 @@ impl ConnCtl {
             flushes: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
             reset: AtomicBool::new(false),
+            tail: Mutex::new(None),
         })
     }
 
@@ -65,6 +68,11 @@ impl ConnCtl {
         self.reset.store(true, Ordering::Release);
     }
 
+    /// When the connection is dropped, write `bytes` to the socket (beneath TLS, if any) first.
+    pub(crate) fn set_tail(&self, bytes: Bytes) {
+        *self.tail.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes);
+    }
+
     fn is_reset(&self) -> bool {
         self.reset.load(Ordering::Acquire)
     }
@@ -88,6 +96,16 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        let tail = self
+            .ctl
+            .tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(tail) = tail {
+            // A few bytes into an idle socket's send buffer: a non-blocking write takes them all.
+            let _ = self.inner.try_write(&tail);
+        }
         if self.ctl.is_reset() {
             // SO_LINGER 0: close() sends RST instead of FIN and does not block.
             let _ = socket2::SockRef::from(&self.inner).set_linger(Some(Duration::ZERO));
@@ -225,34 +243,24 @@ impl MockBody {
         http1: bool,
         guard: ExchangeGuard,
     ) -> Self {
-        let mut chunks = VecDeque::new();
-        match (chunk_size, event_bounds) {
-            (Some(size), _) => {
-                let size = size.max(1);
-                let mut at = 0;
-                while at < payload.len() {
-                    let end = (at + size).min(payload.len());
-                    chunks.push_back(payload.slice(at..end));
-                    at = end;
-                }
-            }
-            (None, Some(bounds)) => {
-                let mut at = 0;
-                for b in bounds.into_iter().chain(std::iter::once(payload.len())) {
-                    let b = b.min(payload.len());
-                    if b > at {
-                        chunks.push_back(payload.slice(at..b));
-                        at = b;
-                    }
-                }
-            }
-            (None, None) => {
-                if !payload.is_empty() {
-                    chunks.push_back(payload.clone());
-                }
-            }
-        }
-        let exact = (exact_len && after == After::End).then_some(payload.len() as u64);
+        let len = payload.len() as u64;
+        let chunks = split(payload, chunk_size, event_bounds);
+        Self::with_chunks(chunks, len, delay, after, exact_len, conn, http1, guard)
+    }
+
+    /// A body of ready-made chunks (`len` bytes in all), written one per frame.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_chunks(
+        chunks: VecDeque<Bytes>,
+        len: u64,
+        delay: Duration,
+        after: After,
+        exact_len: bool,
+        conn: Arc<ConnCtl>,
+        http1: bool,
+        guard: ExchangeGuard,
+    ) -> Self {
+        let exact = (exact_len && after == After::End).then_some(len);
         Self {
             chunks,
             delay,
@@ -266,6 +274,38 @@ impl MockBody {
             guard,
         }
     }
+}
+
+/// Cuts a payload into chunks of `chunk_size` bytes, else at the event bounds, else not at all.
+fn split(payload: Bytes, chunk_size: Option<usize>, event_bounds: Option<Vec<usize>>) -> VecDeque<Bytes> {
+    let mut chunks = VecDeque::new();
+    match (chunk_size, event_bounds) {
+        (Some(size), _) => {
+            let size = size.max(1);
+            let mut at = 0;
+            while at < payload.len() {
+                let end = (at + size).min(payload.len());
+                chunks.push_back(payload.slice(at..end));
+                at = end;
+            }
+        }
+        (None, Some(bounds)) => {
+            let mut at = 0;
+            for b in bounds.into_iter().chain(std::iter::once(payload.len())) {
+                let b = b.min(payload.len());
+                if b > at {
+                    chunks.push_back(payload.slice(at..b));
+                    at = b;
+                }
+            }
+        }
+        (None, None) => {
+            if !payload.is_empty() {
+                chunks.push_back(payload.clone());
+            }
+        }
+    }
+    chunks
 }
 
 impl Body for MockBody {

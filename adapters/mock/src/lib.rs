@@ -16,8 +16,12 @@
 //! per request number ([`MockServer::script`], [`MockServer::set_default`],
 //! [`MockServer::set_fallback`]), from plain [`Reply`] values: any status, headers and body,
 //! Anthropic-shaped errors, slow or broken bodies ([`Ending`]), streams with custom events, chunk
-//! sizes, delays and faults ([`StreamScript`]), and transport faults before the head
-//! ([`Reply::reset_before_head`], [`Reply::stall_before_head`]).
+//! sizes, delays and faults ([`StreamScript`]), bodies of any size at the cost of one copy of
+//! a repeated piece ([`Body::Repeated`]), bytes that are not UTF-8 ([`SseEvent::raw_bytes`]),
+//! and transport faults before or inside the head ([`Reply::reset_before_head`],
+//! [`Reply::close_before_head`], [`Reply::reset_inside_head`], [`Reply::close_inside_head`],
+//! [`Reply::stall_before_head`]). [`MockServer::close_idle_connections`] drops the keep-alive
+//! connections a client holds in its pool.
 //!
 //! Every request is recorded ([`MockServer::requests`]), and so is how every answer ended
 //! ([`MockServer::outcomes`]): completed, aborted as scripted, or cut short because the client

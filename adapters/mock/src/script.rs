@@ -182,6 +182,24 @@ impl Reply {
         }
     }
 
+    /// Accept the request, write part of a response head, then reset the connection
+    /// ([`Fault::PartialHeadThenReset`]).
+    pub fn reset_inside_head() -> Self {
+        Self {
+            fault: Some(Fault::PartialHeadThenReset),
+            ..Self::ok()
+        }
+    }
+
+    /// Accept the request, write part of a response head, then close the connection cleanly
+    /// ([`Fault::PartialHeadThenClose`]).
+    pub fn close_inside_head() -> Self {
+        Self {
+            fault: Some(Fault::PartialHeadThenClose),
+            ..Self::ok()
+        }
+    }
+
     /// Adds a response header (sent after, and replacing, any automatic header of that name).
     #[must_use]
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -322,6 +340,14 @@ pub enum Fault {
     /// Read the request and never answer; the connection stays open until the client leaves or
     /// the server shuts down.
     StallBeforeHead,
+    /// Read the request, write the first part of a response head (`HTTP/1.1 200 OK` and a few
+    /// header lines, no blank line), then reset the connection (TCP RST). HTTP/1.1 only: the bytes
+    /// go straight to the socket, beneath TLS on the TLS port (where the client then sees a broken
+    /// record instead); on HTTP/2 it acts as [`Fault::CloseBeforeHead`].
+    PartialHeadThenReset,
+    /// As [`Fault::PartialHeadThenReset`], but the connection is closed cleanly (FIN) after the
+    /// partial head.
+    PartialHeadThenClose,
 }
 
 /// A response body.
@@ -358,6 +384,15 @@ pub enum Body {
     },
     /// A `text/event-stream` body.
     Stream(StreamScript),
+    /// `text` repeated `times` times (`content-type: text/plain; charset=utf-8` unless a header
+    /// says else), for huge bodies that cost the mock one copy of `text`: each repetition is
+    /// written as its own chunk (`chunk_size` is ignored; `chunk_delay_ms` and `ending` apply).
+    Repeated {
+        /// The repeated text.
+        text: String,
+        /// How many times.
+        times: usize,
+    },
 }
 
 /// How a body ends once its scripted bytes (or part of them) are written.
@@ -517,6 +552,11 @@ pub enum SseEvent {
         /// The text written verbatim.
         raw: String,
     },
+    /// Arbitrary bytes written as they are, e.g. invalid UTF-8.
+    RawBytes {
+        /// The bytes written verbatim.
+        raw_bytes: Vec<u8>,
+    },
 }
 
 impl SseEvent {
@@ -531,6 +571,13 @@ impl SseEvent {
     /// Verbatim text.
     pub fn raw(text: &str) -> Self {
         Self::Raw { raw: text.to_owned() }
+    }
+
+    /// Verbatim bytes (need not be UTF-8).
+    pub fn raw_bytes(bytes: &[u8]) -> Self {
+        Self::RawBytes {
+            raw_bytes: bytes.to_vec(),
+        }
     }
 
     /// `event: ping` / `data: {"type": "ping"}`.
@@ -549,7 +596,7 @@ impl SseEvent {
     pub fn name(&self) -> Option<&str> {
         match self {
             Self::Event { event, .. } => Some(event),
-            Self::Raw { .. } => None,
+            Self::Raw { .. } | Self::RawBytes { .. } => None,
         }
     }
 
@@ -557,6 +604,7 @@ impl SseEvent {
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Self::Raw { raw } => raw.as_bytes().to_vec(),
+            Self::RawBytes { raw_bytes } => raw_bytes.clone(),
             Self::Event { event, data } => {
                 let mut out = String::with_capacity(event.len() + data.len() + 16);
                 if !event.is_empty() {

@@ -214,6 +214,8 @@ struct State {
     requests: Vec<Recorded>,
     outcomes: Vec<Outcome>,
     next_request_id: u64,
+    /// Connections being served now.
+    open_connections: usize,
 }
 
 impl State {
@@ -225,6 +227,7 @@ impl State {
             requests: Vec::new(),
             outcomes: Vec::new(),
             next_request_id: 0,
+            open_connections: 0,
         }
     }
 
@@ -278,6 +281,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// Async waiters, woken on every new record.
     wakers: Mutex<Vec<Waker>>,
+    /// Bumped to ask every connection to close once idle.
+    close_idle: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -463,6 +468,7 @@ impl MockServer {
             shutting_down: AtomicBool::new(false),
             next_conn: AtomicU64::new(0),
             wakers: Mutex::new(Vec::new()),
+            close_idle: tokio::sync::watch::Sender::new(0),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -551,8 +557,10 @@ impl MockServer {
     pub fn reset(&self) {
         let mut st = self.shared.lock();
         let next = st.next_request_id;
+        let open = st.open_connections;
         *st = State::new();
         st.next_request_id = next;
+        st.open_connections = open;
     }
 
     /// Every request received so far, in order.
@@ -670,6 +678,40 @@ impl MockServer {
         self.wait_async(n, timeout, count_stream_outcomes, stream_outcomes)
     }
 
+    /// How many client connections are open now (both ports).
+    pub fn open_connections(&self) -> usize {
+        self.shared.lock().open_connections
+    }
+
+    /// Closes every client connection once it is idle — at once for a keep-alive connection
+    /// waiting for its next request, after the answer for one with an exchange in flight (HTTP/1.1
+    /// closes with FIN, HTTP/2 sends GOAWAY) — and blocks until no connection is open, or
+    /// `timeout` passes. This is how a test makes an upstream drop the connections a client
+    /// keeps pooled.
+    pub fn close_idle_connections(&self, timeout: Duration) -> Result<(), WaitTimeout> {
+        self.shared.close_idle.send_modify(|generation| *generation += 1);
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if st.open_connections == 0 {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitTimeout {
+                    have: st.open_connections,
+                    wanted: 0,
+                });
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Stops the server: closes the listeners and every open connection, and waits for its thread.
     pub fn shutdown(mut self) {
         self.stop_now();
@@ -729,10 +771,42 @@ async fn serve<I>(io: I, shared: Arc<Shared>, ctl: Arc<ConnCtl>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let _open = OpenConnection::new(shared.clone());
+    let mut close_idle = shared.close_idle.subscribe();
+    close_idle.mark_unchanged();
     let svc = service_fn(move |req| handle(shared.clone(), ctl.clone(), req));
     let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
     // A broken or aborted connection is a normal end here.
-    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        changed = close_idle.changed() => {
+            if changed.is_ok() {
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+    let _ = conn.await;
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.lock().open_connections += 1;
+        Self(shared)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.open_connections = st.open_connections.saturating_sub(1);
+        drop(st);
+        self.0.notify();
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -846,6 +920,18 @@ async fn handle(
             guard.end = Some(OutcomeEnd::Aborted);
             return Err("keypool-mock: scripted close before head".into());
         }
+        Some(fault @ (Fault::PartialHeadThenReset | Fault::PartialHeadThenClose)) => {
+            if http1 {
+                conn.set_tail(Bytes::from_static(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nrequest-id: req_mock_partial\r\ncontent-le",
+                ));
+                if fault == Fault::PartialHeadThenReset {
+                    conn.set_reset();
+                }
+            }
+            guard.end = Some(OutcomeEnd::Aborted);
+            return Err("keypool-mock: scripted partial head".into());
+        }
         Some(Fault::StallBeforeHead) => {
             // Never answers; dropped (and recorded by the guard) when the client goes away.
             std::future::pending::<()>().await;
@@ -874,6 +960,8 @@ struct Rendered {
     chunk_size: Option<usize>,
     chunk_delay_ms: u64,
     ending: Ending,
+    /// The payload stands for this many copies of itself ([`Body::Repeated`]), one chunk each.
+    repeat: usize,
 }
 
 fn render_sse(events: &[SseEvent], script: &StreamScript) -> Rendered {
@@ -896,6 +984,7 @@ fn render_sse(events: &[SseEvent], script: &StreamScript) -> Rendered {
         chunk_size: script.chunk_size,
         chunk_delay_ms: script.chunk_delay_ms,
         ending: script.ending,
+        repeat: 1,
     }
 }
 
@@ -912,6 +1001,7 @@ fn render_plain(payload: Bytes, content_type: Option<&'static str>, reply: &Repl
         chunk_size: reply.chunk_size,
         chunk_delay_ms: reply.chunk_delay_ms,
         ending: reply.ending,
+        repeat: 1,
     }
 }
 
@@ -968,6 +1058,17 @@ fn render(reply: &Reply, endpoint: Endpoint, request_body: &[u8], request_id: &s
             render_json(&anthropic::error_body(error_type, message, request_id), reply)
         }
         Body::Stream(script) => stream_script(script),
+        Body::Repeated { text, times } => {
+            let mut r = render_plain(
+                Bytes::from(text.clone()),
+                Some("text/plain; charset=utf-8"),
+                reply,
+            );
+            r.repeat = *times;
+            r.early_cut = text.len().saturating_mul(*times) / 2;
+            r.chunk_size = None;
+            r
+        }
     }
 }
 
@@ -981,7 +1082,7 @@ fn build_response(
     mut guard: ExchangeGuard,
 ) -> Response<MockBody> {
     let rendered = render(reply, endpoint, request_body, request_id);
-    let len = rendered.payload.len();
+    let len = rendered.payload.len().saturating_mul(rendered.repeat);
     let (cut, after) = match rendered.ending {
         Ending::Complete => (len, After::End),
         Ending::EndEarly => (rendered.early_cut, After::End),
@@ -991,7 +1092,6 @@ fn build_response(
         Ending::ResetAfter(n) => (n.min(len), After::Reset),
         Ending::EofAfter(n) => (n.min(len), After::Eof),
     };
-    let payload = rendered.payload.slice(..cut);
     let sse = rendered.event_bounds.is_some();
     guard.streaming = sse;
     let exact_len = !sse && rendered.ending == Ending::Complete;
@@ -1003,17 +1103,31 @@ fn build_response(
     let Ok(status) = StatusCode::from_u16(reply.status) else {
         return script_error(&format!("invalid status {}", reply.status), conn, http1, guard);
     };
-    let body = MockBody::new(
-        payload,
-        rendered.chunk_size,
-        rendered.event_bounds,
-        Duration::from_millis(rendered.chunk_delay_ms),
-        after,
-        exact_len,
-        conn,
-        http1,
-        guard,
-    );
+    let delay = Duration::from_millis(rendered.chunk_delay_ms);
+    let body = if rendered.repeat == 1 {
+        MockBody::new(
+            rendered.payload.slice(..cut),
+            rendered.chunk_size,
+            rendered.event_bounds,
+            delay,
+            after,
+            exact_len,
+            conn,
+            http1,
+            guard,
+        )
+    } else {
+        // Copies of one buffer (cheap clones), the last one cut short if the ending says so.
+        let unit = rendered.payload;
+        let mut chunks = VecDeque::new();
+        let mut left = cut;
+        while left > 0 && !unit.is_empty() {
+            let n = left.min(unit.len());
+            chunks.push_back(unit.slice(..n));
+            left -= n;
+        }
+        MockBody::with_chunks(chunks, cut as u64, delay, after, exact_len, conn, http1, guard)
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;

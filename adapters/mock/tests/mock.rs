@@ -598,3 +598,78 @@ async fn async_wait_sees_a_dropped_stream_on_the_same_runtime() {
         .unwrap_err();
     assert_eq!((err.have, err.wanted), (1, 5));
 }
+
+#[test]
+fn partial_head_faults_cut_the_head() {
+    use std::io::{Read, Write};
+    let mock = MockServer::start();
+    mock.script("k", [Reply::close_inside_head(), Reply::reset_inside_head()]);
+    // FIN after part of a head: the client reads a status line and some headers, then EOF.
+    let mut raw = std::net::TcpStream::connect(mock.addr()).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        raw,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: k\r\ncontent-length: {}\r\n\r\n{MESSAGE}",
+        MESSAGE.len()
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    raw.read_to_end(&mut got).unwrap();
+    let got = String::from_utf8(got).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+    assert!(!got.contains("\r\n\r\n"), "the head never ends: {got:?}");
+    // RST after part of a head: whatever arrives, the head is never complete.
+    let mut c = connect(&mock);
+    c.send("POST", "/v1/messages", Some("k"), MESSAGE);
+    assert!(c.read_head().is_err());
+    let o = mock.wait_for_outcomes(2, WAIT).unwrap();
+    assert!(o.iter().all(|o| o.end == OutcomeEnd::Aborted), "{o:?}");
+}
+
+#[test]
+fn repeated_body_is_written_in_copies() {
+    let mock = MockServer::start();
+    let body = keypool_mock::Body::Repeated {
+        text: "abc".into(),
+        times: 100_000,
+    };
+    mock.script(
+        "k",
+        [
+            Reply::status(429).body(body.clone()),
+            Reply::status(429).body(body).ending(Ending::EndAfter(7)),
+        ],
+    );
+    let (head, read) = call(&mock, "POST", "/v1/messages", Some("k"), MESSAGE);
+    assert_eq!(head.status, 429);
+    assert_eq!(head.header("content-length"), Some("300000"));
+    assert_eq!(read.text(), "abc".repeat(100_000));
+    let (head, read) = call(&mock, "POST", "/v1/messages", Some("k"), MESSAGE);
+    assert!(head.is_chunked() && read.complete);
+    assert_eq!(read.text(), "abcabca");
+}
+
+#[test]
+fn raw_bytes_events_are_written_verbatim() {
+    let mock = MockServer::start();
+    let events = vec![SseEvent::raw_bytes(b"data: \xff\xfe\n\n")];
+    mock.script("k", [Reply::stream(StreamScript::with_events(events))]);
+    let (_, read) = call(&mock, "POST", "/v1/messages", Some("k"), STREAM_MESSAGE);
+    assert_eq!(read.bytes(), b"data: \xff\xfe\n\n");
+}
+
+#[test]
+fn close_idle_connections_drops_kept_alive_connections() {
+    let mock = MockServer::start();
+    let mut c = connect(&mock);
+    let (head, _) = c.call("POST", "/v1/messages", Some("k"), MESSAGE);
+    assert_eq!(head.status, 200);
+    assert_eq!(mock.open_connections(), 1);
+    mock.close_idle_connections(WAIT).unwrap();
+    assert_eq!(mock.open_connections(), 0);
+    // The kept-alive connection is closed: the next read sees EOF.
+    assert!(c.read_head().is_err());
+    // A new connection works as before.
+    let (head, _) = call(&mock, "POST", "/v1/messages", Some("k"), MESSAGE);
+    assert_eq!(head.status, 200);
+}
