@@ -37,13 +37,16 @@ pub struct Setup {
 /// upstream response delivered as is, or keypool's own error rendered as HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct Answer {
-    /// The HTTP status.
+    /// The HTTP status; 0 when the connection closed before any response head (only a proxy
+    /// under test can do that).
     pub status: u16,
     /// The headers.
     pub headers: HeaderMap,
     /// The whole body.
     pub body: Vec<u8>,
-    /// For keypool's own answers: the typed error's `Display` and `Debug`.
+    /// For keypool's own answers: the typed error's `Display` and `Debug`; for a delivered
+    /// answer whose body broke after the head (reset, EOF inside a chunked body, idle timeout):
+    /// the error the body read ended with.
     pub error: Option<String>,
 }
 
@@ -80,6 +83,11 @@ pub trait TestClient {
     fn send_byok(&self, request: Request, key: &str) -> Answer;
     /// A streaming call with failover.
     fn stream(&self, request: Request) -> StreamAnswer;
+    /// Everything else the client under test lets an operator see — logs, metrics, admin
+    /// output — for the secret check at the end of each scenario. None by default.
+    fn observations(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Every text a scenario saw, checked for key material.
@@ -229,6 +237,9 @@ impl<C: TestClient> World<C> {
             let mut headers = r.headers.clone();
             headers.remove("x-api-key");
             self.transcript.push(format!("{headers:?}"));
+        }
+        for text in self.client.observations() {
+            self.transcript.push(text);
         }
         self.transcript.push(format!("{:?}", self.client.pool()));
         self.transcript.push(format!(
@@ -578,6 +589,348 @@ pub mod scenarios {
         assert!(w.state(0).is_available());
         w.finish();
     }
+
+    // ---- Fault injection (issue #10) ----
+
+    /// How long an exchange may take, at most, in the fault scenarios: every one of them ends
+    /// within a few of the suite's short timeouts.
+    const FAULT_BUDGET: Duration = Duration::from_secs(8);
+
+    fn assert_one_attempt_no_mark<C: TestClient>(w: &World<C>) {
+        assert_eq!(w.seen(), [Some(0)]);
+        assert!(w.state(0).is_available(), "{:?}", w.state(0));
+    }
+
+    fn assert_gateway_error(status: u16, body: &[u8], expected: u16, error_type: &str) {
+        assert_eq!(status, expected, "{}", String::from_utf8_lossy(body));
+        let body = json(body);
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], error_type);
+    }
+
+    /// The upstream breaks the connection before or inside the response head — reset before
+    /// any byte, FIN before any byte, a partial head then RST, a partial head then FIN: 502
+    /// `api_error` for a blocking and a streaming call alike, one attempt, no mark.
+    pub fn broken_head_is_502<A: Adapter>(t: Transport) {
+        for fault in [
+            Reply::reset_before_head(),
+            Reply::close_before_head(),
+            Reply::reset_inside_head(),
+            Reply::close_inside_head(),
+        ] {
+            let mut w = World::new::<A>(t, 2, first_byte());
+            w.script(0, [fault.clone()]);
+            let started = std::time::Instant::now();
+            let a = w.send();
+            assert_gateway_error(a.status, &a.body, 502, "api_error");
+            assert!(a.error.is_some(), "{a:?}");
+            assert_one_attempt_no_mark(&w);
+            w.script(0, [fault.clone()]);
+            let s = w.stream();
+            assert_gateway_error(s.status, &s.body, 502, "api_error");
+            assert!(s.events.is_empty() && s.stream_error.is_none(), "{s:?}");
+            assert_eq!(w.seen(), [Some(0), Some(0)], "{fault:?}");
+            assert!(w.state(0).is_available());
+            assert!(started.elapsed() < FAULT_BUDGET, "{:?}", started.elapsed());
+            w.finish();
+        }
+    }
+
+    fn stream_cut<A: Adapter>(t: Transport, ending: impl Fn(usize) -> Ending, expect_events: usize) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        let events = StreamScript::standard_events("claude-mock", 3);
+        let whole: usize = events.iter().take(4).map(|e| e.to_bytes().len()).sum();
+        w.script(
+            0,
+            [Reply::stream(
+                StreamScript::with_events(events.clone())
+                    .chunk_size(11)
+                    .ending(ending(whole)),
+            )],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        // Whole events only, in order, exactly as sent; then one error, then the end.
+        assert_eq!(s.events.len(), expect_events, "{s:?}");
+        for (got, sent) in s.events.iter().zip(&events) {
+            match sent {
+                SseEvent::Event { event, data } => assert_eq!((&got.0, &got.1), (event, data)),
+                SseEvent::Raw { .. } | SseEvent::RawBytes { .. } => unreachable!(),
+            }
+        }
+        assert!(s.stream_error.is_some(), "{s:?}");
+        assert_one_attempt_no_mark(&w);
+        w.finish();
+    }
+
+    /// A reset exactly between two events: every event before it, then one error.
+    pub fn stream_reset_between_events<A: Adapter>(t: Transport) {
+        stream_cut::<A>(t, Ending::ResetAfter, 4);
+    }
+
+    /// EOF inside a chunked event stream (no final chunk, in the middle of an event): every whole
+    /// event before it, then one error.
+    pub fn stream_eof_inside_chunked_body<A: Adapter>(t: Transport) {
+        stream_cut::<A>(t, |whole| Ending::EofAfter(whole + 9), 4);
+    }
+
+    /// EOF exactly between two events of a chunked stream: the same.
+    pub fn stream_eof_between_events<A: Adapter>(t: Transport) {
+        stream_cut::<A>(t, Ending::EofAfter, 4);
+    }
+
+    /// A plain JSON body cut short — EOF inside the chunked body, or a reset — after a 200 head:
+    /// the head is delivered, the body read fails (never a silently truncated 200), one
+    /// attempt, no mark.
+    ///
+    /// A proxy that has not sent a byte of the body yet may close the connection instead, before
+    /// its own head (status 0): the caller sees a broken exchange either way.
+    pub fn plain_body_cut_short_is_an_error<A: Adapter>(t: Transport) {
+        for ending in [Ending::EofAfter(20), Ending::ResetAfter(20)] {
+            let mut w = World::new::<A>(t, 2, first_byte());
+            w.script(0, [Reply::ok().chunk_size(8).ending(ending)]);
+            let a = w.send();
+            assert!(a.status == 200 || a.status == 0, "{a:?}");
+            assert!(a.error.is_some(), "a truncated body must be reported: {a:?}");
+            assert!(a.body.len() <= 20, "{a:?}");
+            assert!(serde_json::from_slice::<serde_json::Value>(&a.body).is_err());
+            assert_one_attempt_no_mark(&w);
+            w.finish();
+        }
+    }
+
+    fn small_events() -> Vec<SseEvent> {
+        vec![
+            SseEvent::new("message_start", r#"{"type":"message_start"}"#),
+            SseEvent::new(
+                "content_block_delta",
+                r#"{"type":"content_block_delta","index":0}"#,
+            ),
+            SseEvent::new("message_stop", r#"{"type":"message_stop"}"#),
+        ]
+    }
+
+    /// Slow loris: the upstream answers one byte per interval, each gap well under the idle
+    /// timeout but the whole answer longer than it — a stream and a JSON body both complete.
+    pub fn slow_loris_within_idle_completes<A: Adapter>(t: Transport) {
+        let gap = Duration::from_millis(12);
+        let mut w = World::new::<A>(t, 1, first_byte());
+        let events = small_events();
+        let total: usize = events.iter().map(|e| e.to_bytes().len()).sum();
+        assert!(gap * u32::try_from(total).unwrap() > quick_timeouts().idle);
+        w.script(
+            0,
+            [Reply::stream(
+                StreamScript::with_events(events).chunk_size(1).chunk_delay(gap),
+            )],
+        );
+        let started = std::time::Instant::now();
+        let s = w.stream();
+        assert!(
+            started.elapsed() > quick_timeouts().idle,
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(s.status, 200, "{s:?}");
+        assert!(s.stream_error.is_none(), "{s:?}");
+        let names: Vec<&str> = s.events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["message_start", "content_block_delta", "message_stop"]);
+
+        let body = serde_json::json!({"type": "message", "id": "msg_slow", "content": [{"type": "text", "text": "one byte at a time"}]});
+        let len = body.to_string().len();
+        assert!(gap * u32::try_from(len).unwrap() > quick_timeouts().idle);
+        w.script(
+            0,
+            [Reply::status(200)
+                .json(body.clone())
+                .chunk_size(1)
+                .chunk_delay(gap)],
+        );
+        let a = w.send();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(a.error.is_none(), "{a:?}");
+        assert_eq!(json(&a.body), body);
+        assert_eq!(w.seen(), [Some(0), Some(0)]);
+        w.finish();
+    }
+
+    /// Slow loris past the idle timeout: one byte, then a gap longer than the idle timeout. The
+    /// call ends within the timeouts, with no partial event: either an HTTP error (nothing was
+    /// committed) or a stream of whole events closed by one error. One attempt, no mark.
+    pub fn slow_loris_over_idle_times_out<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(
+            0,
+            [Reply::stream(
+                StreamScript::with_events(small_events())
+                    .chunk_size(1)
+                    .chunk_delay(quick_timeouts().idle * 3),
+            )],
+        );
+        let started = std::time::Instant::now();
+        let s = w.stream();
+        assert!(
+            started.elapsed() < quick_timeouts().idle * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        if s.status == 200 {
+            assert!(s.events.is_empty(), "no event was whole: {s:?}");
+            assert!(s.stream_error.is_some(), "{s:?}");
+        } else {
+            assert!(s.events.is_empty() && s.stream_error.is_none(), "{s:?}");
+            assert!(matches!(s.status, 502 | 504), "{s:?}");
+            assert!(s.error.is_some(), "{s:?}");
+        }
+        assert_one_attempt_no_mark(&w);
+        w.finish();
+    }
+
+    /// Invalid UTF-8 inside an event, split across chunks: every event still arrives whole and in
+    /// order; the parser replaces the bad byte with U+FFFD.
+    pub fn stream_invalid_utf8_replaced<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 1, first_byte());
+        let mut bad =
+            b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"text\":\"a".to_vec();
+        bad.extend_from_slice(&[0xff, 0xc3]);
+        bad.extend_from_slice(b"b\xe2\x9c\x93\"}\n\n");
+        let events = vec![
+            SseEvent::new("message_start", r#"{"type":"message_start"}"#),
+            SseEvent::raw_bytes(&bad),
+            SseEvent::new("message_stop", r#"{"type":"message_stop"}"#),
+        ];
+        w.script(
+            0,
+            [Reply::stream(StreamScript::with_events(events).chunk_size(5))],
+        );
+        let s = w.stream();
+        assert_eq!(s.status, 200, "{s:?}");
+        assert!(s.stream_error.is_none(), "{s:?}");
+        let names: Vec<&str> = s.events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["message_start", "content_block_delta", "message_stop"]);
+        let data = &s.events[1].1;
+        assert!(
+            data.starts_with(r#"{"type":"content_block_delta","text":"a"#),
+            "{data:?}"
+        );
+        assert!(data.ends_with("b\u{2713}\"}"), "{data:?}");
+        assert!(data.contains('\u{FFFD}'), "{data:?}");
+        w.finish();
+    }
+
+    /// A 429 with a 100 MB error body: the key still cools and the call fails over at once; the
+    /// client reads at most a bounded prefix of the body (the mock stops being able to send long
+    /// before 100 MB: the connection is dropped, not drained).
+    pub fn huge_error_body_on_429_fails_over_fast<A: Adapter>(t: Transport) {
+        const HUNDRED_MB: usize = 100 << 20;
+        let mut w = World::new::<A>(t, 2, first_byte());
+        let unit = "x".repeat(64 << 10);
+        w.script(
+            0,
+            [Reply::rate_limited(RetryAfter::Seconds("7".into()))
+                .body(keypool_mock::Body::Repeated {
+                    text: unit,
+                    times: HUNDRED_MB >> 16,
+                })
+                .header("content-type", "application/json")],
+        );
+        let started = std::time::Instant::now();
+        let a = w.send();
+        let took = started.elapsed();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(w.seen(), [Some(0), Some(1)]);
+        assert!(w.state(0).is_cooling(), "{:?}", w.state(0));
+        assert!(took < Duration::from_secs(5), "failover took {took:?}");
+        let outcomes = w.mock.wait_for_outcomes(2, FAULT_BUDGET).unwrap();
+        let first = outcomes.iter().find(|o| o.request == 0).unwrap();
+        assert_ne!(first.end, keypool_mock::OutcomeEnd::Completed, "{first:?}");
+        assert!(
+            first.bytes_sent < 32 << 20,
+            "the client drained the body: {first:?}"
+        );
+        w.finish();
+    }
+
+    /// 60 KB of response headers: a 200 is delivered, a 429 still cools its key and fails over.
+    pub fn huge_response_headers<A: Adapter>(t: Transport) {
+        let pad = |mut r: Reply| {
+            for i in 0..60 {
+                r = r.header(&format!("x-pad-{i:02}"), &"p".repeat(1000));
+            }
+            r
+        };
+        let mut w = World::new::<A>(t, 2, first_byte());
+        w.script(0, [pad(Reply::ok())]);
+        let a = w.send();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(json(&a.body)["type"], "message");
+        assert_eq!(a.headers["x-pad-59"].len(), 1000);
+        w.script(0, [pad(Reply::rate_limited(RetryAfter::Seconds("5".into())))]);
+        let a = w.send();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_eq!(w.seen(), [Some(0), Some(0), Some(1)]);
+        assert!(w.state(0).is_cooling());
+        w.finish();
+    }
+
+    /// Garbage, zero, negative, huge and fractional `retry-after` values each leave the right
+    /// cooldown: the default 60 s for the invalid ones, the 1 h cap for the huge one, 2.5 s for
+    /// `2.5`.
+    pub fn retry_after_values_cool_correctly<A: Adapter>(t: Transport) {
+        let secs = Duration::from_secs;
+        for (retry, lo, hi) in [
+            (RetryAfter::Seconds("soon-ish".into()), secs(55), secs(60)),
+            (RetryAfter::Seconds("-5".into()), secs(55), secs(60)),
+            (RetryAfter::Seconds("0".into()), secs(55), secs(60)),
+            (RetryAfter::Millis("-1500".into()), secs(55), secs(60)),
+            (RetryAfter::Seconds("99999999".into()), secs(3590), secs(3600)),
+            (RetryAfter::Seconds("1e400".into()), secs(55), secs(3600)),
+            (
+                RetryAfter::Seconds("2.5".into()),
+                Duration::from_millis(1500),
+                Duration::from_millis(2500),
+            ),
+        ] {
+            let mut w = World::new::<A>(t, 2, first_byte());
+            w.script(0, [Reply::rate_limited(retry.clone())]);
+            let a = w.send();
+            assert_eq!(a.status, 200, "{retry:?}: {a:?}");
+            assert_eq!(w.seen(), [Some(0), Some(1)]);
+            match w.state(0) {
+                KeyState::Cooling { until, .. } => {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    assert!(left > lo && left <= hi, "{retry:?}: {left:?}");
+                }
+                other => panic!("{retry:?}: {other:?}"),
+            }
+            w.finish();
+        }
+    }
+
+    /// The upstream closes keep-alive connections while they are idle: the next call succeeds
+    /// with one attempt on a new connection, no key spent.
+    pub fn idle_connections_closed_by_upstream<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        for round in 0..3 {
+            let a = w.send();
+            assert_eq!(a.status, 200, "round {round}: {a:?}");
+            w.mock.close_idle_connections(FAULT_BUDGET).unwrap();
+            let s = w.stream();
+            assert_eq!(s.status, 200, "round {round}: {s:?}");
+            assert!(s.stream_error.is_none(), "{s:?}");
+            w.mock.close_idle_connections(FAULT_BUDGET).unwrap();
+        }
+        assert_eq!(w.seen(), [Some(0); 6]);
+        let reqs = w.mock.requests();
+        for pair in reqs.windows(2) {
+            assert_ne!(
+                pair[0].connection, pair[1].connection,
+                "the connection was closed"
+            );
+        }
+        assert!(w.state(0).is_available() && w.state(1).is_available());
+        w.finish();
+    }
 }
 
 /// Instantiates every scenario as a `#[test]` for an adapter type and a [`Transport`].
@@ -610,6 +963,18 @@ macro_rules! conformance_suite {
                 stalled_head_times_out,
                 stalled_stream_times_out,
                 reset_before_head_is_502,
+                broken_head_is_502,
+                stream_reset_between_events,
+                stream_eof_inside_chunked_body,
+                stream_eof_between_events,
+                plain_body_cut_short_is_an_error,
+                slow_loris_within_idle_completes,
+                slow_loris_over_idle_times_out,
+                stream_invalid_utf8_replaced,
+                huge_error_body_on_429_fails_over_fast,
+                huge_response_headers,
+                retry_after_values_cool_correctly,
+                idle_connections_closed_by_upstream,
             );
         }
     };

@@ -74,12 +74,18 @@ async fn answer(result: Result<http::Response<keypool_async_std::Body>, Error>) 
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let mut body = Vec::new();
-            response.into_body().read_to_end(&mut body).await.unwrap();
+            // A body that breaks after the head is reported, with what arrived before it.
+            let error = response
+                .into_body()
+                .read_to_end(&mut body)
+                .await
+                .err()
+                .map(|e| format!("body: {e} / {e:?}"));
             Answer {
                 status,
                 headers,
                 body,
-                error: None,
+                error,
             }
         }
         Err(e) => from_error(&e),

@@ -3,26 +3,54 @@
 //! The gateway runs in-process on 127.0.0.1:0 (its own tokio runtime on a background thread)
 //! in front of the scenario's mock; the suite's client speaks plain HTTP/1.1 to it, exactly as
 //! an SDK would with `ANTHROPIC_BASE_URL`.
+//!
+//! Every gateway logs at `trace` level into its own buffer (a tracing dispatcher set on each of
+//! its runtime threads); the logs, `/metrics` and `/admin/keys` go through the suite's secret
+//! check at the end of every scenario.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
 use keypool_core::call::Request;
 use keypool_core::sse::Parser;
-use keypool_core::{KeySpec, Order, Pool};
+use keypool_core::{KeySpec, Order, Pool, Secret};
 use keypool_gateway::access::AccessPolicy;
 use keypool_gateway::config::{Config, KeySource};
 use keypool_gateway::server::{Server, Shared};
 
 struct Gateway;
 
+const ADMIN_TOKEN: &str = "admin-token-conformance-Vb81Nm4Xz6";
+
+/// Where one gateway's log lines go.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
 struct GatewayClient {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    logs: LogBuffer,
     agent: ureq::Agent,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -51,7 +79,7 @@ impl Adapter for Gateway {
                 tokens: Vec::new(),
                 allow_byok: true,
             },
-            admin_token: None,
+            admin_token: Some(Secret::new(ADMIN_TOKEN).unwrap()),
             order: Order::PrimaryWithFallback,
             call: setup.config.clone(),
             max_body: 1 << 20,
@@ -60,10 +88,23 @@ impl Adapter for Gateway {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let logs = LogBuffer::default();
+        let dispatch = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(logs.clone())
+                .finish(),
+        );
         let thread = std::thread::spawn(move || {
+            let _logging = tracing::dispatcher::set_default(&dispatch);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
+                .on_thread_start(move || {
+                    // For the thread's whole life: the guard is never dropped.
+                    std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+                })
                 .build()
                 .unwrap();
             rt.block_on(async move {
@@ -84,6 +125,7 @@ impl Adapter for Gateway {
         GatewayClient {
             addr,
             shared,
+            logs,
             agent,
             stop: Some(stop),
             thread: Some(thread),
@@ -92,7 +134,23 @@ impl Adapter for Gateway {
 }
 
 impl GatewayClient {
-    fn raw(&self, request: Request, own_key: Option<&str>) -> (u16, http::HeaderMap, Vec<u8>) {
+    fn get(&self, path: &str) -> String {
+        let mut response = self
+            .agent
+            .get(format!("http://{}{path}", self.addr))
+            .header("x-api-key", ADMIN_TOKEN)
+            .call()
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.body_mut().read_to_string().unwrap()
+    }
+
+    /// The status, the headers, the body as far as it came, and the error that broke it.
+    fn raw(
+        &self,
+        request: Request,
+        own_key: Option<&str>,
+    ) -> (u16, http::HeaderMap, Vec<u8>, Option<String>) {
         let mut builder = http::Request::builder()
             .method(request.method)
             .uri(format!("http://{}{}", self.addr, request.path_and_query));
@@ -105,15 +163,27 @@ impl GatewayClient {
         if let Some(key) = own_key {
             builder = builder.header("x-api-key", key);
         }
-        let response = self
-            .agent
-            .run(builder.body(request.body.to_vec()).unwrap())
-            .unwrap();
+        let response = match self.agent.run(builder.body(request.body.to_vec()).unwrap()) {
+            Ok(r) => r,
+            Err(e) => {
+                return (
+                    0,
+                    http::HeaderMap::new(),
+                    Vec::new(),
+                    Some(format!("connection: {e}")),
+                );
+            }
+        };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut body = Vec::new();
-        let _ = response.into_body().into_reader().read_to_end(&mut body);
-        (status, headers, body)
+        let broke = response
+            .into_body()
+            .into_reader()
+            .read_to_end(&mut body)
+            .err()
+            .map(|e| format!("body: {e}"));
+        (status, headers, body, broke)
     }
 }
 
@@ -127,8 +197,10 @@ impl TestClient for GatewayClient {
         self.shared.pool()
     }
     fn send(&self, request: Request) -> Answer {
-        let (status, headers, body) = self.raw(request, None);
-        let error = is_keypool_error(&body).then(|| String::from_utf8_lossy(&body).into_owned());
+        let (status, headers, body, broke) = self.raw(request, None);
+        let error = is_keypool_error(&body)
+            .then(|| String::from_utf8_lossy(&body).into_owned())
+            .or(broke);
         Answer {
             status,
             headers,
@@ -137,7 +209,7 @@ impl TestClient for GatewayClient {
         }
     }
     fn send_byok(&self, request: Request, key: &str) -> Answer {
-        let (status, headers, body) = self.raw(request, Some(key));
+        let (status, headers, body, _) = self.raw(request, Some(key));
         Answer {
             status,
             headers,
@@ -146,7 +218,9 @@ impl TestClient for GatewayClient {
         }
     }
     fn stream(&self, request: Request) -> StreamAnswer {
-        let (status, headers, body) = self.raw(request, None);
+        // After keypool's error event the gateway aborts the chunked body; the event is what
+        // tells the caller, so the read error is not looked at here.
+        let (status, headers, body, _) = self.raw(request, None);
         let is_events = headers
             .get("content-type")
             .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
@@ -180,6 +254,16 @@ impl TestClient for GatewayClient {
             }
         }
         out
+    }
+    fn observations(&self) -> Vec<String> {
+        let metrics = self.get("/metrics");
+        let admin = self.get("/admin/keys");
+        let logs = String::from_utf8_lossy(&self.logs.0.lock().unwrap()).into_owned();
+        assert!(
+            logs.contains("keypool::request"),
+            "the request log lines were captured"
+        );
+        vec![metrics, admin, logs]
     }
 }
 

@@ -52,13 +52,18 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
             let headers = response.headers().clone();
             let mut body = response.into_body();
             let mut bytes = Vec::new();
+            let mut error = None;
             loop {
                 match body.next_chunk().await {
                     Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
                     Ok(None) => break,
-                    // An event stream read as bytes ends with keypool's error event.
                     Err(e) => {
-                        bytes.extend_from_slice(&e.event.expect("a plain body broke"));
+                        // An event stream read as bytes ends with keypool's error event; a plain
+                        // body that breaks after the head is reported.
+                        match &e.event {
+                            Some(event) => bytes.extend_from_slice(event),
+                            None => error = Some(format!("body: {e} / {e:?}")),
+                        }
                         break;
                     }
                 }
@@ -67,7 +72,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
                 status,
                 headers,
                 body: bytes,
-                error: None,
+                error,
             }
         }
         Err(e) => from_error(&e),

@@ -41,14 +41,16 @@ fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
         Ok(response) => {
             let status = response.status().as_u16();
             let headers = response.headers().clone();
-            let body = std::io::read_to_string(response.into_body())
-                .unwrap()
-                .into_bytes();
+            let mut body = Vec::new();
+            // A body that breaks after the head is reported, with what arrived before it.
+            let error = std::io::Read::read_to_end(&mut response.into_body(), &mut body)
+                .err()
+                .map(|e| format!("body: {e} / {e:?}"));
             Answer {
                 status,
                 headers,
                 body,
-                error: None,
+                error,
             }
         }
         Err(e) => from_error(&e),
