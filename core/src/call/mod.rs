@@ -482,12 +482,12 @@ impl Call {
             }
             State::Plain => self.outputs.push_back(Output::Body(chunk)),
             State::Holding(h) => {
-                h.framer.feed(chunk);
-                self.pump_holding(now);
+                h.framer.feed(chunk.clone());
+                self.pump_holding(&chunk, now);
             }
             State::Streaming { framer, clean_end } => {
+                let mut out = Joiner::within(chunk.clone());
                 framer.feed(chunk);
-                let mut out = Joiner::default();
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
@@ -719,8 +719,8 @@ impl Call {
         }
     }
 
-    /// Runs the framer of a stream that is not committed yet.
-    fn pump_holding(&mut self, now: Instant) {
+    /// Runs the framer of a stream that is not committed yet; `chunk` is the one just fed.
+    fn pump_holding(&mut self, chunk: &Bytes, now: Instant) {
         let first_content = matches!(self.config.commit, CommitPoint::FirstContent { .. });
         loop {
             let State::Holding(h) = &mut self.state else {
@@ -732,7 +732,7 @@ impl Call {
                 Some(Ok(frame)) => frame,
             };
             if !first_content {
-                let mut out = Joiner::default();
+                let mut out = Joiner::within(chunk.clone());
                 out.push(frame.into_bytes());
                 return self.commit(out);
             }
@@ -743,7 +743,7 @@ impl Call {
                     return self.in_band_error(&data, now);
                 }
                 _ => {
-                    let mut out = Joiner::default();
+                    let mut out = Joiner::within(chunk.clone());
                     out.push(frame.into_bytes());
                     return self.commit(out);
                 }
@@ -786,7 +786,7 @@ impl Call {
             headers,
             kind: BodyKind::EventStream,
         }));
-        let mut all = Joiner::default();
+        let mut all = Joiner::within_chunk_of(&out);
         for bytes in held {
             all.push(bytes);
         }
@@ -859,15 +859,58 @@ impl Call {
     }
 }
 
-/// Joins whole events into one `Bytes`, without copying when there is only one.
+/// Joins whole events into one `Bytes`. Copies nothing when there is only one, or when the
+/// events are contiguous slices of the upstream chunk they were cut from (the usual case: the
+/// framer cuts events that lie inside one chunk as slices of it), which are forwarded as one
+/// slice of that chunk.
 #[derive(Default)]
 struct Joiner {
+    /// The upstream chunk the events were cut from, if known.
+    chunk: Option<Bytes>,
     first: Option<Bytes>,
     rest: Option<BytesMut>,
 }
 
 impl Joiner {
+    fn within(chunk: Bytes) -> Self {
+        Self {
+            chunk: Some(chunk),
+            first: None,
+            rest: None,
+        }
+    }
+
+    /// An empty joiner for events of the same chunk as `other`'s.
+    fn within_chunk_of(other: &Self) -> Self {
+        Self {
+            chunk: other.chunk.clone(),
+            first: None,
+            rest: None,
+        }
+    }
+
+    /// `first` then `next` as one slice of the chunk, when they are adjacent inside it.
+    fn adjacent(&self, first: &Bytes, next: &Bytes) -> Option<Bytes> {
+        let chunk = self.chunk.as_ref()?;
+        let base = chunk.as_ptr() as usize;
+        let start = (first.as_ptr() as usize).checked_sub(base)?;
+        let mid = start + first.len();
+        let next_start = (next.as_ptr() as usize).checked_sub(base)?;
+        let end = next_start + next.len();
+        (!first.is_empty() && next_start == mid && end <= chunk.len()).then(|| chunk.slice(start..end))
+    }
+
     fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.rest.is_none()
+            && let Some(first) = &self.first
+            && let Some(joined) = self.adjacent(first, &bytes)
+        {
+            self.first = Some(joined);
+            return;
+        }
         match (&mut self.first, &mut self.rest) {
             (None, _) => self.first = Some(bytes),
             (Some(first), None) => {
@@ -927,5 +970,40 @@ fn event_data(raw: Bytes) -> Bytes {
     match parser.next_event() {
         Some(Ok(event)) => event.into_data(),
         _ => Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod joiner_tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_slices_of_one_chunk_are_one_slice_without_copy() {
+        let chunk = Bytes::from_static(b"event: a\n\nevent: b\n\nevent: c\n\n");
+        let mut j = Joiner::within(chunk.clone());
+        j.push(chunk.slice(0..10));
+        j.push(chunk.slice(10..20));
+        j.push(chunk.slice(20..30));
+        let out = j.finish().unwrap();
+        assert_eq!(out, chunk);
+        assert_eq!(out.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn events_from_elsewhere_are_copied_in_order() {
+        let chunk = Bytes::from_static(b"event: a\n\nevent: b\n\n");
+        let spanning = Bytes::from_static(b"event: z\n\n");
+        let mut j = Joiner::within(chunk.clone());
+        j.push(spanning);
+        j.push(chunk.slice(0..10));
+        j.push(chunk.slice(10..20));
+        assert_eq!(
+            j.finish().unwrap(),
+            Bytes::from_static(b"event: z\n\nevent: a\n\nevent: b\n\n")
+        );
+        let mut gap = Joiner::within(chunk.clone());
+        gap.push(chunk.slice(0..5));
+        gap.push(chunk.slice(10..20));
+        assert_eq!(gap.finish().unwrap(), Bytes::from_static(b"eventevent: b\n\n"));
     }
 }
