@@ -104,6 +104,9 @@ pub enum GatewayBody {
     Relay {
         /// The body.
         body: keypool_tokio::Body,
+        /// Bytes still due when the response has a `content-length`: hyper stops polling a
+        /// body once that many bytes are written, so reaching zero is how completion shows.
+        remaining: Option<u64>,
         /// For the end-of-request log line and metrics.
         log: Option<Box<RequestLog>>,
     },
@@ -146,10 +149,10 @@ impl RequestLog {
 
 impl Drop for GatewayBody {
     fn drop(&mut self) {
-        if let Self::Relay { log, .. } = self
+        if let Self::Relay { log, remaining, .. } = self
             && let Some(log) = log.take()
         {
-            log.emit("client_gone");
+            log.emit(if *remaining == Some(0) { "complete" } else { "client_gone" });
         }
     }
 }
@@ -164,7 +167,7 @@ impl http_body::Body for GatewayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Relay { body, log } => match Pin::new(body).poll_frame(cx) {
+            Self::Relay { body, log, remaining } => match Pin::new(body).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
                     if let Some(log) = log.take() {
@@ -172,7 +175,17 @@ impl http_body::Body for GatewayBody {
                     }
                     Poll::Ready(None)
                 }
-                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(left), Some(data)) = (remaining.as_mut(), frame.data_ref()) {
+                        *left = left.saturating_sub(data.len() as u64);
+                        if *left == 0
+                            && let Some(log) = log.take()
+                        {
+                            log.emit("complete");
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(log) = log.take() {
                         log.emit("upstream_broke");
@@ -424,10 +437,16 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 key: key_label,
                 started,
             };
+            let remaining = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             Response::from_parts(
                 parts,
                 GatewayBody::Relay {
                     body,
+                    remaining,
                     log: Some(Box::new(log)),
                 },
             )
@@ -466,6 +485,22 @@ fn too_large(max: usize) -> Response<GatewayBody> {
     )
 }
 
+/// How many connections the kernel may hold for the gateway before it accepts them. The usual
+/// default (128) drops the SYNs of a burst of clients, each of which then waits a 1 s
+/// retransmission; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A bound, not yet serving gateway.
 pub struct Server {
     listener: TcpListener,
@@ -485,9 +520,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, String> {
         let listen = config.listen;
         let shared = Shared::new(config)?;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let listener = listen_on(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         Ok(Self { listener, shared })
     }
 
