@@ -505,3 +505,17 @@ fn demo_runs_without_network_or_keys() {
     assert!(stdout.contains("disabled"), "{stdout}");
     assert!(stdout.contains("429 retry-after"), "{stdout}");
 }
+
+#[test]
+fn request_log_line_says_complete_for_a_whole_response() {
+    let mock = MockServer::start();
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let (s, _) = post(&gw, &[], BODY);
+    assert_eq!(s, 200);
+    gw.wait_log("\"outcome\":\"complete\"");
+    assert!(
+        !gw.logs().contains("\"outcome\":\"client_gone\""),
+        "{}",
+        gw.logs()
+    );
+}
