@@ -44,8 +44,7 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     /// Builds the shared state: the pool and the upstream client.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let pool = Pool::new(config.keys.clone(), config.order, Instant::now())
-            .map_err(|e| e.to_string())?;
+        let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
         let pool = Arc::new(pool);
         let mut builder = keypool_tokio::Client::builder()
             .base_url(config.upstream.clone())
@@ -53,9 +52,7 @@ impl Shared {
         for der in &config.upstream_roots {
             builder = builder.root_cert_der(der.clone());
         }
-        let client = builder
-            .build_with_pool(pool.clone())
-            .map_err(|e| e.to_string())?;
+        let client = builder.build_with_pool(pool.clone()).map_err(|e| e.to_string())?;
         Ok(Arc::new(Self {
             config,
             pool: RwLock::new(pool),
@@ -79,9 +76,7 @@ impl Shared {
         };
         let keys = load_keys_file(path).map_err(|e| e.to_string())?;
         let old = self.pool();
-        let new = old
-            .reload(keys)
-            .map_err(|e| format!("invalid key list: {e}"))?;
+        let new = old.reload(keys).map_err(|e| format!("invalid key list: {e}"))?;
         let kept = new
             .ids()
             .filter(|&id| old.ids().any(|o| old.secret(o) == new.secret(id)))
@@ -176,11 +171,7 @@ impl http_body::Body for GatewayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Relay {
-                body,
-                log,
-                remaining,
-            } => match Pin::new(body).poll_frame(cx) {
+            Self::Relay { body, log, remaining } => match Pin::new(body).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(None) => {
                     if let Some(log) = log.take() {
@@ -225,11 +216,7 @@ impl http_body::Body for GatewayBody {
     }
 }
 
-fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<GatewayBody> {
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<GatewayBody> {
     let mut res = Response::new(GatewayBody::Full(Some(body.into())));
     *res.status_mut() = status;
     res.headers_mut()
@@ -258,11 +245,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
         (&Method::GET, "/healthz") => health(&shared),
         (&Method::GET, "/metrics") => {
             let text = shared.metrics.render(&shared.pool(), Instant::now());
-            full(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                text,
-            )
+            full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
         (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
         (_, p) if p.starts_with("/v1/") => forward(shared, req).await,
@@ -295,10 +278,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
         );
     };
     if !access::presented(req.headers()).is_some_and(|t| token.ct_eq(t)) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "admin routes need the admin token",
-        );
+        return error(StatusCode::UNAUTHORIZED, "admin routes need the admin token");
     }
     let pool = shared.pool();
     let now = Instant::now();
@@ -316,9 +296,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                             Some(format!("{reason:?}")),
                             Some(until.saturating_duration_since(now).as_secs_f64()),
                         ),
-                        KeyState::Disabled { reason } => {
-                            ("disabled", Some(format!("{reason:?}")), None)
-                        }
+                        KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
                     };
                     serde_json::json!({
                         "label": k.label, "hint": k.hint, "state": state,
@@ -507,10 +485,24 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
 fn too_large(max: usize) -> Response<GatewayBody> {
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
-        &format!(
-            "the request body is larger than this gateway's limit of {max} bytes (--max-body)"
-        ),
+        &format!("the request body is larger than this gateway's limit of {max} bytes (--max-body)"),
     )
+}
+
+/// How many connections the kernel may hold for the gateway before it accepts them. The usual
+/// default (128) drops the SYNs of a burst of clients, each of which then waits a 1 s
+/// retransmission; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// A bound, not yet serving gateway.
@@ -532,9 +524,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, String> {
         let listen = config.listen;
         let shared = Shared::new(config)?;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let listener = listen_on(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         Ok(Self { listener, shared })
     }
 
@@ -590,10 +580,7 @@ impl Server {
             grace_s = grace.as_secs_f64(),
             "shutting down: no new connections; waiting for in-flight requests"
         );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("grace period over; closing the remaining connections");
         }
     }
