@@ -519,3 +519,38 @@ fn request_log_line_says_complete_for_a_whole_response() {
         gw.logs()
     );
 }
+
+#[test]
+fn serves_h2c_prior_knowledge_clients() {
+    use http_body_util::{BodyExt, Full};
+    let mock = MockServer::start();
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = gw.url("/v1/messages");
+    let (version, status, body) = rt.block_on(async move {
+        let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let req = http::Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from_static(BODY.as_bytes())))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        let version = res.version();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (version, status, body)
+    });
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(status, 200);
+    assert!(
+        std::str::from_utf8(&body)
+            .unwrap()
+            .contains("\"type\":\"message\"")
+    );
+    assert_eq!(mock.request_count(), 1);
+}
