@@ -152,8 +152,9 @@ pub fn key_hint(key: &str) -> String {
     }
 }
 
-/// How one exchange (a request and its answer) ended, seen from the server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How one exchange (a request and its answer) ended, seen from the server. Its `Debug` shows
+/// the key's hint only, like [`Recorded`]'s.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// Index of the request in [`MockServer::requests`].
     pub request: usize,
@@ -165,6 +166,18 @@ pub struct Outcome {
     pub bytes_sent: usize,
     /// How it ended.
     pub end: OutcomeEnd,
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outcome")
+            .field("request", &self.request)
+            .field("key", &self.key.as_deref().map(key_hint))
+            .field("streaming", &self.streaming)
+            .field("bytes_sent", &self.bytes_sent)
+            .field("end", &self.end)
+            .finish()
+    }
 }
 
 /// The end of an exchange.

@@ -673,3 +673,14 @@ fn close_idle_connections_drops_kept_alive_connections() {
     let (head, _) = call(&mock, "POST", "/v1/messages", Some("k"), MESSAGE);
     assert_eq!(head.status, 200);
 }
+
+#[test]
+fn outcome_debug_shows_hints_only() {
+    let mock = MockServer::start();
+    let key = "sk-ant-api03-outcome-debug-key-0123456789";
+    let _ = call(&mock, "POST", "/v1/messages", Some(key), MESSAGE);
+    let o = mock.wait_for_outcomes(1, WAIT).unwrap();
+    let shown = format!("{o:?}");
+    assert!(!shown.contains("outcome-debug"), "{shown}");
+    assert!(shown.contains("sk-a"), "{shown}");
+}
