@@ -851,6 +851,32 @@ pub mod scenarios {
         w.finish();
     }
 
+    /// Classification reads at most 64 KiB of an error body: a 400 whose credit-balance message
+    /// starts after that is the request's error, delivered whole and as is, with no mark.
+    pub fn classification_reads_at_most_64_kib<A: Adapter>(t: Transport) {
+        let mut w = World::new::<A>(t, 2, first_byte());
+        let message = format!("{}{}", " ".repeat(70 << 10), keypool_mock::CREDIT_BALANCE_MESSAGE);
+        w.script(0, [Reply::error(400, "invalid_request_error", &message)]);
+        let a = w.send();
+        assert_eq!(a.status, 400, "{:?}", a.error);
+        assert!(a.error.is_none());
+        assert_eq!(json(&a.body)["error"]["message"], message.as_str());
+        assert_one_attempt_no_mark(&w);
+        w.finish();
+        // The same message within the first 64 KiB disables the key.
+        let mut w = World::new::<A>(t, 2, first_byte());
+        let message = format!("{}{}", " ".repeat(60 << 10), keypool_mock::CREDIT_BALANCE_MESSAGE);
+        w.script(0, [Reply::error(400, "invalid_request_error", &message)]);
+        assert_eq!(w.send().status, 200);
+        assert_eq!(
+            w.state(0),
+            KeyState::Disabled {
+                reason: keypool_core::DisableReason::Billing
+            }
+        );
+        w.finish();
+    }
+
     /// 60 KB of response headers: a 200 is delivered, a 429 still cools its key and fails over.
     pub fn huge_response_headers<A: Adapter>(t: Transport) {
         let pad = |mut r: Reply| {
@@ -972,6 +998,7 @@ macro_rules! conformance_suite {
                 slow_loris_over_idle_times_out,
                 stream_invalid_utf8_replaced,
                 huge_error_body_on_429_fails_over_fast,
+                classification_reads_at_most_64_kib,
                 huge_response_headers,
                 retry_after_values_cool_correctly,
                 idle_connections_closed_by_upstream,
