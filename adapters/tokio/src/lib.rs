@@ -83,6 +83,7 @@ use keypool_core::{Pool, Secret};
 mod body;
 mod driver;
 mod layer;
+mod transport;
 
 pub use body::{Body, EventStream};
 pub use driver::BoxError;
@@ -90,11 +91,9 @@ pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Ti
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
+pub use transport::HttpClient;
 
 use driver::{Driver, Exchange, Upstream};
-
-/// The pooled hyper-util client a [`Client`] sends with (HTTP and HTTPS, HTTP/1.1 and HTTP/2).
-pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
@@ -117,7 +116,8 @@ impl ClientAdapter for Client {
             // Take response heads as large over HTTP/2 as over HTTP/1.1 (hyper's HTTP/2 default
             // is 16 KiB, which turns a 20 KiB head into a reset).
             .http2_max_header_list_size(256 << 10)
-            .build(connector);
+            .build(transport::StampedConnector(connector));
+        let http = HttpClient::new(http);
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
