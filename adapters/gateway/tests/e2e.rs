@@ -554,3 +554,60 @@ fn serves_h2c_prior_knowledge_clients() {
     );
     assert_eq!(mock.request_count(), 1);
 }
+
+#[test]
+fn mock_upstream_command_serves_a_scenario_and_the_gateway_fails_over_through_it() {
+    let dir = std::env::temp_dir().join(format!("keypool-e2e-{}-mock", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "[keys.\"{K0}\"]\nscript = [{{ status = 429, retry_after = {{ seconds = \"30\" }}, body = {{ type = \"error\", error_type = \"rate_limit_error\" }} }}]\n"
+        ),
+    )
+    .unwrap();
+    let ca = dir.join("ca.pem");
+    let mut mock = Command::new(bin())
+        .args([
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--scenario",
+        ])
+        .arg(&scenario)
+        .arg("--write-ca")
+        .arg(&ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(mock.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // "mock Anthropic API: http://127.0.0.1:PORT (plain), https://localhost:PORT (TLS)"
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        std::fs::read_to_string(&ca)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let keys = format!("{K0},{K1}");
+    let gw = Gateway::start(&["--upstream", &url], &[("KEYPOOL_KEYS", &keys)]);
+    let (s, body) = post(&gw, &[], BODY);
+    assert_eq!(s, 200, "{body}");
+    let (_, health) = get(&gw, "/healthz", &[]);
+    assert!(
+        health.contains("\"available\":1"),
+        "k0 cools after the scripted 429: {health}"
+    );
+    let _ = mock.kill();
+    let _ = mock.wait();
+}
