@@ -17,6 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use keypool_core::call::{CallConfig, CommitPoint, Request, Timeouts};
+use keypool_core::client::{ClientError, StreamError};
+use keypool_core::sse::Event;
 use keypool_core::{KeyId, KeyState, Pool};
 pub use keypool_mock::{Ending, MockServer, Reply, RetryAfter, SseEvent, StreamScript};
 
@@ -63,6 +65,53 @@ pub struct StreamAnswer {
     pub body: Vec<u8>,
     /// For keypool's own answers: the typed error's `Display` and `Debug`.
     pub error: Option<String>,
+}
+
+impl Answer {
+    /// keypool's own answer (a client's `Err`), rendered as the gateway would send it.
+    pub fn from_client_error(e: &ClientError) -> Self {
+        let response = e.to_response().unwrap_or_else(|| panic!("no response for {e:?}"));
+        Self {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.body().to_vec(),
+            error: Some(format!("{e} / {e:?}")),
+        }
+    }
+}
+
+impl StreamAnswer {
+    /// A stream the client did not deliver: keypool's own answer, or the upstream's answer that
+    /// was not an event stream.
+    pub fn from_client_error(e: &ClientError) -> Self {
+        let a = Answer::from_client_error(e);
+        Self {
+            status: a.status,
+            body: a.body,
+            error: a.error,
+            ..Self::default()
+        }
+    }
+
+    /// An empty delivered stream (status 200), to [`record`](Self::record) items into.
+    pub fn delivered() -> Self {
+        Self {
+            status: 200,
+            ..Self::default()
+        }
+    }
+
+    /// Records one item of a delivered stream: an event, or the one error that ends a stream
+    /// that broke after commit (a second error fails the scenario).
+    pub fn record(&mut self, item: Result<Event, StreamError>) {
+        match item {
+            Ok(e) => self.events.push((e.event_type().to_owned(), e.data().to_owned())),
+            Err(e) => {
+                assert!(self.stream_error.is_none(), "a second error after the first");
+                self.stream_error = Some(format!("{e} / {e:?}"));
+            }
+        }
+    }
 }
 
 /// One adapter under test.

@@ -58,16 +58,6 @@ impl<E: Executor> Adapter for FuturesIo<E> {
     }
 }
 
-fn from_error(e: &Error) -> Answer {
-    let response = e.to_response().unwrap_or_else(|| panic!("no response for {e:?}"));
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: response.body().to_vec(),
-        error: Some(format!("{e} / {e:?}")),
-    }
-}
-
 async fn answer(result: Result<http::Response<keypool_async_std::Body>, Error>) -> Answer {
     match result {
         Ok(response) => {
@@ -88,7 +78,7 @@ async fn answer(result: Result<http::Response<keypool_async_std::Body>, Error>) 
                 error,
             }
         }
-        Err(e) => from_error(&e),
+        Err(e) => Answer::from_client_error(&e),
     }
 }
 
@@ -107,30 +97,13 @@ impl<E: Executor> TestClient for FuturesIoClient<E> {
         E::block_on(async {
             match self.client.stream(request).await {
                 Ok(mut events) => {
-                    let mut out = StreamAnswer {
-                        status: 200,
-                        ..StreamAnswer::default()
-                    };
+                    let mut out = StreamAnswer::delivered();
                     while let Some(event) = events.next().await {
-                        match event {
-                            Ok(e) => out.events.push((e.event_type().to_owned(), e.data().to_owned())),
-                            Err(e) => {
-                                assert!(out.stream_error.is_none(), "a second error after the first");
-                                out.stream_error = Some(format!("{e} / {e:?}"));
-                            }
-                        }
+                        out.record(event)
                     }
                     out
                 }
-                Err(e) => {
-                    let a = from_error(&e);
-                    StreamAnswer {
-                        status: a.status,
-                        body: a.body,
-                        error: a.error,
-                        ..StreamAnswer::default()
-                    }
-                }
+                Err(e) => StreamAnswer::from_client_error(&e),
             }
         })
     }

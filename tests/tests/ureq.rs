@@ -26,16 +26,6 @@ impl Adapter for Ureq {
     }
 }
 
-fn from_error(e: &Error) -> Answer {
-    let response = e.to_response().unwrap_or_else(|| panic!("no response for {e:?}"));
-    Answer {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body: response.body().to_vec(),
-        error: Some(format!("{e} / {e:?}")),
-    }
-}
-
 fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
     match result {
         Ok(response) => {
@@ -53,7 +43,7 @@ fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
                 error,
             }
         }
-        Err(e) => from_error(&e),
+        Err(e) => Answer::from_client_error(&e),
     }
 }
 
@@ -70,30 +60,13 @@ impl TestClient for UreqClient {
     fn stream(&self, request: Request) -> StreamAnswer {
         match self.0.stream(request) {
             Ok(events) => {
-                let mut out = StreamAnswer {
-                    status: 200,
-                    ..StreamAnswer::default()
-                };
+                let mut out = StreamAnswer::delivered();
                 for event in events {
-                    match event {
-                        Ok(e) => out.events.push((e.event_type().to_owned(), e.data().to_owned())),
-                        Err(e) => {
-                            assert!(out.stream_error.is_none(), "a second error after the first");
-                            out.stream_error = Some(format!("{e} / {e:?}"));
-                        }
-                    }
+                    out.record(event)
                 }
                 out
             }
-            Err(e) => {
-                let a = from_error(&e);
-                StreamAnswer {
-                    status: a.status,
-                    body: a.body,
-                    error: a.error,
-                    ..StreamAnswer::default()
-                }
-            }
+            Err(e) => StreamAnswer::from_client_error(&e),
         }
     }
 }
