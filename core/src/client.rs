@@ -264,6 +264,69 @@ impl<C: ClientAdapter> ClientBuilder<C> {
     }
 }
 
+/// What a client's event stream does next ([`EventAssembler::step`]).
+#[derive(Debug)]
+#[must_use]
+pub enum Step {
+    /// Hand this to the caller: an event, or the one error that ends a broken stream.
+    Item(Result<crate::sse::Event, StreamError>),
+    /// Read the next body chunk and pass the result to [`EventAssembler::handle_body`].
+    NeedBody,
+    /// The stream is over.
+    End,
+}
+
+/// Turns a delivered event-stream body into parsed events for a client's `stream()`, so every
+/// adapter ends streams the same way: an oversized event ends it with one error, the body's end
+/// flushes the parser, and a body that broke after commit yields one [`StreamError`].
+///
+/// The adapter's loop: `match assembler.step() { Item(i) => return Some(i), End => return None,
+/// NeedBody => assembler.handle_body(body.next_chunk()) }`.
+#[derive(Debug, Default)]
+pub struct EventAssembler {
+    parser: crate::sse::Parser,
+    broken: Option<StreamError>,
+    done: bool,
+}
+
+impl EventAssembler {
+    /// A new assembler with the default SSE limits.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What to do next.
+    pub fn step(&mut self) -> Step {
+        if let Some(error) = self.broken.take() {
+            return Step::Item(Err(error));
+        }
+        if let Some(event) = self.parser.next_event() {
+            return Step::Item(event.map_err(|_| {
+                self.done = true;
+                StreamError {
+                    error: CallError::StreamBroken(crate::call::StreamBreak::EventTooLarge),
+                }
+            }));
+        }
+        if self.done { Step::End } else { Step::NeedBody }
+    }
+
+    /// The result of reading the next body chunk: bytes, the end, or the body's break.
+    pub fn handle_body(&mut self, read: Result<Option<Bytes>, BodyError>) {
+        match read {
+            Ok(Some(bytes)) => self.parser.feed(bytes),
+            Ok(None) => {
+                self.done = true;
+                let _ = self.parser.finish();
+            }
+            Err(e) => {
+                self.done = true;
+                self.broken = Some(StreamError { error: e.error });
+            }
+        }
+    }
+}
+
 /// A request id for keypool's own error bodies (`req_keypool_...`): unique in the process, no
 /// randomness needed. `wall` is the adapter's wall clock.
 pub fn request_id(wall: SystemTime) -> String {
@@ -306,6 +369,29 @@ mod tests {
         for bad in ["ftp://x", "not a url", "http://", "/v1", "https://h/?q=1"] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn event_assembler_ends_streams_the_same_way_for_every_adapter() {
+        let mut a = EventAssembler::new();
+        assert!(matches!(a.step(), Step::NeedBody));
+        a.handle_body(Ok(Some(Bytes::from_static(
+            b"event: ping\ndata: {}\n\nevent: x\nda",
+        ))));
+        assert!(matches!(a.step(), Step::Item(Ok(e)) if e.event_type() == "ping"));
+        assert!(matches!(a.step(), Step::NeedBody));
+        let broke = BodyError {
+            error: CallError::StreamBroken(crate::call::StreamBreak::EndedEarly),
+            event: None,
+        };
+        a.handle_body(Err(broke));
+        assert!(matches!(a.step(), Step::Item(Err(_))));
+        assert!(matches!(a.step(), Step::End));
+        let mut b = EventAssembler::new();
+        b.handle_body(Ok(Some(Bytes::from_static(b"data: 1\n\ndata: unterminated"))));
+        b.handle_body(Ok(None));
+        assert!(matches!(b.step(), Step::Item(Ok(e)) if e.data() == "1"));
+        assert!(matches!(b.step(), Step::End));
     }
 
     #[test]

@@ -62,8 +62,10 @@ use http::{HeaderMap, Method, StatusCode};
 use keypool_core::call::{
     Attempt, Call, CallConfig, Credential, Output, Request, StreamBreak, TransportError,
 };
-use keypool_core::client::{ClientAdapter, ClientSettings, is_event_stream_response, request_id};
-use keypool_core::sse::{Event, Parser};
+use keypool_core::client::{
+    ClientAdapter, ClientSettings, EventAssembler, Step as EventStep, is_event_stream_response, request_id,
+};
+use keypool_core::sse::Event;
 use keypool_core::{KeyId, Pool, Secret};
 
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Timeouts};
@@ -201,8 +203,7 @@ impl Client {
         }
         Ok(EventStream {
             body: response.into_body(),
-            parser: Parser::new(),
-            done: false,
+            events: EventAssembler::new(),
         })
     }
 }
@@ -334,8 +335,7 @@ impl AsyncRead for Body {
 #[derive(Debug)]
 pub struct EventStream {
     body: Body,
-    parser: Parser,
-    done: bool,
+    events: EventAssembler,
 }
 
 impl EventStream {
@@ -351,31 +351,13 @@ impl Stream for EventStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(event) = this.parser.next_event() {
-                return Poll::Ready(Some(match event {
-                    Ok(event) => Ok(event),
-                    Err(_) => {
-                        this.done = true;
-                        Err(StreamError {
-                            error: CallError::StreamBroken(StreamBreak::EventTooLarge),
-                        })
-                    }
-                }));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match this.body.poll_chunk(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(bytes))) => this.parser.feed(bytes),
-                Poll::Ready(None) => {
-                    this.done = true;
-                    let _ = this.parser.finish();
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(StreamError { error: e.error })));
-                }
+            match this.events.step() {
+                EventStep::Item(item) => return Poll::Ready(Some(item)),
+                EventStep::End => return Poll::Ready(None),
+                EventStep::NeedBody => match this.body.poll_chunk(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(read) => this.events.handle_body(read.transpose()),
+                },
             }
         }
     }

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use http_body::{Frame, SizeHint};
 use keypool_core::call::{CallError, Output, StreamBreak, TransportError};
-use keypool_core::client::{BodyError, StreamError};
-use keypool_core::sse::{Event, Parser};
+use keypool_core::client::{BodyError, EventAssembler, Step, StreamError};
+use keypool_core::sse::Event;
 
 use crate::driver::Driver;
 
@@ -157,16 +157,14 @@ impl http_body::Body for Body {
 #[derive(Debug)]
 pub struct EventStream {
     body: Body,
-    parser: Parser,
-    done: bool,
+    events: EventAssembler,
 }
 
 impl EventStream {
     pub(crate) fn new(body: Body) -> Self {
         Self {
             body,
-            parser: Parser::new(),
-            done: false,
+            events: EventAssembler::new(),
         }
     }
 
@@ -182,31 +180,13 @@ impl EventStream {
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, StreamError>>> {
         loop {
-            if let Some(event) = self.parser.next_event() {
-                return Poll::Ready(Some(match event {
-                    Ok(event) => Ok(event),
-                    Err(_) => {
-                        self.done = true;
-                        Err(StreamError {
-                            error: CallError::StreamBroken(StreamBreak::EventTooLarge),
-                        })
-                    }
-                }));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.body.poll_chunk(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Some(bytes))) => self.parser.feed(bytes),
-                Poll::Ready(Ok(None)) => {
-                    self.done = true;
-                    let _ = self.parser.finish();
-                }
-                Poll::Ready(Err(e)) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(StreamError { error: e.error })));
-                }
+            match self.events.step() {
+                Step::Item(item) => return Poll::Ready(Some(item)),
+                Step::End => return Poll::Ready(None),
+                Step::NeedBody => match self.body.poll_chunk(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(read) => self.events.handle_body(read),
+                },
             }
         }
     }

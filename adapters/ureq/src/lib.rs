@@ -35,8 +35,10 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::Method;
 use keypool_core::call::{Attempt, Call, CallConfig, Output, Request, StreamBreak, TransportError};
-use keypool_core::client::{ClientAdapter, ClientSettings, Upstream, is_event_stream_response, request_id};
-use keypool_core::sse::{Event, Parser};
+use keypool_core::client::{
+    ClientAdapter, ClientSettings, EventAssembler, Step, Upstream, is_event_stream_response, request_id,
+};
+use keypool_core::sse::Event;
 use keypool_core::{Pool, Secret};
 
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
@@ -176,8 +178,7 @@ impl Client {
         }
         Ok(EventStream {
             body: response.into_body(),
-            parser: Parser::new(),
-            done: false,
+            events: EventAssembler::new(),
         })
     }
 }
@@ -250,8 +251,7 @@ impl Read for Body {
 #[derive(Debug)]
 pub struct EventStream {
     body: Body,
-    parser: Parser,
-    done: bool,
+    events: EventAssembler,
 }
 
 impl EventStream {
@@ -266,30 +266,10 @@ impl Iterator for EventStream {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(event) = self.parser.next_event() {
-                return match event {
-                    Ok(event) => Some(Ok(event)),
-                    Err(_) => {
-                        self.done = true;
-                        Some(Err(StreamError {
-                            error: CallError::StreamBroken(StreamBreak::EventTooLarge),
-                        }))
-                    }
-                };
-            }
-            if self.done {
-                return None;
-            }
-            match self.body.next_chunk() {
-                Ok(Some(bytes)) => self.parser.feed(bytes),
-                Ok(None) => {
-                    self.done = true;
-                    let _ = self.parser.finish();
-                }
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(StreamError { error: e.error }));
-                }
+            match self.events.step() {
+                Step::Item(item) => return Some(item),
+                Step::End => return None,
+                Step::NeedBody => self.events.handle_body(self.body.next_chunk()),
             }
         }
     }
