@@ -1,12 +1,15 @@
 //! The loop: one [`Call`] driven over one upstream exchange at a time.
 
 use std::error::Error as StdError;
+use std::future::Future;
 use std::io;
-use std::time::{Instant, SystemTime};
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use http::{HeaderMap, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use keypool_core::call::{Attempt, Call, CallConfig, Credential, Output, Request, TransportError};
@@ -52,6 +55,24 @@ pub(crate) struct Driver {
     upstream: Box<dyn Upstream>,
     pub(crate) call: Call,
     current: Current,
+    timer: Timer,
+}
+
+/// The call's one runtime timer, armed lazily (see [`Timer::arm`]).
+///
+/// Registering a tokio timer is not free: a deadline earlier than every other one makes the
+/// runtime wake its IO driver (a syscall, and a sleeping worker thread woken). The call's
+/// deadline moves with every body chunk (the idle timeout), so a fresh timer per wait would
+/// pay that several times per request. Instead one timer lives as long as the call; it is only
+/// moved earlier when a deadline needs it, and when it fires before the call's deadline
+/// (the deadline moved later meanwhile), it is moved on and the wait goes on.
+struct Timer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the timer fires (meaningful while `sleep` is set).
+    armed: Instant,
+    /// The shortest timeout the call uses after the head (its idle timeout): the first arming
+    /// is no later than `now + floor`, so a later idle deadline never has to move it earlier.
+    floor: Duration,
 }
 
 impl Driver {
@@ -72,6 +93,11 @@ impl Driver {
             upstream,
             call,
             current: Current::Idle,
+            timer: Timer {
+                sleep: None,
+                armed: Instant::now(),
+                floor: config.timeouts.idle,
+            },
         }
     }
 
@@ -95,9 +121,15 @@ impl Driver {
     }
 
     async fn wait(&mut self, deadline: Option<Instant>) {
-        let io = tokio::select! {
-            io = self.current.next_io() => io,
-            () = timer(deadline) => Io::TimedOut,
+        let io = match deadline {
+            None => self.current.next_io().await,
+            Some(deadline) => {
+                let sleep = self.timer.arm(deadline);
+                tokio::select! {
+                    io = self.current.next_io() => io,
+                    () = sleep => Io::TimedOut,
+                }
+            }
         };
         let now = Instant::now();
         match io {
@@ -130,6 +162,10 @@ impl Current {
                     Io::Error(transport_error(&*e))
                 }
             },
+            // A body that knows it is complete (all of its content-length read) ends here: one
+            // more poll would only ask the connection task for data that cannot come, waking
+            // it for nothing.
+            Self::Body(body) if body.is_end_stream() => Io::End,
             Self::Body(body) => match body.frame().await {
                 None => Io::End,
                 Some(Ok(frame)) => match frame.into_data() {
@@ -142,11 +178,37 @@ impl Current {
     }
 }
 
-/// Fires at the deadline; never without one.
-async fn timer(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+impl Timer {
+    /// Makes sure the timer fires no later than `deadline`, and returns a future that resolves
+    /// once `deadline` has passed (firing early only moves the timer on).
+    fn arm(&mut self, deadline: Instant) -> impl Future<Output = ()> + '_ {
+        match &mut self.sleep {
+            Some(sleep) if self.armed > deadline => {
+                sleep.as_mut().reset(deadline.into());
+                self.armed = deadline;
+            }
+            Some(_) => {}
+            None => {
+                // tokio's clock (the same as std's, except in tests with paused time).
+                let at = tokio::time::Instant::now()
+                    .into_std()
+                    .checked_add(self.floor)
+                    .map_or(deadline, |floor| deadline.min(floor));
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(at.into())));
+                self.armed = at;
+            }
+        }
+        async move {
+            while let Some(sleep) = self.sleep.as_mut() {
+                sleep.as_mut().await;
+                if self.armed >= deadline {
+                    return;
+                }
+                // Fired for an earlier deadline that has since moved on.
+                sleep.as_mut().reset(deadline.into());
+                self.armed = deadline;
+            }
+        }
     }
 }
 
@@ -230,5 +292,61 @@ fn io_kind(kind: io::ErrorKind) -> TransportError {
         io::ErrorKind::UnexpectedEof => TransportError::Eof,
         io::ErrorKind::InvalidData => TransportError::Protocol,
         _ => TransportError::Reset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Timer;
+
+    fn timer(floor: Duration) -> Timer {
+        Timer {
+            sleep: None,
+            armed: tokio::time::Instant::now().into_std(),
+            floor,
+        }
+    }
+
+    /// Whether the timer's future for `deadline` resolves within `within` of simulated time.
+    async fn fires_within(timer: &mut Timer, deadline: tokio::time::Instant, within: Duration) -> bool {
+        tokio::time::timeout(within, timer.arm(deadline.into_std()))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_deadline_keeps_the_timer_and_still_waits_for_itself() {
+        let start = tokio::time::Instant::now();
+        let mut t = timer(Duration::from_secs(120));
+        // First wait: a 600 s deadline arms the timer at the 120 s floor.
+        assert!(!fires_within(&mut t, start + Duration::from_secs(600), Duration::from_secs(10)).await);
+        assert_eq!(t.armed, (start + Duration::from_secs(120)).into_std());
+        // A later deadline does not move it; the early firing at 120 s is not a timeout.
+        let deadline = start + Duration::from_secs(130);
+        assert!(!fires_within(&mut t, deadline, Duration::from_secs(115)).await);
+        assert!(tokio::time::Instant::now() >= start + Duration::from_secs(125));
+        assert!(fires_within(&mut t, deadline, Duration::from_secs(6)).await);
+        assert_eq!(tokio::time::Instant::now(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_deadline_moves_the_timer() {
+        let start = tokio::time::Instant::now();
+        let mut t = timer(Duration::from_secs(120));
+        assert!(!fires_within(&mut t, start + Duration::from_secs(600), Duration::from_secs(1)).await);
+        let deadline = start + Duration::from_secs(5);
+        assert!(fires_within(&mut t, deadline, Duration::from_secs(10)).await);
+        assert_eq!(tokio::time::Instant::now(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_floor_arms_at_the_deadline() {
+        let start = tokio::time::Instant::now();
+        let mut t = timer(Duration::MAX);
+        let deadline = start + Duration::from_secs(3);
+        assert!(fires_within(&mut t, deadline, Duration::from_secs(4)).await);
+        assert_eq!(tokio::time::Instant::now(), deadline);
     }
 }
