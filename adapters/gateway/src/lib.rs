@@ -19,8 +19,11 @@ pub mod server;
 pub fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a terminal: in a file, a pipe or the journal they are noise (and
+    // cost time on every line).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         config::LogFormat::Text => builder.try_init(),
