@@ -778,6 +778,20 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
         let _ = closed_loop(client, env.uri(via), 1, plan.warmup / 4, Extra::default()).await;
     }
 
+    // Memory per open stream, measured first: after the high-concurrency phases below the
+    // allocator already holds room for many connections, and new streams would cost no RSS.
+    let mut per_stream = [None; 3];
+    for via in [Via::Bare, Via::Gateway] {
+        let pid = env.pids[via as usize];
+        let before = rss(pid);
+        let bodies = open_stalled(client, env.uri(via), plan.open_streams).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let with = rss(pid);
+        drop(bodies);
+        per_stream[via as usize] = Some((with as f64 - before as f64) / plan.open_streams as f64 / 1024.0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Non-streaming latency at c=1 and c=32.
     for (c, per_round) in [(1, plan.c1_per_round), (32, plan.c32_per_round)] {
         let mut s: [Samples; 3] = Default::default();
@@ -991,20 +1005,9 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
         .judge(format!("{:.2}× bare", cpu[2] / cpu[1]), "-", None),
     );
 
-    // Memory: idle after the load above, then with many open (stalled) streams.
+    // Memory: idle after the load above (the per-stream figure was taken before it).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_after = [None, Some(rss(env.pids[1])), Some(rss(env.pids[2]))];
-    let mut per_stream = [None; 3];
-    for via in [Via::Bare, Via::Gateway] {
-        let pid = env.pids[via as usize];
-        let before = rss(pid);
-        let bodies = open_stalled(client, env.uri(via), plan.open_streams).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let with = rss(pid);
-        drop(bodies);
-        per_stream[via as usize] = Some((with as f64 - before as f64) / plan.open_streams as f64 / 1024.0);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let mib = |b: Option<u64>| b.map(|b| b as f64 / (1024.0 * 1024.0));
     let g = mib(idle_after[2]).unwrap_or(f64::NAN);
     rows.push(
