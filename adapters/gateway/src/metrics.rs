@@ -23,12 +23,12 @@ struct TransitionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
-    kind: String,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
-    status: String,
+    status: u16,
 }
 
 /// The gateway's metrics.
@@ -144,30 +144,18 @@ impl Metrics {
     }
 
     /// No key was left.
-    pub fn exhausted(&self, kind: &str) {
-        self.exhaustions
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .inc();
+    pub fn exhausted(&self, kind: &'static str) {
+        self.exhaustions.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// An upstream head arrived.
     pub fn upstream_status(&self, status: u16) {
-        self.upstream_status
-            .get_or_create(&StatusLabel {
-                status: status.to_string(),
-            })
-            .inc();
+        self.upstream_status.get_or_create(&StatusLabel { status }).inc();
     }
 
     /// A response head went to the client after `ttfb`.
     pub fn response(&self, status: u16, ttfb: Duration) {
-        self.responses
-            .get_or_create(&StatusLabel {
-                status: status.to_string(),
-            })
-            .inc();
+        self.responses.get_or_create(&StatusLabel { status }).inc();
         self.ttfb.observe(ttfb.as_secs_f64());
     }
 

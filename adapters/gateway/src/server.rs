@@ -118,15 +118,44 @@ impl std::fmt::Debug for GatewayBody {
     }
 }
 
-/// What is logged when a relayed response ends.
+/// What is logged when a relayed response ends. It holds what it needs cheaply (the request
+/// URI shares its bytes; the key is an id into the pool) and makes strings only when the line
+/// is actually written.
 pub struct RequestLog {
     shared: Arc<Shared>,
     method: Method,
-    path: String,
+    uri: http::Uri,
     status: u16,
     attempts: usize,
-    key: String,
+    key: KeyLabel,
     started: Instant,
+}
+
+/// Which key answered, for the request log.
+enum KeyLabel {
+    Pool(Arc<Pool>, keypool_core::KeyId),
+    Byok,
+    None,
+}
+
+impl KeyLabel {
+    fn new(pool: Option<&Arc<Pool>>, key: Option<keypool_core::KeyId>) -> Self {
+        match (pool, key) {
+            (Some(pool), Some(id)) => Self::Pool(pool.clone(), id),
+            (None, _) => Self::Byok,
+            (Some(_), None) => Self::None,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pool(pool, id) => f.write_str(pool.label(*id)),
+            Self::Byok => f.write_str("byok"),
+            Self::None => f.write_str("-"),
+        }
+    }
 }
 
 impl RequestLog {
@@ -136,7 +165,7 @@ impl RequestLog {
         tracing::info!(
             target: "keypool::request",
             method = %self.method,
-            path = %self.path,
+            path = %short(self.uri.path()),
             status = self.status,
             attempts = self.attempts,
             key = %self.key,
@@ -240,18 +269,20 @@ fn json(value: &serde_json::Value) -> Response<GatewayBody> {
 
 /// Handles one request.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
-    let path = req.uri().path().to_owned();
-    match (req.method(), path.as_str()) {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") {
+        return forward(shared, req).await;
+    }
+    match (req.method(), path) {
         (&Method::GET, "/healthz") => health(&shared),
         (&Method::GET, "/metrics") => {
             let text = shared.metrics.render(&shared.pool(), Instant::now());
             full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
         (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
-        (_, p) if p.starts_with("/v1/") => forward(shared, req).await,
         _ => error(
             StatusCode::NOT_FOUND,
-            &format!("no route for {} {}", req.method(), short(&path)),
+            &format!("no route for {} {}", req.method(), short(path)),
         ),
     }
 }
@@ -381,7 +412,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let path = short(parts.uri.path());
+    let uri = parts.uri.clone();
     let request = CallRequest {
         method: parts.method.clone(),
         path_and_query,
@@ -423,11 +454,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
     if let Ok(response) = &result {
         shared.metrics.upstream_status(response.status().as_u16());
     }
-    let key_label = match (&pool, summary.key) {
-        (Some(pool), Some(id)) => pool.label(id).to_owned(),
-        (None, _) => "byok".to_owned(),
-        _ => "-".to_owned(),
-    };
+    let key_label = KeyLabel::new(pool.as_ref(), summary.key);
     match result {
         Ok(response) => {
             let (parts, body) = response.into_parts();
@@ -435,7 +462,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             let log = RequestLog {
                 shared: shared.clone(),
                 method,
-                path,
+                uri,
                 status: parts.status.as_u16(),
                 attempts: summary.attempts,
                 key: key_label,
@@ -472,7 +499,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             shared.metrics.response(status, ttfb);
             shared.metrics.finished(ttfb);
             tracing::info!(
-                target: "keypool::request", method = %method, path = %path, status, attempts = summary.attempts,
+                target: "keypool::request", method = %method, path = %short(uri.path()), status, attempts = summary.attempts,
                 key = %key_label, latency_ms = ttfb.as_secs_f64() * 1000.0, outcome = "keypool_error",
                 error = %e, "request"
             );
