@@ -365,9 +365,19 @@ fn main() {
         ("keypool Framer", ours_framer),
         ("memmem \\n\\n loop (limit)", memmem_frames),
     ];
-    // `KEYPOOL_BENCH_PROFILE=<name part>`: loop one contender on 128 B chunks for a profiler.
+    // `KEYPOOL_BENCH_PROFILE=<name part>`: loop one contender on 128 B chunks for a profiler;
+    // `KEYPOOL_BENCH_CHUNK=<bytes>` picks another chunk size (`line`: line-aligned).
     if let Ok(only) = std::env::var("KEYPOOL_BENCH_PROFILE") {
-        let chunks = chunks(&corpus, Some(128));
+        let size = match std::env::var("KEYPOOL_BENCH_CHUNK").as_deref() {
+            Ok("line") => None,
+            Ok(bytes) => Some(
+                bytes
+                    .parse()
+                    .expect("KEYPOOL_BENCH_CHUNK: a byte count or `line`"),
+            ),
+            Err(_) => Some(128),
+        };
+        let chunks = chunks(&corpus, size);
         let (name, run) = contenders
             .iter()
             .find(|(name, _)| name.contains(only.as_str()))
