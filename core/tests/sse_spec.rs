@@ -363,3 +363,73 @@ fn framer_bom_first_line() {
     framer.feed_slice(b"\xEF\xBB\xBFevent: x\ndata: 1\n\n");
     assert_eq!(framer.next_frame().unwrap().unwrap().name(), Some("x"));
 }
+
+/// An Anthropic-shaped stream, with an `event` line that is not the first line of its event
+/// and one that is overridden by a later one.
+const STREAM: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\"}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"h\xc3\xa9llo \xf0\x9f\x99\x82\"}}\n\n\
+: keep-alive\n\n\
+data: {\"type\":\"ping\"}\nevent: ping\n\n\
+event: a\ndata: x\nevent: message_stop\nid: 7\n\n";
+
+#[test]
+fn framer_gives_the_same_frames_and_names_at_every_chunk_size() {
+    let cut = |size: usize| {
+        let mut framer = Framer::new();
+        let mut frames = Vec::new();
+        for chunk in STREAM.chunks(size) {
+            framer.feed(Bytes::copy_from_slice(chunk));
+            frames.extend(std::iter::from_fn(|| framer.next_frame()).map(Result::unwrap));
+        }
+        assert_eq!(framer.finish(), None);
+        frames
+    };
+    let whole = cut(STREAM.len());
+    let names: Vec<_> = whole.iter().map(|f| f.name()).collect();
+    assert_eq!(
+        names,
+        [
+            Some("message_start"),
+            Some("content_block_delta"),
+            None,
+            Some("ping"),
+            Some("message_stop")
+        ]
+    );
+    let joined: Vec<u8> = whole.iter().flat_map(|f| f.bytes().to_vec()).collect();
+    assert_eq!(joined, STREAM);
+    for size in 1..STREAM.len() {
+        assert_eq!(cut(size), whole, "chunks of {size} bytes");
+    }
+}
+
+#[test]
+fn parser_gives_the_same_events_at_every_chunk_size() {
+    let parse_in = |size: usize| {
+        let chunks: Vec<&[u8]> = STREAM.chunks(size).collect();
+        parse_chunks(&chunks)
+    };
+    let (whole, discarded) = parse_in(STREAM.len());
+    assert!(!discarded);
+    let got: Vec<_> = whole
+        .iter()
+        .map(|e| {
+            let e = e.as_ref().unwrap();
+            (e.event_type().to_owned(), e.id().to_owned())
+        })
+        .collect();
+    let want = [
+        ("message_start", ""),
+        ("content_block_delta", ""),
+        ("ping", ""),
+        ("message_stop", "7"),
+    ];
+    assert_eq!(got, want.map(|(t, i)| (t.to_owned(), i.to_owned())));
+    assert_eq!(
+        whole[1].as_ref().unwrap().data(),
+        "{\"type\":\"content_block_delta\",\"delta\":{\"text\":\"h\u{e9}llo \u{1F642}\"}}"
+    );
+    for size in 1..STREAM.len() {
+        assert_eq!(parse_in(size), (whole.clone(), false), "chunks of {size} bytes");
+    }
+}

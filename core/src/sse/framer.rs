@@ -4,10 +4,9 @@ use std::collections::VecDeque;
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
-use memchr::memchr2;
 
 use super::parser::copy_into;
-use super::{BOM, Limits, SseError};
+use super::{BOM, Limits, LineEnds, SseError};
 
 /// Initial capacity of the buffer for frames that span chunks. Frames are split off it and
 /// the space is reclaimed once the consumer drops them, so a steady stream allocates at most
@@ -19,8 +18,9 @@ const ARENA: usize = 16 * 1024;
 #[derive(Clone, PartialEq, Eq)]
 pub struct RawEvent {
     bytes: Bytes,
-    /// Where the value of the last `event` field lies in `bytes`.
-    name: Option<Range<usize>>,
+    /// Where the value of the last `event` field lies in `bytes`; empty when there is no such
+    /// field or its value is empty.
+    name: Range<usize>,
 }
 
 impl RawEvent {
@@ -41,17 +41,27 @@ impl RawEvent {
     /// is empty (both mean type `message`), or when it is not valid UTF-8.
     #[must_use]
     pub fn name(&self) -> Option<&str> {
-        let range = self.name.clone()?;
-        std::str::from_utf8(&self.bytes[range]).ok()
+        if self.name.is_empty() {
+            return None;
+        }
+        std::str::from_utf8(&self.bytes[self.name.clone()]).ok()
     }
 
     /// Whether [`name`](Self::name) is `name`; compares bytes, no UTF-8 check.
     #[must_use]
     pub fn is_named(&self, name: &str) -> bool {
-        self.name
-            .clone()
-            .is_some_and(|range| &self.bytes[range] == name.as_bytes())
+        !self.name.is_empty() && &self.bytes[self.name.clone()] == name.as_bytes()
     }
+}
+
+/// A complete line as the framer sees it.
+enum Line {
+    /// The blank line that ends a frame.
+    Blank,
+    /// An `event` field: the frame range of its value (empty for an empty value).
+    Event(Range<usize>),
+    /// Anything else.
+    Other,
 }
 
 impl std::fmt::Debug for RawEvent {
@@ -81,6 +91,7 @@ impl std::fmt::Debug for RawEvent {
 #[derive(Debug)]
 pub struct Framer {
     max_event: usize,
+    line_ends: LineEnds,
     /// The current frame's bytes from earlier chunks.
     acc: BytesMut,
     /// Start of the current line, relative to the current frame.
@@ -91,8 +102,8 @@ pub struct Framer {
     lead_lf: bool,
     /// No frame has been emitted yet in this stream (a BOM may start the first line).
     at_stream_start: bool,
-    /// Value range of the last `event` field of the current frame.
-    name: Option<Range<usize>>,
+    /// Value range of the last `event` field of the current frame (empty: none).
+    name: Range<usize>,
     /// Copies of `feed_slice` input.
     arena: BytesMut,
     queue: VecDeque<RawEvent>,
@@ -118,12 +129,13 @@ impl Framer {
     pub fn with_limits(limits: Limits) -> Self {
         Self {
             max_event: limits.max_event(),
+            line_ends: LineEnds::new(),
             acc: BytesMut::new(),
             line_start: 0,
             skip_lf: false,
             lead_lf: false,
             at_stream_start: true,
-            name: None,
+            name: 0..0,
             arena: BytesMut::new(),
             queue: VecDeque::new(),
             error: None,
@@ -152,59 +164,95 @@ impl Framer {
         // Chunk index where the not yet copied part of the current frame starts. Invariant:
         // chunk index `j >= frame_start` is at frame offset `acc.len() + j - frame_start`.
         let mut frame_start = 0;
-        while let Some(offset) = memchr2(b'\n', b'\r', &buf[pos..]) {
-            let end = pos + offset;
-            let mut next = end + 1;
-            if buf[end] == b'\r' {
-                match buf.get(next) {
-                    Some(b'\n') => next += 1,
-                    Some(_) => {}
-                    None => self.skip_lf = true,
-                }
+        if self.line_start < self.acc.len() {
+            // A line began in an earlier chunk: finish it in `acc`, where its start is.
+            let Some(offset) = self.line_ends.find(&buf[pos..]) else {
+                self.hold(buf, 0);
+                return;
+            };
+            let (end, next) = self.line_end(buf, pos + offset);
+            if self.acc.len() + next > self.max_event {
+                self.fail();
+                return;
             }
+            self.acc.extend_from_slice(&buf[..next]);
+            frame_start = next;
+            let line_start = self.line_start;
+            let line_end = self.acc.len() - (next - end);
+            let line = &self.acc[line_start..line_end];
+            match self.classify(line, line_start) {
+                Line::Blank => self.emit(&chunk, frame_start, next),
+                Line::Event(name) => self.name = name,
+                Line::Other => {}
+            }
+            pos = next;
+        }
+        // Every line from here on starts in this chunk.
+        while pos < buf.len() {
+            // A blank line (every third line of a typical stream) needs no search.
+            let found = match buf[pos] {
+                b'\n' | b'\r' => Some(pos),
+                _ => self
+                    .line_ends
+                    .find(&buf[pos + 1..])
+                    .map(|offset| pos + 1 + offset),
+            };
+            let Some(end) = found else { break };
+            let (end, next) = self.line_end(buf, end);
             let frame_len = self.acc.len() + next - frame_start;
             if frame_len > self.max_event {
                 self.fail();
                 return;
             }
-            if self.line_start < self.acc.len() {
-                // The line began in an earlier chunk: bring the frame's bytes together.
-                self.acc.extend_from_slice(&buf[frame_start..next]);
-                frame_start = next;
-            }
-            let line_start = self.line_start;
-            let line_end = frame_len - (next - end);
-            let (blank, name) = {
-                let line = if self.acc.len() > line_start {
-                    &self.acc[line_start..line_end]
-                } else {
-                    &buf[frame_start + line_start - self.acc.len()..end]
-                };
-                self.classify(line, line_start)
-            };
-            if blank {
-                let bytes = if self.acc.is_empty() {
-                    chunk.slice(frame_start..next)
-                } else {
-                    self.acc.extend_from_slice(&buf[frame_start..next]);
-                    self.acc.split().freeze()
-                };
-                self.queue.push_back(RawEvent {
-                    bytes,
-                    name: self.name.take(),
-                });
-                frame_start = next;
-                self.line_start = 0;
-                self.lead_lf = false;
-                self.at_stream_start = false;
-            } else {
-                if let Some(name) = name {
-                    self.name = name;
+            let line_start = frame_len - (next - pos);
+            match self.classify(&buf[pos..end], line_start) {
+                Line::Blank => {
+                    self.emit(&chunk, frame_start, next);
+                    frame_start = next;
                 }
-                self.line_start = frame_len;
+                Line::Event(name) => self.name = name,
+                Line::Other => {}
             }
             pos = next;
         }
+        self.line_start = self.acc.len() + pos - frame_start;
+        self.hold(buf, frame_start);
+    }
+
+    /// The line end found at `end` (a CR or LF): returns `(end, next)` where `next` is the
+    /// index after the line end. A CR that ends the chunk may be the first half of a CR LF.
+    #[inline]
+    fn line_end(&mut self, buf: &[u8], end: usize) -> (usize, usize) {
+        let mut next = end + 1;
+        if buf[end] == b'\r' {
+            match buf.get(next) {
+                Some(b'\n') => next += 1,
+                Some(_) => {}
+                None => self.skip_lf = true,
+            }
+        }
+        (end, next)
+    }
+
+    /// Queues the current frame, which ends at chunk index `next`.
+    fn emit(&mut self, chunk: &Bytes, frame_start: usize, next: usize) {
+        let bytes = if self.acc.is_empty() {
+            chunk.slice(frame_start..next)
+        } else {
+            self.acc.extend_from_slice(&chunk[frame_start..next]);
+            self.acc.split().freeze()
+        };
+        self.queue.push_back(RawEvent {
+            bytes,
+            name: std::mem::take(&mut self.name),
+        });
+        self.line_start = 0;
+        self.lead_lf = false;
+        self.at_stream_start = false;
+    }
+
+    /// Keeps `buf[frame_start..]`, the start of a frame whose end has not arrived, in `acc`.
+    fn hold(&mut self, buf: &[u8], frame_start: usize) {
         let rest = buf.len() - frame_start;
         if self.acc.len() + rest > self.max_event {
             self.fail();
@@ -253,7 +301,7 @@ impl Framer {
         self.skip_lf = false;
         self.lead_lf = false;
         self.at_stream_start = true;
-        self.name = None;
+        self.name = 0..0;
         left
     }
 
@@ -269,10 +317,9 @@ impl Framer {
         self.acc.len()
     }
 
-    /// Whether `line` (starting at frame offset `start`) is blank, and if it is an `event`
-    /// field, the frame range of its value (`Some(None)` for an empty value).
-    #[allow(clippy::option_option)]
-    fn classify(&self, line: &[u8], start: usize) -> (bool, Option<Option<Range<usize>>>) {
+    /// What `line` (starting at frame offset `start`, line end excluded) means for framing.
+    #[inline]
+    fn classify(&self, line: &[u8], start: usize) -> Line {
         let skip = if self.at_stream_start && start == 0 && line.starts_with(BOM) {
             BOM.len()
         } else {
@@ -281,14 +328,16 @@ impl Framer {
         let line = &line[skip..];
         // Only blank lines and `event` fields matter; any other line costs one comparison.
         let value = match line {
-            [] => return (true, None),
+            [] => return Line::Blank,
             [b'e', b'v', b'e', b'n', b't'] => 5,
             [b'e', b'v', b'e', b'n', b't', b':', b' ', ..] => 7,
             [b'e', b'v', b'e', b'n', b't', b':', ..] => 6,
-            _ => return (false, None),
+            _ => return Line::Other,
         };
-        let range = (value < line.len()).then(|| start + skip + value..start + skip + line.len());
-        (false, Some(range))
+        if value == line.len() {
+            return Line::Event(0..0);
+        }
+        Line::Event(start + skip + value..start + skip + line.len())
     }
 
     fn fail(&mut self) {
@@ -298,6 +347,6 @@ impl Framer {
         });
         self.acc = BytesMut::new();
         self.arena = BytesMut::new();
-        self.name = None;
+        self.name = 0..0;
     }
 }

@@ -3,9 +3,9 @@
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
-use memchr::{memchr, memchr2};
+use memchr::memchr;
 
-use super::{BOM, Event, Limits, SseError, split_field};
+use super::{BOM, Event, Limits, LineEnds, SseError, split_field};
 
 /// Initial capacity of the buffers that collect copied bytes. They are split into frozen
 /// [`Bytes`] and reclaimed once the consumer drops what it was handed, so a steady stream
@@ -45,6 +45,7 @@ const ARENA: usize = 4 * 1024;
 #[derive(Debug)]
 pub struct Parser {
     limits: Limits,
+    line_ends: LineEnds,
     /// The bytes of a line whose end has not arrived yet.
     line: Vec<u8>,
     /// Length of a prefix of `line` known to be valid UTF-8 (ending at a character boundary).
@@ -94,6 +95,7 @@ impl Parser {
     pub fn with_limits(limits: Limits) -> Self {
         Self {
             limits,
+            line_ends: LineEnds::new(),
             line: Vec::new(),
             line_valid: 0,
             skip_lf: false,
@@ -231,7 +233,7 @@ impl Parser {
             // A blank line (every third line of a typical stream) needs no search.
             let found = match buf[pos] {
                 b'\n' | b'\r' => Some(0),
-                _ => memchr2(b'\n', b'\r', &buf[pos..]),
+                _ => self.line_ends.find(&buf[pos..]),
             };
             let Some(offset) = found else {
                 let rest = buf.len() - pos;
