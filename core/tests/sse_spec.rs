@@ -238,6 +238,34 @@ fn utf8_split_across_chunks() {
 }
 
 #[test]
+fn utf8_is_checked_from_the_first_line_that_keeps_a_value() {
+    // The UTF-8 check of a chunk starts at the first line whose value is kept; lines before it
+    // (blank, comment, known event type) are not checked, and bytes after it still are.
+    let input: &[u8] = b"\n: \xFF\nevent: ping\ndata: \xC3\xA9\n\n\x80\xBF: x\ndata: a\xFFb\n\nevent: \xE2\x82\xAC\ndata: \xE2\x82\n\n";
+    let want = [
+        ("ping", "\u{e9}"),
+        ("message", "a\u{FFFD}b"),
+        ("\u{20AC}", "\u{FFFD}"),
+    ];
+    for size in 1..=input.len() {
+        let chunks: Vec<&[u8]> = input.chunks(size).collect();
+        let (out, _) = parse_chunks(&chunks);
+        let got: Vec<_> = out
+            .into_iter()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.event_type().to_owned(), e.data().to_owned())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            want.map(|(t, d)| (t.to_owned(), d.to_owned())),
+            "chunks of {size} bytes"
+        );
+    }
+}
+
+#[test]
 fn single_line_data_is_not_copied() {
     let chunk = Bytes::from_static(b"event: x\ndata: hello\n\n");
     let mut parser = Parser::new();

@@ -228,7 +228,10 @@ impl Parser {
     /// Splits `chunk[pos..]` into lines and processes them.
     fn scan(&mut self, chunk: &Bytes, mut pos: usize) {
         let buf: &[u8] = chunk;
-        let run = Utf8Run::of(buf, pos);
+        // The chunk's UTF-8 run, validated at most once, from the first line that needs it:
+        // blank lines, comments and the known event types need no check, so a chunk holding
+        // only those (a line-aligned stream) is never validated.
+        let mut run: Option<Utf8Run> = None;
         while pos < buf.len() {
             // A blank line (every third line of a typical stream) needs no search.
             let found = match buf[pos] {
@@ -245,7 +248,7 @@ impl Parser {
                 }
                 if self.line_valid == self.line.len() {
                     // The held part grows its known-valid prefix by what the run covers.
-                    self.line_valid += run.valid_from(pos, buf.len());
+                    self.line_valid += Utf8Run::at(&mut run, buf, pos).valid_from(pos, buf.len());
                 }
                 self.line.extend_from_slice(&buf[pos..]);
                 return;
@@ -258,7 +261,7 @@ impl Parser {
                     });
                     return;
                 }
-                let utf8 = run.covers(pos, end) || is_utf8(&buf[pos..end]);
+                let utf8 = || Utf8Run::at(&mut run, buf, pos).covers(pos, end) || is_utf8(&buf[pos..end]);
                 self.process_line(Some(chunk), pos, &buf[pos..end], utf8);
             } else {
                 if self.line.len() + offset > self.limits.max_line {
@@ -271,6 +274,9 @@ impl Parser {
                 // the run covers the tail from its first character start, only the middle
                 // (at most a character cut by the chunk end, plus its continuation bytes
                 // here) needs checking: valid strings joined at character starts are valid.
+                // (A held line is only ever the first line of a chunk: `pos` is where the
+                // chunk's bytes start, so the run starts there too.)
+                let run = Utf8Run::at(&mut run, buf, pos);
                 let head = self.line.len();
                 let tail_start = run.start.clamp(pos, end);
                 self.line.extend_from_slice(&buf[pos..end]);
@@ -280,7 +286,8 @@ impl Parser {
                 } else {
                     line.len()
                 };
-                let utf8 = is_utf8(&line[self.line_valid.min(middle_end)..middle_end]);
+                let line_valid = self.line_valid;
+                let utf8 = || is_utf8(&line[line_valid.min(middle_end)..middle_end]);
                 self.process_line(None, 0, &line, utf8);
                 self.line = line;
                 self.line.clear();
@@ -301,8 +308,9 @@ impl Parser {
     }
 
     /// Processes one complete line. `src` is the chunk the line lies in (at `base`), or `None`
-    /// when the line was assembled from several chunks; `utf8` tells whether it is valid UTF-8.
-    fn process_line(&mut self, src: Option<&Bytes>, base: usize, line: &[u8], utf8: bool) {
+    /// when the line was assembled from several chunks; `utf8` tells whether it is valid UTF-8
+    /// (asked only for the values that are kept).
+    fn process_line(&mut self, src: Option<&Bytes>, base: usize, line: &[u8], utf8: impl FnOnce() -> bool) {
         if line.is_empty() {
             self.dispatch();
             return;
@@ -322,19 +330,19 @@ impl Parser {
         match field {
             b"data" => {
                 self.in_event = true;
-                self.push_data(src, at, value, utf8);
+                self.push_data(src, at, value, utf8());
             }
             b"event" => {
                 self.in_event = true;
                 self.event_type = Some(match known_event_type(value) {
                     Some(name) => Bytes::from_static(name),
-                    None => self.text(src, at, value, utf8),
+                    None => self.text(src, at, value, utf8()),
                 });
             }
             b"id" => {
                 self.in_event = true;
                 if memchr(0, value).is_none() {
-                    self.last_id = self.text(src, at, value, utf8);
+                    self.last_id = self.text(src, at, value, utf8());
                 }
             }
             b"retry" => {
@@ -521,6 +529,11 @@ struct Utf8Run {
 }
 
 impl Utf8Run {
+    /// The run of `buf` from `pos`, validated on first use and kept in `slot`.
+    fn at(slot: &mut Option<Self>, buf: &[u8], pos: usize) -> Self {
+        *slot.get_or_insert_with(|| Self::of(buf, pos))
+    }
+
     fn of(buf: &[u8], pos: usize) -> Self {
         let start = pos
             + buf[pos..]
