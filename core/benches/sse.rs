@@ -313,6 +313,66 @@ fn memmem_frames(chunks: &[Bytes]) -> usize {
     black_box(n)
 }
 
+/// Diagnostic (`KEYPOOL_BENCH_FLOORS=1`), not a contender: the least work any framer with
+/// the output of ours does here, whatever its design. It takes each chunk as the harness
+/// hands it over (a `Bytes` clone), finds every line end (a blank line by its first byte,
+/// other lines with memchr's AVX2 searcher, built once), and hands every frame out as
+/// `Bytes` through a queue: a slice of the chunk when the frame lies inside it, otherwise a
+/// copy into a `BytesMut` arena split off as `Bytes`. No event names, limits, CR or BOM
+/// (the corpus has neither). Its ratio to the memmem loop bounds what the framer can reach.
+fn framer_floor(chunks: &[Bytes]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let two = memchr::arch::x86_64::avx2::memchr::Two::new(b'\n', b'\r');
+    #[cfg(not(target_arch = "x86_64"))]
+    let two: Option<()> = None;
+    let find = |haystack: &[u8]| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(two) = &two {
+            return two.find(haystack);
+        }
+        let _ = &two;
+        memchr::memchr2(b'\n', b'\r', haystack)
+    };
+    let mut acc = bytes::BytesMut::with_capacity(16 * 1024);
+    let mut queue = std::collections::VecDeque::new();
+    let mut in_line = false;
+    let mut n = 0;
+    for chunk in chunks {
+        let chunk = chunk.clone();
+        let buf: &[u8] = &chunk;
+        let (mut pos, mut frame_start) = (0, 0);
+        while pos < buf.len() {
+            let end = if buf[pos] == b'\n' {
+                pos
+            } else {
+                match find(&buf[pos..]) {
+                    Some(offset) => pos + offset,
+                    None => break,
+                }
+            };
+            let blank = end == pos && !(pos == 0 && in_line);
+            pos = end + 1;
+            if blank {
+                let frame = if acc.is_empty() {
+                    chunk.slice(frame_start..pos)
+                } else {
+                    acc.extend_from_slice(&buf[frame_start..pos]);
+                    acc.split().freeze()
+                };
+                queue.push_back(frame);
+                frame_start = pos;
+            }
+        }
+        in_line = pos < buf.len();
+        acc.extend_from_slice(&buf[frame_start..]);
+        while let Some(frame) = queue.pop_front() {
+            black_box(&frame);
+            n += 1;
+        }
+    }
+    n
+}
+
 // ---------------------------------------------------------------- harness
 
 struct Measured {
@@ -417,6 +477,18 @@ fn main() {
                 m.count as f64 / m.secs,
                 m.count,
                 ratio
+            );
+        }
+        if std::env::var_os("KEYPOOL_BENCH_FLOORS").is_some_and(|v| v != "0") {
+            let floor = measure(framer_floor, &chunks, budget, quick);
+            println!(
+                "  {:<28} {:>9.0} {:>12.0} {:>9}  {:>12.2}x  (diagnostic: memmem loop / floor {:.2}x)",
+                "framer floor (diagnostic)",
+                mb / floor.secs,
+                floor.count as f64 / floor.secs,
+                floor.count,
+                floor.secs / framer_secs,
+                results[6].1.secs / floor.secs,
             );
         }
         let ratio = |i: usize, ours: f64| results[i].1.secs / ours;
