@@ -397,7 +397,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
     if body.size_hint().lower() > max as u64 {
         return too_large(max);
     }
-    let body = match read_body(body, max).await {
+    let body = match read_body_apart(body, max).await {
         Ok(bytes) => bytes,
         Err(BodyRead::TooLarge) => return too_large(max),
         Err(BodyRead::Broken) => {
@@ -507,6 +507,29 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             Response::from_parts(parts, GatewayBody::Full(Some(body)))
         }
     }
+}
+
+/// Reads the request body (see [`read_body`]) in a task of its own.
+///
+/// Taking a chunk from hyper's body channel wakes the connection task that fed it. Read from
+/// inside that task (this handler runs in it), that is a self-wake: tokio then re-queues the
+/// task as a yield and wakes an idle worker thread to come and take it, which costs every
+/// request a cross-thread hand-off (two futex calls, an eventfd write, a context switch: about
+/// 8 µs of CPU and 20 µs of latency at one request at a time, measured with gateway-bench).
+/// From a task of its own the same wake just schedules the connection task next on this
+/// thread. The task is aborted if the request is dropped (client gone).
+async fn read_body_apart(body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    struct AbortOnDrop(tokio::task::JoinHandle<Result<Bytes, BodyRead>>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(tokio::spawn(read_body(body, max)));
+    (&mut task.0).await.unwrap_or(Err(BodyRead::Broken))
 }
 
 /// Why a request body could not be read.
