@@ -11,6 +11,7 @@ pub mod access;
 pub mod config;
 pub mod demo;
 pub mod keys;
+pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod server;

@@ -6,12 +6,6 @@ use clap::{Parser, Subcommand};
 use keypool_gateway::config::ServeArgs;
 use keypool_gateway::{demo, init_logging, mock_upstream, server};
 
-/// mimalloc instead of the system allocator: the gateway's heap is many short-lived,
-/// same-sized allocations made on several worker threads, which mimalloc serves faster and,
-/// unlike glibc's per-thread arenas, gives back to the OS once a load has passed.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// API-key failover gateway for the Anthropic Messages API.
 ///
 /// Point any Anthropic client at it (ANTHROPIC_BASE_URL=http://127.0.0.1:8787): rate-limited keys

@@ -1,5 +1,6 @@
 //! Prometheus metrics (SPEC §7), labelled by key label, never by key.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keypool_core::{KeyState, Pool};
@@ -42,6 +43,8 @@ pub struct Metrics {
     responses: Family<StatusLabel, Counter>,
     latency: Histogram,
     ttfb: Histogram,
+    /// Requests finished so far (the count of `latency`, readable without rendering).
+    finished: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,6 +128,7 @@ impl Metrics {
             responses,
             latency,
             ttfb,
+            finished: AtomicU64::new(0),
         }
     }
 
@@ -162,6 +166,12 @@ impl Metrics {
     /// A response body ended after `total`.
     pub fn finished(&self, total: Duration) {
         self.latency.observe(total.as_secs_f64());
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many requests have finished since start.
+    pub fn finished_count(&self) -> u64 {
+        self.finished.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition, with key states read from `pool` at `now`.

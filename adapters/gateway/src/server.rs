@@ -61,6 +61,11 @@ impl Shared {
         }))
     }
 
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The current pool (replaced on reload).
     pub fn pool(&self) -> Arc<Pool> {
         match self.pool.read() {
@@ -632,6 +637,7 @@ impl Server {
         let Self { listener, shared } = self;
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let releaser = tokio::spawn(crate::memory::release_when_quiet(shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -661,6 +667,7 @@ impl Server {
             }
         }
         drop(listener);
+        releaser.abort();
         let grace = shared.config.grace;
         tracing::info!(
             grace_s = grace.as_secs_f64(),

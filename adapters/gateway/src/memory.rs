@@ -1,0 +1,94 @@
+//! Giving freed heap memory back to the operating system once a burst of traffic is over.
+//!
+//! glibc's allocator keeps what a load freed (per-thread arenas, fragmented heaps) mapped, so
+//! after a burst of a few thousand concurrent requests the gateway would sit at several times
+//! its idle size for good. Once no request has finished for a whole second after a second in
+//! which some did, [`release`] asks the allocator to return its free pages (`malloc_trim`).
+//! Nothing is trimmed while requests keep finishing, so a loaded gateway never pays for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::server::Shared;
+
+/// How long the gateway must be quiet before free memory is released.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// Runs forever: releases free memory after each burst of requests (see the module docs).
+pub async fn release_when_quiet(shared: Arc<Shared>) {
+    let mut quiet = AfterBurst::new(shared.metrics().finished_count());
+    let mut tick = tokio::time::interval(QUIET);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if quiet.tick(shared.metrics().finished_count()) {
+            release();
+        }
+    }
+}
+
+/// Tells, one tick at a time, when a burst of finished requests has just ended.
+#[derive(Debug)]
+struct AfterBurst {
+    seen: u64,
+    busy: bool,
+}
+
+impl AfterBurst {
+    const fn new(finished: u64) -> Self {
+        Self {
+            seen: finished,
+            busy: false,
+        }
+    }
+
+    /// `finished` is the count of finished requests now. True on the first tick without new
+    /// ones after a tick with some.
+    fn tick(&mut self, finished: u64) -> bool {
+        if finished != self.seen {
+            self.seen = finished;
+            self.busy = true;
+            false
+        } else {
+            std::mem::replace(&mut self.busy, false)
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the operating system (glibc only; elsewhere the
+/// allocator's own policy applies and this does nothing).
+pub fn release() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: `malloc_trim` takes no pointers; it walks glibc's own heaps under their
+        // locks and only unmaps pages no allocation uses. Safe to call from any thread.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AfterBurst;
+
+    #[test]
+    fn releases_once_after_each_burst_and_never_while_busy() {
+        let mut q = AfterBurst::new(0);
+        // Idle from the start: nothing to give back.
+        assert!(!q.tick(0));
+        assert!(!q.tick(0));
+        // A burst over three ticks, then quiet: one release, on the first quiet tick.
+        assert!(!q.tick(10));
+        assert!(!q.tick(25));
+        assert!(!q.tick(26));
+        assert!(q.tick(26));
+        assert!(!q.tick(26));
+        // A second burst gets its own release.
+        assert!(!q.tick(30));
+        assert!(q.tick(30));
+    }
+}
