@@ -315,37 +315,38 @@ impl Parser {
             self.dispatch();
             return;
         }
-        // Fast paths for the two fields that make up nearly every stream.
-        let (field, value_start): (&[u8], usize) = if line.starts_with(b"data:") {
-            (b"data", if line.get(5) == Some(&b' ') { 6 } else { 5 })
-        } else if line.starts_with(b"event:") {
-            (b"event", if line.get(6) == Some(&b' ') { 7 } else { 6 })
-        } else if let Some(split) = split_field(line) {
-            split
-        } else {
-            return; // comment
+        // The two fields that make up nearly every stream are told by their first bytes.
+        let (field, value_start) = match line {
+            [b'd', b'a', b't', b'a', b':', b' ', ..] => (Field::Data, 6),
+            [b'd', b'a', b't', b'a', b':', ..] => (Field::Data, 5),
+            [b'e', b'v', b'e', b'n', b't', b':', b' ', ..] => (Field::Event, 7),
+            [b'e', b'v', b'e', b'n', b't', b':', ..] => (Field::Event, 6),
+            _ => match split_field(line) {
+                Some((name, value_start)) => (Field::of(name), value_start),
+                None => return, // comment
+            },
         };
         let value = &line[value_start..];
         let at = base + value_start;
         match field {
-            b"data" => {
+            Field::Data => {
                 self.in_event = true;
                 self.push_data(src, at, value, utf8());
             }
-            b"event" => {
+            Field::Event => {
                 self.in_event = true;
                 self.event_type = Some(match known_event_type(value) {
                     Some(name) => Bytes::from_static(name),
                     None => self.text(src, at, value, utf8()),
                 });
             }
-            b"id" => {
+            Field::Id => {
                 self.in_event = true;
                 if memchr(0, value).is_none() {
                     self.last_id = self.text(src, at, value, utf8());
                 }
             }
-            b"retry" => {
+            Field::Retry => {
                 self.in_event = true;
                 if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
                     // Saturates: a value past u64::MAX milliseconds is as good as infinite.
@@ -356,7 +357,7 @@ impl Parser {
                     self.event_retry = Some(ms);
                 }
             }
-            _ => {}
+            Field::Other => {}
         }
     }
 
@@ -498,6 +499,28 @@ fn known_event_type(value: &[u8]) -> Option<&'static [u8]> {
         b"error",
     ];
     KNOWN.into_iter().find(|name| *name == value)
+}
+
+/// The fields the algorithm acts on.
+#[derive(Clone, Copy)]
+enum Field {
+    Data,
+    Event,
+    Id,
+    Retry,
+    Other,
+}
+
+impl Field {
+    fn of(name: &[u8]) -> Self {
+        match name {
+            b"data" => Self::Data,
+            b"event" => Self::Event,
+            b"id" => Self::Id,
+            b"retry" => Self::Retry,
+            _ => Self::Other,
+        }
+    }
 }
 
 /// Gives a collecting buffer its first capacity, so that later reservations reuse it.
