@@ -20,6 +20,14 @@ pub struct Event {
 const MESSAGE: &[u8] = b"message";
 
 impl Event {
+    /// An event with every field empty (an empty type is not valid outside the parser).
+    pub(super) const EMPTY: Self = Self {
+        event_type: Bytes::new(),
+        data: Bytes::new(),
+        id: Bytes::new(),
+        retry: None,
+    };
+
     /// An event of type `message` with the given data, no id and no retry.
     #[must_use]
     pub fn new(data: impl Into<String>) -> Self {

@@ -56,12 +56,14 @@ pub struct Parser {
     bom_done: bool,
     /// Number of `data` lines in the data buffer (0: the buffer is the empty string).
     data_lines: usize,
-    /// The data buffer when it is one line sliced out of a fed chunk.
-    data_single: Option<Bytes>,
+    /// The event being collected: its type (empty: `message`), and its data when the data
+    /// buffer is one line sliced out of a fed chunk (`single`). Kept in place, so that
+    /// dispatching moves it out in one piece.
+    event: Event,
+    /// `event.data` holds the data buffer (one sliced line); otherwise `data_acc` does.
+    single: bool,
     /// The data buffer otherwise (lines joined with LF, no trailing LF).
     data_acc: BytesMut,
-    /// The event type buffer.
-    event_type: Option<Bytes>,
     /// A valid `retry` value seen since the last dispatch.
     event_retry: Option<u64>,
     /// A field line has been processed since the last dispatch (for [`Parser::finish`]).
@@ -101,9 +103,9 @@ impl Parser {
             skip_lf: false,
             bom_done: false,
             data_lines: 0,
-            data_single: None,
+            event: Event::EMPTY,
+            single: false,
             data_acc: BytesMut::new(),
-            event_type: None,
             event_retry: None,
             in_event: false,
             last_id: Bytes::new(),
@@ -335,10 +337,10 @@ impl Parser {
             }
             Field::Event => {
                 self.in_event = true;
-                self.event_type = Some(match known_event_type(value) {
+                self.event.event_type = match known_event_type(value) {
                     Some(name) => Bytes::from_static(name),
                     None => self.text(src, at, value, utf8()),
-                });
+                };
             }
             Field::Id => {
                 self.in_event = true;
@@ -384,11 +386,16 @@ impl Parser {
             return;
         }
         match (self.data_lines, src) {
-            (0, Some(chunk)) if sliceable => self.data_single = Some(chunk.slice(at..at + value.len())),
+            (0, Some(chunk)) if sliceable => {
+                self.event.data = chunk.slice(at..at + value.len());
+                self.single = true;
+            }
             _ => {
                 ensure_arena(&mut self.data_acc);
-                if let Some(first) = self.data_single.take() {
-                    self.data_acc.extend_from_slice(&first);
+                if self.single {
+                    self.single = false;
+                    self.data_acc
+                        .extend_from_slice(&std::mem::take(&mut self.event.data));
                 }
                 if self.data_lines > 0 {
                     self.data_acc.extend_from_slice(b"\n");
@@ -437,39 +444,44 @@ impl Parser {
             return;
         }
         // Step 3: the trailing LF is never stored.
-        let data = match self.data_single.take() {
-            Some(data) => data,
-            None => self.data_acc.split().freeze(),
-        };
+        if !self.single {
+            self.event.data = self.data_acc.split().freeze();
+        }
         // Steps 4 to 6.
-        let event = Event {
-            event_type: Event::normalize_type(self.event_type.take().unwrap_or_default()),
-            data,
-            // An empty id (most streams) is a fresh empty `Bytes`: no vtable call.
-            id: if self.last_id.is_empty() {
-                Bytes::new()
-            } else {
-                self.last_id.clone()
-            },
-            retry: self.event_retry.take(),
-        };
-        // Step 7.
-        self.reset_event();
-        // Step 8.
-        self.queue.push_back(event);
+        if self.event.event_type.is_empty() {
+            self.event.event_type = Bytes::from_static(b"message");
+        }
+        // An empty id (most streams) stays the empty `Bytes` of `Event::EMPTY`.
+        if !self.last_id.is_empty() {
+            self.event.id = self.last_id.clone();
+        }
+        self.event.retry = self.event_retry.take();
+        // Step 8 (step 7 follows).
+        self.queue
+            .push_back(std::mem::replace(&mut self.event, Event::EMPTY));
+        // Step 7: the type went with the event; the data buffer is emptied here.
+        self.clear_data();
     }
 
     fn reset_event(&mut self) {
+        self.event = Event::EMPTY;
+        self.clear_data();
+    }
+
+    fn clear_data(&mut self) {
         self.data_lines = 0;
-        self.data_single = None;
+        self.single = false;
         self.data_acc.clear();
-        self.event_type = None;
         self.event_retry = None;
         self.in_event = false;
     }
 
     fn data_len(&self) -> usize {
-        self.data_single.as_ref().map_or(self.data_acc.len(), Bytes::len)
+        if self.single {
+            self.event.data.len()
+        } else {
+            self.data_acc.len()
+        }
     }
 
     /// Stops the parser for good: records the error and releases every buffer.
