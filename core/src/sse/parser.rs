@@ -289,7 +289,10 @@ impl Parser {
                     line.len()
                 };
                 let line_valid = self.line_valid;
-                let utf8 = || is_utf8(&line[line_valid.min(middle_end)..middle_end]);
+                let utf8 = || {
+                    let middle = &line[line_valid.min(middle_end)..middle_end];
+                    middle.is_empty() || is_utf8(middle)
+                };
                 self.process_line(None, 0, &line, utf8);
                 self.line = line;
                 self.line.clear();
