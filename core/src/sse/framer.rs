@@ -49,6 +49,7 @@ impl RawEvent {
 
     /// Whether [`name`](Self::name) is `name`; compares bytes, no UTF-8 check.
     #[must_use]
+    #[inline]
     pub fn is_named(&self, name: &str) -> bool {
         !self.name.is_empty() && &self.bytes[self.name.clone()] == name.as_bytes()
     }
@@ -221,7 +222,7 @@ impl Framer {
 
     /// The line end found at `end` (a CR or LF): returns `(end, next)` where `next` is the
     /// index after the line end. A CR that ends the chunk may be the first half of a CR LF.
-    #[inline]
+    #[inline(always)]
     fn line_end(&mut self, buf: &[u8], end: usize) -> (usize, usize) {
         let mut next = end + 1;
         if buf[end] == b'\r' {
@@ -278,6 +279,7 @@ impl Framer {
     /// The next whole event, or the error that stopped the framer (once), or `None` when more
     /// input is needed.
     #[must_use]
+    #[inline]
     pub fn next_frame(&mut self) -> Option<Result<RawEvent, SseError>> {
         if let Some(frame) = self.queue.pop_front() {
             return Some(Ok(frame));
@@ -318,7 +320,7 @@ impl Framer {
     }
 
     /// What `line` (starting at frame offset `start`, line end excluded) means for framing.
-    #[inline]
+    #[inline(always)]
     fn classify(&self, line: &[u8], start: usize) -> Line {
         let skip = if self.at_stream_start && start == 0 && line.starts_with(BOM) {
             BOM.len()
