@@ -236,6 +236,7 @@ impl Framer {
     }
 
     /// Queues the current frame, which ends at chunk index `next`.
+    #[inline(always)]
     fn emit(&mut self, chunk: &Bytes, frame_start: usize, next: usize) {
         let bytes = if self.acc.is_empty() {
             chunk.slice(frame_start..next)
