@@ -83,6 +83,7 @@ impl Event {
     /// The data as bytes (guaranteed UTF-8); a slice of the fed chunk when the data was one
     /// line inside one [`Bytes`] chunk.
     #[must_use]
+    #[inline]
     pub const fn data_bytes(&self) -> &Bytes {
         &self.data
     }

@@ -157,6 +157,7 @@ impl Parser {
     /// The next dispatched event, or the error that stopped the parser (once), or `None` when
     /// more input is needed.
     #[must_use]
+    #[inline]
     pub fn next_event(&mut self) -> Option<Result<Event, SseError>> {
         if let Some(event) = self.queue.pop_front() {
             return Some(Ok(event));
