@@ -327,6 +327,25 @@ fn stream_ending_before_message_stop_gets_an_error_event() {
 }
 
 #[test]
+fn stream_committed_by_its_last_event_ends_cleanly() {
+    // First-byte commit on an in-band error as the first event; first-content commit on a
+    // `message_stop` right after `message_start`: the event that commits the stream also ends
+    // it, so the end of the body is clean and nothing is appended.
+    let error = in_band("overloaded_error");
+    for (config, events) in [
+        (cfg(), error.clone()),
+        (first_content(), [MESSAGE_START, MESSAGE_STOP].concat()),
+    ] {
+        let mut sim = Sim::new(1);
+        sim.script(0, vec![vec![sse_head(), body(&events), Step::End]]);
+        let out = sim.run(&config);
+        assert_eq!(out.status(), 200);
+        assert_eq!(out.body_str(), events);
+        assert!(out.abort.is_none(), "{:?}", out.abort);
+    }
+}
+
+#[test]
 fn stream_idle_timeout_after_commit_gets_an_error_event() {
     let mut sim = Sim::new(1);
     sim.script(

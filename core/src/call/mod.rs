@@ -491,7 +491,7 @@ impl Call {
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
-                            if matches!(kind(&frame), Kind::MessageStop | Kind::Error) {
+                            if ends_stream(&frame) {
                                 *clean_end = true;
                             }
                             out.push(frame.into_bytes());
@@ -567,7 +567,7 @@ impl Call {
         if self.timers.expired(Timer::Hold, now) {
             self.timers.stop(Timer::Hold);
             if matches!(self.state, State::Holding(_)) {
-                self.commit(Joiner::default());
+                self.commit(Joiner::default(), false);
             }
         }
         if self.timers.expired(Timer::Idle, now) {
@@ -731,10 +731,11 @@ impl Call {
                 Some(Err(_)) => return self.fail(CallError::Transport(TransportError::Protocol)),
                 Some(Ok(frame)) => frame,
             };
+            let ends = ends_stream(&frame);
             if !first_content {
                 let mut out = Joiner::within(chunk.clone());
                 out.push(frame.into_bytes());
-                return self.commit(out);
+                return self.commit(out, ends);
             }
             match kind(&frame) {
                 Kind::MessageStart | Kind::Ping | Kind::Blank => h.held.push(frame.into_bytes()),
@@ -745,7 +746,7 @@ impl Call {
                 _ => {
                     let mut out = Joiner::within(chunk.clone());
                     out.push(frame.into_bytes());
-                    return self.commit(out);
+                    return self.commit(out, ends);
                 }
             }
         }
@@ -769,8 +770,9 @@ impl Call {
         });
     }
 
-    /// Delivers the head and every held and ready event; the stream is committed.
-    fn commit(&mut self, mut out: Joiner) {
+    /// Delivers the head and every held and ready event; the stream is committed. `ends`: the
+    /// event that committed it ends the stream (`message_stop`, or an in-band `error`).
+    fn commit(&mut self, mut out: Joiner, ends: bool) {
         let State::Holding(h) = std::mem::replace(&mut self.state, State::Finished) else {
             return;
         };
@@ -793,12 +795,12 @@ impl Call {
         if let Some(bytes) = out.finish() {
             all.push(bytes);
         }
-        let mut clean_end = false;
+        let mut clean_end = ends;
         let mut too_large = false;
         loop {
             match framer.next_frame() {
                 Some(Ok(frame)) => {
-                    clean_end |= matches!(kind(&frame), Kind::MessageStop | Kind::Error);
+                    clean_end |= ends_stream(&frame);
                     all.push(frame.into_bytes());
                 }
                 Some(Err(_)) => {
@@ -953,6 +955,11 @@ fn kind(frame: &RawEvent) -> Kind {
         None if is_blank_frame(frame.bytes()) => Kind::Blank,
         None => Kind::Other,
     }
+}
+
+/// Whether an event ends the stream: after it, the end of the body is a clean end.
+fn ends_stream(frame: &RawEvent) -> bool {
+    matches!(kind(frame), Kind::MessageStop | Kind::Error)
 }
 
 /// Whether a frame carries no field but comments and blank lines.
