@@ -731,13 +731,14 @@ impl Call {
                 Some(Err(_)) => return self.fail(CallError::Transport(TransportError::Protocol)),
                 Some(Ok(frame)) => frame,
             };
-            let ends = ends_stream(&frame);
+            let kind = kind(&frame);
+            let ends = matches!(kind, Kind::MessageStop | Kind::Error);
             if !first_content {
                 let mut out = Joiner::within(chunk.clone());
                 out.push(frame.into_bytes());
                 return self.commit(out, ends);
             }
-            match kind(&frame) {
+            match kind {
                 Kind::MessageStart | Kind::Ping | Kind::Blank => h.held.push(frame.into_bytes()),
                 Kind::Error => {
                     let data = event_data(frame.into_bytes());
