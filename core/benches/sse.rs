@@ -1,7 +1,9 @@
 //! SSE benchmark: keypool's parser and framer against the peer crates and the `memchr` limit
 //! loops, on one Anthropic-shaped stream generated here, fed line-aligned, in 128 B and in
 //! 16 KiB chunks. Prints MB/s, events/s, the ratios, and allocations per event (counting
-//! global allocator).
+//! global allocator). The framer runs twice: looking at each lent frame's name (what the
+//! limit loop's count stands for), and also taking every frame out as `Bytes` (what a relay
+//! that forwards each frame pays); only the first has a target.
 //!
 //! `cargo bench -p keypool-core --bench sse`; `KEYPOOL_BENCH_QUICK=1` runs one pass of each.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -225,7 +227,7 @@ fn ours_parser(chunks: &[Bytes]) -> usize {
     let mut parser = Parser::new();
     let mut n = 0;
     for chunk in chunks {
-        parser.feed(chunk.clone());
+        parser.feed(chunk);
         while let Some(event) = parser.next_event() {
             let event = event.unwrap();
             black_box(event.data_bytes());
@@ -239,10 +241,26 @@ fn ours_framer(chunks: &[Bytes]) -> usize {
     let mut framer = Framer::new();
     let mut n = 0;
     for chunk in chunks {
-        framer.feed(chunk.clone());
+        framer.feed(chunk);
         while let Some(frame) = framer.next_frame() {
             let frame = frame.unwrap();
             black_box(frame.is_named("message_stop"));
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The framer as a relay uses it: every frame is also taken out as `Bytes`.
+fn ours_framer_kept(chunks: &[Bytes]) -> usize {
+    let mut framer = Framer::new();
+    let mut n = 0;
+    for chunk in chunks {
+        framer.feed(chunk);
+        while let Some(frame) = framer.next_frame() {
+            let frame = frame.unwrap();
+            black_box(frame.is_named("message_stop"));
+            black_box(frame.into_bytes());
             n += 1;
         }
     }
@@ -313,66 +331,6 @@ fn memmem_frames(chunks: &[Bytes]) -> usize {
     black_box(n)
 }
 
-/// Diagnostic (`KEYPOOL_BENCH_FLOORS=1`), not a contender: the least work any framer with
-/// the output of ours does here, whatever its design. It takes each chunk as the harness
-/// hands it over (a `Bytes` clone), finds every line end (a blank line by its first byte,
-/// other lines with memchr's AVX2 searcher, built once), and hands every frame out as
-/// `Bytes` through a queue: a slice of the chunk when the frame lies inside it, otherwise a
-/// copy into a `BytesMut` arena split off as `Bytes`. No event names, limits, CR or BOM
-/// (the corpus has neither). Its ratio to the memmem loop bounds what the framer can reach.
-fn framer_floor(chunks: &[Bytes]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    let two = memchr::arch::x86_64::avx2::memchr::Two::new(b'\n', b'\r');
-    #[cfg(not(target_arch = "x86_64"))]
-    let two: Option<()> = None;
-    let find = |haystack: &[u8]| {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(two) = &two {
-            return two.find(haystack);
-        }
-        let _ = &two;
-        memchr::memchr2(b'\n', b'\r', haystack)
-    };
-    let mut acc = bytes::BytesMut::with_capacity(16 * 1024);
-    let mut queue = std::collections::VecDeque::new();
-    let mut in_line = false;
-    let mut n = 0;
-    for chunk in chunks {
-        let chunk = chunk.clone();
-        let buf: &[u8] = &chunk;
-        let (mut pos, mut frame_start) = (0, 0);
-        while pos < buf.len() {
-            let end = if buf[pos] == b'\n' {
-                pos
-            } else {
-                match find(&buf[pos..]) {
-                    Some(offset) => pos + offset,
-                    None => break,
-                }
-            };
-            let blank = end == pos && !(pos == 0 && in_line);
-            pos = end + 1;
-            if blank {
-                let frame = if acc.is_empty() {
-                    chunk.slice(frame_start..pos)
-                } else {
-                    acc.extend_from_slice(&buf[frame_start..pos]);
-                    acc.split().freeze()
-                };
-                queue.push_back(frame);
-                frame_start = pos;
-            }
-        }
-        in_line = pos < buf.len();
-        acc.extend_from_slice(&buf[frame_start..]);
-        while let Some(frame) = queue.pop_front() {
-            black_box(&frame);
-            n += 1;
-        }
-    }
-    n
-}
-
 // ---------------------------------------------------------------- harness
 
 struct Measured {
@@ -416,13 +374,14 @@ fn main() {
         if quick { "  [quick mode: 1 pass each]" } else { "" }
     );
 
-    let contenders: [(&str, Run); 7] = [
+    let contenders: [(&str, Run); 8] = [
         ("keypool Parser", ours_parser),
         ("eventsource-stream 0.2", eventsource_stream),
         ("sseer 0.3", sseer),
         ("sse-stream 0.3", sse_stream),
         ("memchr2 line loop (limit)", memchr_lines),
         ("keypool Framer", ours_framer),
+        ("keypool Framer, frames kept", ours_framer_kept),
         ("memmem \\n\\n loop (limit)", memmem_frames),
     ];
     // `KEYPOOL_BENCH_PROFILE=<name part>`: loop one contender on 128 B chunks for a profiler;
@@ -479,18 +438,6 @@ fn main() {
                 ratio
             );
         }
-        if std::env::var_os("KEYPOOL_BENCH_FLOORS").is_some_and(|v| v != "0") {
-            let floor = measure(framer_floor, &chunks, budget, quick);
-            println!(
-                "  {:<28} {:>9.0} {:>12.0} {:>9}  {:>12.2}x  (diagnostic: memmem loop / floor {:.2}x)",
-                "framer floor (diagnostic)",
-                mb / floor.secs,
-                floor.count as f64 / floor.secs,
-                floor.count,
-                floor.secs / framer_secs,
-                results[6].1.secs / floor.secs,
-            );
-        }
         let ratio = |i: usize, ours: f64| results[i].1.secs / ours;
         let mut check = |what: &str, got: f64, want: f64| {
             let ok = got >= want;
@@ -507,7 +454,11 @@ fn main() {
             check("parser vs sseer", ratio(2, parser_secs), 1.2);
         }
         check("parser vs memchr2 line loop", ratio(4, parser_secs), 0.35);
-        check("framer vs memmem loop", ratio(6, framer_secs), 0.5);
+        check("framer vs memmem loop", ratio(7, framer_secs), 0.5);
+        println!(
+            "  (not a target) framer with frames kept vs memmem loop: {:.2}x",
+            ratio(7, results[6].1.secs)
+        );
     }
 
     println!("\nallocations per event, steady state (128 B chunks / 16 KiB chunks)");

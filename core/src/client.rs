@@ -314,7 +314,7 @@ impl EventAssembler {
     /// The result of reading the next body chunk: bytes, the end, or the body's break.
     pub fn handle_body(&mut self, read: Result<Option<Bytes>, BodyError>) {
         match read {
-            Ok(Some(bytes)) => self.parser.feed(bytes),
+            Ok(Some(bytes)) => self.parser.feed(&bytes),
             Ok(None) => {
                 self.done = true;
                 let _ = self.parser.finish();

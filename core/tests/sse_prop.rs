@@ -51,13 +51,24 @@ fn split<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 
 type Outcome = (Vec<Result<Event, SseError>>, bool);
 
+/// Every frame the framer has cut so far, taken out with its name.
+fn take_frames(framer: &mut Framer) -> Vec<(Bytes, Option<String>)> {
+    let mut out = Vec::new();
+    while let Some(frame) = framer.next_frame() {
+        let frame = frame.unwrap();
+        let name = frame.name().map(str::to_owned);
+        out.push((frame.into_bytes(), name));
+    }
+    out
+}
+
 fn parse_chunks<'a>(limits: Limits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
     let mut parser = Parser::with_limits(limits);
     let mut out = Vec::new();
     for (i, chunk) in chunks.into_iter().enumerate() {
         // Alternate the two entry points; they must agree.
         if i % 2 == 0 {
-            parser.feed(Bytes::copy_from_slice(chunk));
+            parser.feed(&Bytes::copy_from_slice(chunk));
         } else {
             parser.feed_slice(chunk);
         }
@@ -107,11 +118,11 @@ proptest! {
         let mut framer = Framer::new();
         let mut frames = Vec::new();
         for chunk in split(&input, &cuts) {
-            framer.feed(Bytes::copy_from_slice(chunk));
-            frames.extend(std::iter::from_fn(|| framer.next_frame()).map(Result::unwrap));
+            framer.feed(&Bytes::copy_from_slice(chunk));
+            frames.extend(take_frames(&mut framer));
         }
         let left = framer.finish();
-        let mut joined: Vec<u8> = frames.iter().flat_map(|f| f.bytes().to_vec()).collect();
+        let mut joined: Vec<u8> = frames.iter().flat_map(|(bytes, _)| bytes.to_vec()).collect();
         // Frames are byte-identical to the input; the leftover is the rest (modulo the LF that
         // completes a final CR LF).
         prop_assert!(input.starts_with(&joined));
@@ -119,7 +130,7 @@ proptest! {
         prop_assert!(joined == input || (input.ends_with(b"\r\n") && joined == input[..input.len() - 1]));
 
         let (want, _) = parse_chunks(Limits::new(), [&input[..]]);
-        let (mut got, _) = parse_chunks(Limits::new(), frames.iter().map(|f| &f.bytes()[..]));
+        let (mut got, _) = parse_chunks(Limits::new(), frames.iter().map(|(bytes, _)| &bytes[..]));
         // The parse of the input may still dispatch nothing more from the leftover.
         got.truncate(want.len());
         prop_assert_eq!(&got, &want);
@@ -127,13 +138,52 @@ proptest! {
         // The name the framer reports is the type the parser dispatches.
         // (Skipped for a frame that a fresh parser would start with a BOM, and for names that
         // are not UTF-8, which the framer reports as `None`.)
-        for frame in frames.iter().filter(|f| !f.bytes().starts_with(b"\xEF\xBB\xBF")) {
+        for (bytes, name) in frames.iter().filter(|(bytes, _)| !bytes.starts_with(b"\xEF\xBB\xBF")) {
             let mut parser = Parser::new();
-            parser.feed(frame.bytes().clone());
+            parser.feed(bytes);
             if let Some(Ok(event)) = parser.next_event().filter(|e| !matches!(e, Ok(e) if e.event_type().contains('\u{FFFD}'))) {
-                prop_assert_eq!(frame.name().unwrap_or("message"), event.event_type());
+                prop_assert_eq!(name.as_deref().unwrap_or("message"), event.event_type());
             }
         }
+    }
+
+    #[test]
+    fn frames_are_the_same_however_late_and_however_taken(
+        (input, cuts) in chunked_stream(),
+        plan in proptest::collection::vec(0u8..6, 0..64),
+    ) {
+        let chunks = split(&input, &cuts);
+        let mut framer = Framer::new();
+        let mut want = Vec::new();
+        for chunk in &chunks {
+            framer.feed(&Bytes::copy_from_slice(chunk));
+            want.extend(take_frames(&mut framer));
+        }
+        let want_left = framer.finish();
+
+        // After each feed take none, one or two of the frames (the rest wait across the next
+        // feed), each either taken out or only looked at.
+        let mut framer = Framer::new();
+        let mut got = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            framer.feed(&Bytes::copy_from_slice(chunk));
+            let step = plan.get(i).copied().unwrap_or(0);
+            for _ in 0..step % 3 {
+                let Some(frame) = framer.next_frame() else { break };
+                let frame = frame.unwrap();
+                let name = frame.name().map(str::to_owned);
+                let bytes = if step < 3 {
+                    frame.into_bytes()
+                } else {
+                    Bytes::copy_from_slice(frame.bytes())
+                };
+                got.push((bytes, name));
+            }
+        }
+        let left = framer.finish();
+        got.extend(take_frames(&mut framer));
+        prop_assert_eq!(got, want);
+        prop_assert_eq!(left, want_left);
     }
 
     #[test]
@@ -143,7 +193,7 @@ proptest! {
             let mut frames = Vec::new();
             for chunk in chunks {
                 framer.feed_slice(chunk);
-                frames.extend(std::iter::from_fn(|| framer.next_frame()).map(|f| f.unwrap()));
+                frames.extend(take_frames(&mut framer));
             }
             frames.len()
         };

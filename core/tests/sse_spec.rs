@@ -9,7 +9,7 @@ fn parse_chunks(chunks: &[&[u8]]) -> (Vec<Result<Event, SseError>>, bool) {
     let mut parser = Parser::new();
     let mut out = Vec::new();
     for chunk in chunks {
-        parser.feed(Bytes::copy_from_slice(chunk));
+        parser.feed(&Bytes::copy_from_slice(chunk));
         out.extend(std::iter::from_fn(|| parser.next_event()));
     }
     let discarded = parser.finish();
@@ -269,7 +269,7 @@ fn utf8_is_checked_from_the_first_line_that_keeps_a_value() {
 fn single_line_data_is_not_copied() {
     let chunk = Bytes::from_static(b"event: x\ndata: hello\n\n");
     let mut parser = Parser::new();
-    parser.feed(chunk.clone());
+    parser.feed(&chunk);
     let event = parser.next_event().unwrap().unwrap();
     let range = chunk.as_ptr() as usize..chunk.as_ptr() as usize + chunk.len();
     assert!(range.contains(&(event.data_bytes().as_ptr() as usize)));
@@ -331,10 +331,7 @@ fn oversized_frame_is_a_typed_error_with_bounded_memory() {
         framer.feed_slice(b"data: 0123456789012345678901234567890123456789\n");
         assert!(framer.buffered_len() <= limit);
     }
-    assert_eq!(
-        &framer.next_frame().unwrap().unwrap().bytes()[..],
-        b"data: ok\n\n"
-    );
+    assert_eq!(framer.next_frame().unwrap().unwrap().bytes(), b"data: ok\n\n");
     assert_eq!(framer.next_frame(), Some(Err(SseError::EventTooLarge { limit })));
     assert_eq!(framer.next_frame(), None);
     assert_eq!(framer.buffered_len(), 0);
@@ -347,22 +344,38 @@ fn framer_cuts_whole_events_and_names_them() {
     for b in input {
         framer.feed_slice(std::slice::from_ref(b));
     }
-    let frames: Vec<_> = std::iter::from_fn(|| framer.next_frame())
-        .map(Result::unwrap)
-        .collect();
-    let names: Vec<_> = frames.iter().map(|f| f.name()).collect();
+    let frames = take_frames(&mut framer);
+    let names: Vec<_> = frames.iter().map(|(_, name)| name.as_deref()).collect();
     assert_eq!(names, [Some("message_start"), None, Some("ping"), None]);
-    let joined: Vec<u8> = frames.iter().flat_map(|f| f.bytes().to_vec()).collect();
+    let joined: Vec<u8> = frames.iter().flat_map(|(bytes, _)| bytes.to_vec()).collect();
     assert_eq!(joined, input);
-    assert!(frames[0].is_named("message_start"));
     assert_eq!(framer.finish(), None);
+
+    let mut framer = Framer::new();
+    framer.feed_slice(input);
+    let first = framer.next_frame().unwrap().unwrap();
+    assert!(first.is_named("message_start"));
+    assert!(!first.is_named("message_stop"));
+    let second = framer.next_frame().unwrap().unwrap();
+    assert!(!second.is_named(""), "a frame without a name is not named \"\"");
+}
+
+/// Every frame the framer has cut so far, taken out with its name.
+fn take_frames(framer: &mut Framer) -> Vec<(Bytes, Option<String>)> {
+    let mut out = Vec::new();
+    while let Some(frame) = framer.next_frame() {
+        let frame = frame.unwrap();
+        let name = frame.name().map(str::to_owned);
+        out.push((frame.into_bytes(), name));
+    }
+    out
 }
 
 #[test]
 fn framer_reports_trailing_partial_event() {
     let mut framer = Framer::new();
     framer.feed_slice(b"data: a\n\nevent: message_delta\ndata: {");
-    assert_eq!(&framer.next_frame().unwrap().unwrap().bytes()[..], b"data: a\n\n");
+    assert_eq!(framer.next_frame().unwrap().unwrap().bytes(), b"data: a\n\n");
     assert_eq!(
         framer.finish().as_deref(),
         Some(&b"event: message_delta\ndata: {"[..])
@@ -374,10 +387,7 @@ fn framer_cr_lf_split_after_frame_end() {
     let mut framer = Framer::new();
     framer.feed_slice(b"data: a\r\n\r");
     framer.feed_slice(b"\n");
-    assert_eq!(
-        &framer.next_frame().unwrap().unwrap().bytes()[..],
-        b"data: a\r\n\r"
-    );
+    assert_eq!(framer.next_frame().unwrap().unwrap().bytes(), b"data: a\r\n\r");
     assert_eq!(
         framer.finish(),
         None,
@@ -418,12 +428,12 @@ fn framer_gives_the_same_frames_and_names_at_every_chunk_size() {
             let mut framer = Framer::new();
             let mut frames = Vec::new();
             for chunk in input.chunks(size) {
-                framer.feed(Bytes::copy_from_slice(chunk));
-                frames.extend(std::iter::from_fn(|| framer.next_frame()).map(Result::unwrap));
+                framer.feed(&Bytes::copy_from_slice(chunk));
+                frames.extend(take_frames(&mut framer));
             }
             assert_eq!(framer.finish(), None);
-            let names: Vec<_> = frames.iter().map(|f| f.name().map(str::to_owned)).collect();
-            let joined: Vec<u8> = frames.iter().flat_map(|f| f.bytes().to_vec()).collect();
+            let (frames, names): (Vec<Bytes>, Vec<_>) = frames.into_iter().unzip();
+            let joined: Vec<u8> = frames.concat();
             (names, joined)
         };
         let (names, joined) = cut(input.len());

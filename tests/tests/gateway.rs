@@ -234,7 +234,7 @@ impl TestClient for GatewayClient {
             };
         }
         let mut parser = Parser::new();
-        parser.feed(bytes::Bytes::from(body));
+        parser.feed(&bytes::Bytes::from(body));
         let _ = parser.finish();
         let mut out = StreamAnswer {
             status,

@@ -482,12 +482,12 @@ impl Call {
             }
             State::Plain => self.outputs.push_back(Output::Body(chunk)),
             State::Holding(h) => {
-                h.framer.feed(chunk.clone());
+                h.framer.feed(&chunk);
                 self.pump_holding(&chunk, now);
             }
             State::Streaming { framer, clean_end } => {
                 let mut out = Joiner::within(chunk.clone());
-                framer.feed(chunk);
+                framer.feed(&chunk);
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
@@ -973,7 +973,7 @@ fn is_blank_frame(bytes: &[u8]) -> bool {
 /// The data of one raw event (rare path: in-band errors before commit).
 fn event_data(raw: Bytes) -> Bytes {
     let mut parser = Parser::new();
-    parser.feed(raw);
+    parser.feed(&raw);
     let _ = parser.finish();
     match parser.next_event() {
         Some(Ok(event)) => event.into_data(),

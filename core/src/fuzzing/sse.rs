@@ -16,7 +16,7 @@ fn parse<'a>(limits: Limits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outc
     let mut out = Vec::new();
     for (i, chunk) in chunks.into_iter().enumerate() {
         if i % 2 == 0 {
-            parser.feed(Bytes::copy_from_slice(chunk));
+            parser.feed(&Bytes::copy_from_slice(chunk));
         } else {
             parser.feed_slice(chunk);
         }
@@ -54,6 +54,46 @@ fn chunks(data: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     (out, input)
 }
 
+/// Frames with their names, whether the framer failed, and the leftover.
+type Framed = (Vec<(Bytes, Option<String>)>, bool, Option<Bytes>);
+
+/// Cuts `chunked` with a framer (events up to 1 KiB). `late`: after each
+/// feed take only as many frames as the chunk's length modulo 3 (the rest wait across the next
+/// feeds), keeping every other one and only copying what the others show.
+fn cut(chunked: &[&[u8]], late: bool) -> Framed {
+    let mut framer = Framer::with_limits(Limits::new().with_max_event(1024));
+    let mut frames = Vec::new();
+    let mut failed = false;
+    let mut take = |framer: &mut Framer, most: usize| {
+        for _ in 0..most {
+            let Some(frame) = framer.next_frame() else {
+                break;
+            };
+            match frame {
+                Ok(frame) => {
+                    let name = frame.name().map(str::to_owned);
+                    let bytes = if late && frames.len() % 2 == 1 {
+                        Bytes::copy_from_slice(frame.bytes())
+                    } else {
+                        frame.into_bytes()
+                    };
+                    frames.push((bytes, name));
+                }
+                Err(SseError::EventTooLarge { .. }) => failed = true,
+                Err(other) => panic!("unexpected framer error {other:?}"),
+            }
+        }
+    };
+    for chunk in chunked {
+        framer.feed_slice(chunk);
+        assert!(framer.buffered_len() <= 1024);
+        take(&mut framer, if late { chunk.len() % 3 } else { usize::MAX });
+    }
+    let left = framer.finish();
+    take(&mut framer, usize::MAX);
+    (frames, failed, left)
+}
+
 /// Arbitrary bytes, split at points taken from the input: the same events as a one-shot
 /// parse (small limits included), bounded buffers, and frames that parse to the same events.
 pub fn sse(data: &[u8]) {
@@ -64,21 +104,10 @@ pub fn sse(data: &[u8]) {
         assert_eq!(parse(limits, input.chunks(1)), whole);
     }
 
-    let mut framer = Framer::with_limits(Limits::new().with_max_event(1024));
-    let mut frames = Vec::new();
-    let mut failed = false;
-    for chunk in &chunked {
-        framer.feed_slice(chunk);
-        assert!(framer.buffered_len() <= 1024);
-        for frame in std::iter::from_fn(|| framer.next_frame()) {
-            match frame {
-                Ok(frame) => frames.push(frame.into_bytes()),
-                Err(SseError::EventTooLarge { .. }) => failed = true,
-                Err(other) => panic!("unexpected framer error {other:?}"),
-            }
-        }
-    }
-    let left = framer.finish();
+    let (frames, failed, left) = cut(&chunked, false);
+    // Frames taken late (across later feeds) or only looked at are the same frames.
+    assert_eq!(cut(&chunked, true), (frames.clone(), failed, left.clone()));
+    let frames: Vec<Bytes> = frames.into_iter().map(|(bytes, _)| bytes).collect();
     let joined: Vec<u8> = frames.concat();
     assert!(input.starts_with(&joined));
     if !failed {

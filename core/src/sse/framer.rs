@@ -8,32 +8,54 @@ use bytes::{Bytes, BytesMut};
 use super::parser::copy_into;
 use super::{BOM, Limits, LineEnds, SseError};
 
-/// Initial capacity of the buffer for frames that span chunks. Frames are split off it and
-/// the space is reclaimed once the consumer drops them, so a steady stream allocates at most
-/// once per this many bytes of spanning frames (when frames are still held as it wraps).
+/// Initial capacity of the buffers for frames that span chunks. The two buffers take turns
+/// (one holds the frame being collected, the other the last one completed); a frame taken out
+/// is split off, and the space is reclaimed once the consumer drops it, so a steady stream
+/// allocates at most once per this many bytes of spanning frames kept.
 const ARENA: usize = 16 * 1024;
 
 /// One whole event as it appeared in the input: its lines and its terminating blank line,
-/// byte for byte.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RawEvent {
-    bytes: Bytes,
-    /// Where the value of the last `event` field lies in `bytes`; empty when there is no such
-    /// field or its value is empty.
+/// byte for byte. Lent by [`Framer::next_frame`] until the framer is used again; looking at it
+/// costs nothing, and [`into_bytes`](Self::into_bytes) keeps it.
+pub struct RawEvent<'a> {
+    src: Src<'a>,
+    /// Where the value of the last `event` field lies in the frame; empty when there is no
+    /// such field or its value is empty.
     name: Range<usize>,
 }
 
-impl RawEvent {
+/// Where a lent frame's bytes are.
+enum Src<'a> {
+    /// A range of the chunk it lay in.
+    Chunk(&'a Bytes, Range<usize>),
+    /// All of the framer's buffer for the last frame that spanned chunks.
+    Done(&'a mut BytesMut),
+    /// Its own bytes (a frame the consumer did not take before the next feed).
+    Owned(Bytes),
+}
+
+impl RawEvent<'_> {
     /// The raw bytes, terminating blank line included.
     #[must_use]
-    pub const fn bytes(&self) -> &Bytes {
-        &self.bytes
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        match &self.src {
+            Src::Chunk(chunk, range) => &chunk[range.clone()],
+            Src::Done(buf) => buf,
+            Src::Owned(bytes) => bytes,
+        }
     }
 
-    /// Takes the raw bytes out without copying.
+    /// Takes the raw bytes out: a slice of the fed chunk when the frame lay inside one, else
+    /// the framer's copy of it split off its buffer. Neither copies.
     #[must_use]
+    #[inline]
     pub fn into_bytes(self) -> Bytes {
-        self.bytes
+        match self.src {
+            Src::Chunk(chunk, range) => chunk.slice(range),
+            Src::Done(buf) => buf.split().freeze(),
+            Src::Owned(bytes) => bytes,
+        }
     }
 
     /// The value of the event's last `event` field, as the [`Parser`](super::Parser) would
@@ -44,15 +66,31 @@ impl RawEvent {
         if self.name.is_empty() {
             return None;
         }
-        std::str::from_utf8(&self.bytes[self.name.clone()]).ok()
+        std::str::from_utf8(&self.bytes()[self.name.clone()]).ok()
     }
 
     /// Whether [`name`](Self::name) is `name`; compares bytes, no UTF-8 check.
     #[must_use]
     #[inline]
     pub fn is_named(&self, name: &str) -> bool {
-        !self.name.is_empty() && &self.bytes[self.name.clone()] == name.as_bytes()
+        !self.name.is_empty() && &self.bytes()[self.name.clone()] == name.as_bytes()
     }
+}
+
+impl PartialEq for RawEvent<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes() && self.name() == other.name()
+    }
+}
+
+impl Eq for RawEvent<'_> {}
+
+/// A frame cut from the last chunk fed, not yet handed out.
+#[derive(Debug)]
+struct Cut {
+    /// Where it lies in `Framer::chunk` (unless it is the spanning frame in `Framer::done`).
+    range: Range<usize>,
+    name: Range<usize>,
 }
 
 /// A complete line as the framer sees it.
@@ -65,11 +103,11 @@ enum Line {
     Other,
 }
 
-impl std::fmt::Debug for RawEvent {
+impl std::fmt::Debug for RawEvent<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RawEvent")
             .field("name", &self.name())
-            .field("bytes", &self.bytes)
+            .field("bytes", &self.bytes().escape_ascii().to_string())
             .finish()
     }
 }
@@ -81,11 +119,36 @@ impl std::fmt::Debug for RawEvent {
 /// ends are CR LF, LF or CR, exactly as for the [`Parser`](super::Parser), so parsing the
 /// concatenated frames gives the same events as parsing the input.
 ///
-/// Frames that lie inside one fed chunk are slices of it; only a frame that spans chunks is
-/// copied (once). A frame is emitted as soon as its blank line is complete: when that blank
-/// line ends with a CR that is the last byte of a chunk, an LF at the start of the next chunk
-/// completes the CR LF and becomes the first byte of the next frame (the byte stream stays
-/// identical; nothing waits for the next chunk).
+/// Frames are lent: [`next_frame`](Self::next_frame) hands out a [`RawEvent`] that borrows the
+/// framer, so reading a frame's name and bytes costs no reference counting; a consumer that
+/// keeps a frame takes it out with [`RawEvent::into_bytes`]. A frame that lies inside one fed
+/// chunk is a range of it (the framer holds that chunk until the next feed); only a frame that
+/// spans chunks is copied (once). Frames not handed out before the next feed are taken out
+/// then, so none is lost however the calls interleave.
+///
+/// A frame is cut as soon as its blank line is complete: when that blank line ends with a CR
+/// that is the last byte of a chunk, an LF at the start of the next chunk completes the CR LF
+/// and becomes the first byte of the next frame (the byte stream stays identical; nothing
+/// waits for the next chunk).
+///
+/// ```
+/// use bytes::Bytes;
+/// use keypool_core::sse::Framer;
+///
+/// let mut framer = Framer::new();
+/// let mut kept = Vec::new();
+/// for chunk in [&b"event: ping\ndata: {}\n\nevent: message_st"[..], b"op\ndata: {}\n\n"] {
+///     framer.feed(&Bytes::copy_from_slice(chunk));
+///     while let Some(frame) = framer.next_frame() {
+///         let frame = frame?;
+///         if !frame.is_named("ping") {
+///             kept.push(frame.into_bytes());
+///         }
+///     }
+/// }
+/// assert_eq!(kept, [&b"event: message_stop\ndata: {}\n\n"[..]]);
+/// # Ok::<(), keypool_core::sse::SseError>(())
+/// ```
 ///
 /// The size limit is [`Limits::max_event`] on the raw size of a frame; past it the framer fails
 /// with [`SseError::EventTooLarge`] (terminal, see [`SseError`]).
@@ -105,9 +168,20 @@ pub struct Framer {
     at_stream_start: bool,
     /// Value range of the last `event` field of the current frame (empty: none).
     name: Range<usize>,
+    /// The last frame that spanned chunks, once complete.
+    done: BytesMut,
+    /// The chunk the last feed cut frames from; held only until the next feed.
+    chunk: Bytes,
+    /// The frames cut by the last feed; `cuts[next_cut..]` are not handed out yet.
+    cuts: Vec<Cut>,
+    next_cut: usize,
+    /// `cuts[0]` is the frame that spanned chunks, whose bytes are all of `done`.
+    spanned: bool,
+    /// Frames of earlier feeds that were not handed out before the next feed, with their own
+    /// bytes; they come before `cuts`.
+    owned: VecDeque<(Bytes, Range<usize>)>,
     /// Copies of `feed_slice` input.
     arena: BytesMut,
-    queue: VecDeque<RawEvent>,
     error: Option<SseError>,
     failed: bool,
 }
@@ -137,19 +211,26 @@ impl Framer {
             lead_lf: false,
             at_stream_start: true,
             name: 0..0,
+            done: BytesMut::new(),
+            chunk: Bytes::new(),
+            cuts: Vec::new(),
+            next_cut: 0,
+            spanned: false,
+            owned: VecDeque::new(),
             arena: BytesMut::new(),
-            queue: VecDeque::new(),
             error: None,
             failed: false,
         }
     }
 
-    /// Cuts a chunk of the stream. Ignored after an error.
-    pub fn feed(&mut self, chunk: Bytes) {
+    /// Cuts a chunk of the stream. The chunk is borrowed: the framer keeps a handle on it
+    /// only when a whole frame lies inside it. Ignored after an error.
+    pub fn feed(&mut self, chunk: &Bytes) {
         if self.failed || chunk.is_empty() {
             return;
         }
-        let buf: &[u8] = &chunk;
+        self.settle();
+        let buf: &[u8] = chunk;
         let mut pos = 0;
         if self.skip_lf {
             self.skip_lf = false;
@@ -182,7 +263,7 @@ impl Framer {
             let line_end = self.acc.len() - (next - end);
             let line = &self.acc[line_start..line_end];
             match self.classify(line, line_start) {
-                Line::Blank => self.emit(&chunk, frame_start, next),
+                Line::Blank => self.emit(chunk, frame_start, next),
                 Line::Event(name) => self.name = name,
                 Line::Other => {}
             }
@@ -208,7 +289,7 @@ impl Framer {
             let line_start = frame_len - (next - pos);
             match self.classify(&buf[pos..end], line_start) {
                 Line::Blank => {
-                    self.emit(&chunk, frame_start, next);
+                    self.emit(chunk, frame_start, next);
                     frame_start = next;
                 }
                 Line::Event(name) => self.name = name,
@@ -238,19 +319,46 @@ impl Framer {
     /// Queues the current frame, which ends at chunk index `next`.
     #[inline(always)]
     fn emit(&mut self, chunk: &Bytes, frame_start: usize, next: usize) {
-        let bytes = if self.acc.is_empty() {
-            chunk.slice(frame_start..next)
+        if self.acc.is_empty() {
+            if self.chunk.is_empty() {
+                self.chunk = chunk.clone();
+            }
         } else {
+            // The frame spanned chunks (only the first of a feed can): its buffer becomes
+            // `done`, and the old `done` (a frame already handed out) is reused.
             self.acc.extend_from_slice(&chunk[frame_start..next]);
-            self.acc.split().freeze()
-        };
-        self.queue.push_back(RawEvent {
-            bytes,
+            std::mem::swap(&mut self.acc, &mut self.done);
+            self.acc.clear();
+            self.spanned = true;
+        }
+        self.cuts.push(Cut {
+            range: frame_start..next,
             name: std::mem::take(&mut self.name),
         });
         self.line_start = 0;
         self.lead_lf = false;
         self.at_stream_start = false;
+    }
+
+    /// Before a feed: frames of the last one not handed out yet get their own bytes (their
+    /// chunk and `done` are about to be reused), and the last chunk is let go.
+    fn settle(&mut self) {
+        if self.next_cut < self.cuts.len() {
+            for (i, cut) in self.cuts.drain(..).enumerate().skip(self.next_cut) {
+                let bytes = if i == 0 && self.spanned {
+                    self.done.split().freeze()
+                } else {
+                    self.chunk.slice(cut.range)
+                };
+                self.owned.push_back((bytes, cut.name));
+            }
+        }
+        self.cuts.clear();
+        self.next_cut = 0;
+        self.spanned = false;
+        if !self.chunk.is_empty() {
+            self.chunk = Bytes::new();
+        }
     }
 
     /// Keeps `buf[frame_start..]`, the start of a frame whose end has not arrived, in `acc`.
@@ -274,18 +382,33 @@ impl Framer {
             return;
         }
         let chunk = copy_into(&mut self.arena, chunk);
-        self.feed(chunk);
+        self.feed(&chunk);
     }
 
     /// The next whole event, or the error that stopped the framer (once), or `None` when more
-    /// input is needed.
+    /// input is needed. The event is lent until the framer is used again.
     #[must_use]
     #[inline]
-    pub fn next_frame(&mut self) -> Option<Result<RawEvent, SseError>> {
-        if let Some(frame) = self.queue.pop_front() {
-            return Some(Ok(frame));
+    pub fn next_frame(&mut self) -> Option<Result<RawEvent<'_>, SseError>> {
+        if !self.owned.is_empty() {
+            let (bytes, name) = self.owned.pop_front()?;
+            return Some(Ok(RawEvent {
+                src: Src::Owned(bytes),
+                name,
+            }));
         }
-        self.error.take().map(Err)
+        let i = self.next_cut;
+        let Some(cut) = self.cuts.get(i) else {
+            return self.error.take().map(Err);
+        };
+        let name = cut.name.clone();
+        let src = if i == 0 && self.spanned {
+            Src::Done(&mut self.done)
+        } else {
+            Src::Chunk(&self.chunk, cut.range.clone())
+        };
+        self.next_cut = i + 1;
+        Some(Ok(RawEvent { src, name }))
     }
 
     /// Ends the stream. Returns the bytes after the last whole event (a partial event the

@@ -7,23 +7,25 @@
 //!
 //! - [`Parser`] implements the WHATWG *event stream interpretation* algorithm (HTML Living
 //!   Standard, "Server-sent events", §9.2.6) in full and yields [`Event`]s.
-//! - [`Framer`] only finds event boundaries: it yields [`RawEvent`]s whose bytes are identical
+//! - [`Framer`] only finds event boundaries: it lends [`RawEvent`]s whose bytes are identical
 //!   to the input (terminating blank line included) and tells each event's `event:` name, which
-//!   is all a relay needs to decide what to hold back or forward.
+//!   is all a relay needs to decide what to hold back or forward; a frame to keep is taken out
+//!   as [`bytes::Bytes`] without copying.
 //! - [`Encoder`] writes [`Event`]s back out as `text/event-stream` bytes.
 //!
 //! Both readers are bounded by [`Limits`]: no input makes them buffer more than the configured
 //! line and event sizes. Past a limit they fail with a typed [`SseError`] and stop growing.
 //!
-//! Feeding [`bytes::Bytes`] lets event data be handed out without copying: when an event's data
-//! is a single line inside one fed chunk, [`Event::data_bytes`] is a slice of that chunk.
+//! Both take chunks as borrowed [`bytes::Bytes`], which lets event data and frames be handed
+//! out without copying: when an event's data is a single line inside one fed chunk,
+//! [`Event::data_bytes`] is a slice of that chunk, and so is a frame inside one chunk.
 //!
 //! ```
 //! use keypool_core::sse::{Encoder, Event, Framer, Parser};
 //!
 //! let input = bytes::Bytes::from_static(b"event: ping\ndata: {}\n\n: keep-alive\n\ndata: a\r\ndata: b\r\n\r\n");
 //! let mut parser = Parser::new();
-//! parser.feed(input.clone());
+//! parser.feed(&input);
 //! let first = parser.next_event().unwrap()?;
 //! assert_eq!((first.event_type(), first.data()), ("ping", "{}"));
 //! let second = parser.next_event().unwrap()?;
@@ -32,7 +34,7 @@
 //! assert!(!parser.finish(), "nothing was left unterminated");
 //!
 //! let mut framer = Framer::new();
-//! framer.feed(input);
+//! framer.feed(&input);
 //! let frame = framer.next_frame().unwrap()?;
 //! assert_eq!((frame.name(), &frame.bytes()[..]), (Some("ping"), &b"event: ping\ndata: {}\n\n"[..]));
 //!

@@ -123,15 +123,15 @@ impl Parser {
         self.limits
     }
 
-    /// Parses a chunk of the stream. Event data that is a single line inside this chunk is
-    /// handed out as a slice of it, without copying. Ignored after an error.
-    pub fn feed(&mut self, chunk: Bytes) {
+    /// Parses a chunk of the stream. The chunk is borrowed: event data that is a single line
+    /// inside it is handed out as a slice of it, without copying. Ignored after an error.
+    pub fn feed(&mut self, chunk: &Bytes) {
         if self.failed || chunk.is_empty() {
             return;
         }
         let mut pos = 0;
         if !self.bom_done {
-            match self.strip_bom(&chunk) {
+            match self.strip_bom(chunk) {
                 Some(skip) => pos = skip,
                 None => return,
             }
@@ -142,7 +142,7 @@ impl Parser {
                 pos += 1;
             }
         }
-        self.scan(&chunk, pos);
+        self.scan(chunk, pos);
     }
 
     /// Parses a chunk given as a slice; the bytes are copied once into a reused buffer.
@@ -151,7 +151,7 @@ impl Parser {
             return;
         }
         let chunk = copy_into(&mut self.arena, chunk);
-        self.feed(chunk);
+        self.feed(&chunk);
     }
 
     /// The next dispatched event, or the error that stopped the parser (once), or `None` when
