@@ -56,9 +56,9 @@ impl Encoder {
         if &event.event_type[..] != b"message" {
             write_field(out, b"event", &event.event_type);
         }
-        if event.id != self.last_id {
+        if event.id[..] != self.last_id[..] {
             write_field(out, b"id", &event.id);
-            self.last_id = event.id.clone();
+            self.last_id = event.id.to_bytes();
         }
         if let Some(retry) = event.retry {
             write_field(out, b"retry", retry.to_string().as_bytes());

@@ -11,20 +11,73 @@ use super::as_str;
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Event {
     /// Never empty: an absent or empty `event` field is stored as `message`.
-    pub(super) event_type: Bytes,
+    pub(super) event_type: Text,
     pub(super) data: Bytes,
-    pub(super) id: Bytes,
+    pub(super) id: Text,
     pub(super) retry: Option<u64>,
 }
 
-const MESSAGE: &[u8] = b"message";
+/// The default event type.
+pub(super) const MESSAGE: &[u8] = b"message";
+
+/// The text of an event's type or id (valid UTF-8): static for the usual values (the known
+/// event types, `message`, no id), so that an event carrying them costs no reference counting.
+#[derive(Clone)]
+pub(super) enum Text {
+    Static(&'static [u8]),
+    Shared(Bytes),
+}
+
+impl Text {
+    pub(super) const EMPTY: Self = Self::Static(b"");
+
+    /// The text as [`Bytes`], without copying.
+    pub(super) fn to_bytes(&self) -> Bytes {
+        match self {
+            Self::Static(text) => Bytes::from_static(text),
+            Self::Shared(bytes) => bytes.clone(),
+        }
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = [u8];
+
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Static(text) => text,
+            Self::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Text {}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state);
+    }
+}
 
 impl Event {
     /// An event with every field empty (an empty type is not valid outside the parser).
     pub(super) const EMPTY: Self = Self {
-        event_type: Bytes::new(),
+        event_type: Text::EMPTY,
         data: Bytes::new(),
-        id: Bytes::new(),
+        id: Text::EMPTY,
         retry: None,
     };
 
@@ -32,9 +85,9 @@ impl Event {
     #[must_use]
     pub fn new(data: impl Into<String>) -> Self {
         Self {
-            event_type: Bytes::from_static(MESSAGE),
+            event_type: Text::Static(MESSAGE),
             data: Bytes::from(data.into()),
-            id: Bytes::new(),
+            id: Text::EMPTY,
             retry: None,
         }
     }
@@ -42,14 +95,19 @@ impl Event {
     /// Sets the event type; an empty one means `message`, as in the WHATWG algorithm.
     #[must_use]
     pub fn with_event_type(mut self, event_type: impl Into<String>) -> Self {
-        self.event_type = Self::normalize_type(Bytes::from(event_type.into()));
+        let event_type = event_type.into();
+        self.event_type = if event_type.is_empty() {
+            Text::Static(MESSAGE)
+        } else {
+            Text::Shared(Bytes::from(event_type))
+        };
         self
     }
 
     /// Sets the last event id carried by this event (empty means none).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = Bytes::from(id.into());
+        self.id = Text::Shared(Bytes::from(id.into()));
         self
     }
 
@@ -58,14 +116,6 @@ impl Event {
     pub const fn with_retry(mut self, retry_ms: u64) -> Self {
         self.retry = Some(retry_ms);
         self
-    }
-
-    pub(super) fn normalize_type(event_type: Bytes) -> Bytes {
-        if event_type.is_empty() {
-            Bytes::from_static(MESSAGE)
-        } else {
-            event_type
-        }
     }
 
     /// The event type: the last `event` field of the event, or `message` if there was none.

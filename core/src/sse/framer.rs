@@ -6,7 +6,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use super::parser::copy_into;
-use super::{BOM, Limits, LineEnds, SseError};
+use super::{BOM, Limits, LineEnds, SseError, known_event_line};
 
 /// Initial capacity of the buffers for frames that span chunks. The two buffers take turns
 /// (one holds the frame being collected, the other the last one completed); a frame taken out
@@ -272,12 +272,14 @@ impl Framer {
         // Every line from here on starts in this chunk.
         while pos < buf.len() {
             // A blank line (every third line of a typical stream) needs no search.
+            // Nor does the `event` line of a known type (every third line again).
             let found = match buf[pos] {
                 b'\n' | b'\r' => Some(pos),
-                _ => self
-                    .line_ends
-                    .find(&buf[pos + 1..])
-                    .map(|offset| pos + 1 + offset),
+                b'e' => match known_event_line(&buf[pos..]) {
+                    Some((end, _)) => Some(pos + end),
+                    None => self.find_line_end(buf, pos),
+                },
+                _ => self.find_line_end(buf, pos),
             };
             let Some(end) = found else { break };
             let (end, next) = self.line_end(buf, end);
@@ -299,6 +301,14 @@ impl Framer {
         }
         self.line_start = self.acc.len() + pos - frame_start;
         self.hold(buf, frame_start);
+    }
+
+    /// The end of the line that starts at `pos`, which is not blank.
+    #[inline(always)]
+    fn find_line_end(&self, buf: &[u8], pos: usize) -> Option<usize> {
+        self.line_ends
+            .find(&buf[pos + 1..])
+            .map(|offset| pos + 1 + offset)
     }
 
     /// The line end found at `end` (a CR or LF): returns `(end, next)` where `next` is the

@@ -5,7 +5,10 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 use memchr::memchr;
 
-use super::{BOM, Event, Limits, LineEnds, SseError, split_field};
+use super::{
+    ANTHROPIC_EVENT_TYPES, BOM, Event, Limits, LineEnds, MESSAGE, SseError, Text, known_event_line,
+    split_field,
+};
 
 /// Initial capacity of the buffers that collect copied bytes. They are split into frozen
 /// [`Bytes`] and reclaimed once the consumer drops what it was handed, so a steady stream
@@ -236,9 +239,21 @@ impl Parser {
         // only those (a line-aligned stream) is never validated.
         let mut run: Option<Utf8Run> = None;
         while pos < buf.len() {
-            // A blank line (every third line of a typical stream) needs no search.
+            // A blank line (every third line of a typical stream) needs no search, nor does
+            // the `event` line of a known type (every third line again), whose type is then
+            // known too.
+            let mut known = None;
             let found = match buf[pos] {
                 b'\n' | b'\r' => Some(0),
+                b'e' => match known_event_line(&buf[pos..]) {
+                    Some((offset, name)) => {
+                        if self.line.is_empty() && offset <= self.limits.max_line {
+                            known = Some(name);
+                        }
+                        Some(offset)
+                    }
+                    None => self.line_ends.find(&buf[pos..]),
+                },
                 _ => self.line_ends.find(&buf[pos..]),
             };
             let Some(offset) = found else {
@@ -257,7 +272,10 @@ impl Parser {
                 return;
             };
             let end = pos + offset;
-            if self.line.is_empty() {
+            if let Some(name) = known {
+                self.in_event = true;
+                self.event.event_type = Text::Static(name);
+            } else if self.line.is_empty() {
                 if offset > self.limits.max_line {
                     self.fail(SseError::LineTooLong {
                         limit: self.limits.max_line,
@@ -342,8 +360,8 @@ impl Parser {
             Field::Event => {
                 self.in_event = true;
                 self.event.event_type = match known_event_type(value) {
-                    Some(name) => Bytes::from_static(name),
-                    None => self.text(src, at, value, utf8()),
+                    Some(name) => Text::Static(name),
+                    None => Text::Shared(self.text(src, at, value, utf8())),
                 };
             }
             Field::Id => {
@@ -453,16 +471,21 @@ impl Parser {
         }
         // Steps 4 to 6.
         if self.event.event_type.is_empty() {
-            self.event.event_type = Bytes::from_static(b"message");
+            self.event.event_type = Text::Static(MESSAGE);
         }
         // An empty id (most streams) stays the empty `Bytes` of `Event::EMPTY`.
         if !self.last_id.is_empty() {
-            self.event.id = self.last_id.clone();
+            self.event.id = Text::Shared(self.last_id.clone());
         }
         self.event.retry = self.event_retry.take();
         // Step 8 (step 7 follows).
-        self.queue
-            .push_back(std::mem::replace(&mut self.event, Event::EMPTY));
+        let event = &mut self.event;
+        self.queue.push_back(Event {
+            event_type: std::mem::take(&mut event.event_type),
+            data: std::mem::take(&mut event.data),
+            id: std::mem::take(&mut event.id),
+            retry: event.retry.take(),
+        });
         // Step 7: the type went with the event; the data buffer is emptied here.
         self.clear_data();
     }
@@ -504,17 +527,7 @@ impl Parser {
 /// The event types of the Anthropic Messages API, handed out as static [`Bytes`] so that the
 /// type of a typical event costs no reference counting.
 fn known_event_type(value: &[u8]) -> Option<&'static [u8]> {
-    const KNOWN: [&[u8]; 8] = [
-        b"content_block_delta",
-        b"ping",
-        b"content_block_start",
-        b"content_block_stop",
-        b"message_start",
-        b"message_delta",
-        b"message_stop",
-        b"error",
-    ];
-    KNOWN.into_iter().find(|name| *name == value)
+    ANTHROPIC_EVENT_TYPES.into_iter().find(|name| *name == value)
 }
 
 /// The fields the algorithm acts on.
