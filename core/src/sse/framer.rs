@@ -257,15 +257,19 @@ impl Framer {
                 self.fail();
                 return;
             }
-            self.acc.extend_from_slice(&buf[..next]);
-            frame_start = next;
-            let line_start = self.line_start;
-            let line_end = self.acc.len() - (next - end);
-            let line = &self.acc[line_start..line_end];
-            match self.classify(line, line_start) {
-                Line::Blank => self.emit(chunk, frame_start, next),
-                Line::Event(name) => self.name = name,
-                Line::Other => {}
+            // Only an `event` field (or a BOM before the first one) needs the line whole; any
+            // other line stays where it is, to be copied with the rest of its frame.
+            if matches!(self.acc[self.line_start], b'e' | 0xEF) {
+                self.acc.extend_from_slice(&buf[..next]);
+                frame_start = next;
+                let line_start = self.line_start;
+                let line_end = self.acc.len() - (next - end);
+                let line = &self.acc[line_start..line_end];
+                match self.classify(line, line_start) {
+                    Line::Blank => self.emit(chunk, frame_start, next),
+                    Line::Event(name) => self.name = name,
+                    Line::Other => {}
+                }
             }
             pos = next;
         }
