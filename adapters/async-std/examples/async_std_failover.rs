@@ -3,8 +3,8 @@
 //! smol here; `async_std::task::block_on` works the same.
 //!
 //! ```sh
-//! cargo run -p keypool-async-std --example failover
-//! KEYPOOL_KEYS=sk-ant-...,sk-ant-... cargo run -p keypool-async-std --example failover   # the real API
+//! cargo run -p keypool-async-std --example async_std_failover
+//! KEYPOOL_KEYS=sk-ant-...,sk-ant-... cargo run -p keypool-async-std --example async_std_failover   # the real API
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 

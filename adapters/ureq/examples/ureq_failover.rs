@@ -2,8 +2,8 @@
 //! no real keys needed), or against a real upstream when `KEYPOOL_KEYS` is set.
 //!
 //! ```sh
-//! cargo run -p keypool-ureq --example failover
-//! KEYPOOL_KEYS=sk-ant-...,sk-ant-... cargo run -p keypool-ureq --example failover   # the real API
+//! cargo run -p keypool-ureq --example ureq_failover
+//! KEYPOOL_KEYS=sk-ant-...,sk-ant-... cargo run -p keypool-ureq --example ureq_failover   # the real API
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
