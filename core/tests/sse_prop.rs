@@ -2,9 +2,12 @@
 //! encode -> parse round trip. Strategies live here (proptest is a dev-dependency only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod sse_support;
+
 use bytes::Bytes;
 use keypool_core::sse::{Encoder, Event, Framer, Limits, Parser, SseError};
 use proptest::prelude::*;
+use sse_support::take_frames;
 
 /// Pieces that SSE streams are made of, including every awkward byte.
 fn token() -> impl Strategy<Value = Vec<u8>> {
@@ -50,17 +53,6 @@ fn split<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 }
 
 type Outcome = (Vec<Result<Event, SseError>>, bool);
-
-/// Every frame the framer has cut so far, taken out with its name.
-fn take_frames(framer: &mut Framer) -> Vec<(Bytes, Option<String>)> {
-    let mut out = Vec::new();
-    while let Some(frame) = framer.next_frame() {
-        let frame = frame.unwrap();
-        let name = frame.name().map(str::to_owned);
-        out.push((frame.into_bytes(), name));
-    }
-    out
-}
 
 fn parse_chunks<'a>(limits: Limits, chunks: impl IntoIterator<Item = &'a [u8]>) -> Outcome {
     let mut parser = Parser::with_limits(limits);

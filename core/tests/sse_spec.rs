@@ -1,8 +1,11 @@
 //! WHATWG event-stream vectors for `keypool_core::sse`, one test each.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod sse_support;
+
 use bytes::Bytes;
 use keypool_core::sse::{Event, Framer, Limits, Parser, SseError};
+use sse_support::take_frames;
 
 /// Parses `chunks` in order and returns the events (errors included) and what `finish` said.
 fn parse_chunks(chunks: &[&[u8]]) -> (Vec<Result<Event, SseError>>, bool) {
@@ -358,17 +361,6 @@ fn framer_cuts_whole_events_and_names_them() {
     assert!(!first.is_named("message_stop"));
     let second = framer.next_frame().unwrap().unwrap();
     assert!(!second.is_named(""), "a frame without a name is not named \"\"");
-}
-
-/// Every frame the framer has cut so far, taken out with its name.
-fn take_frames(framer: &mut Framer) -> Vec<(Bytes, Option<String>)> {
-    let mut out = Vec::new();
-    while let Some(frame) = framer.next_frame() {
-        let frame = frame.unwrap();
-        let name = frame.name().map(str::to_owned);
-        out.push((frame.into_bytes(), name));
-    }
-    out
 }
 
 #[test]
