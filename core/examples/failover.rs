@@ -97,12 +97,16 @@ fn main() {
                     );
                     said = Some(failure.error.to_string());
                 }
+                Output::Mark(mark) => println!(
+                    "    key {} answered {}: {:?} ({:?})",
+                    pool.label(mark.key),
+                    mark.status,
+                    mark.verdict,
+                    mark.transition
+                ),
                 Output::Body(_) | Output::Abort(_) | Output::Wait(_) => {}
                 Output::Done => break,
             }
-        }
-        while let Some(mark) = call.poll_event() {
-            let _ = mark;
         }
         let states: Vec<String> = pool
             .snapshot(now)

@@ -42,11 +42,10 @@
 //!             Io::Error(e) => call.handle_transport_error(e, now()),
 //!             Io::TimedOut => call.handle_timeout(now()),
 //!         },
+//!         // Already applied to the pool; a state backend would publish `mark.mark`.
+//!         Output::Mark(mark) => eprintln!("key {:?}: {:?} ({:?})", mark.key, mark.verdict, mark.transition),
 //!         Output::Done => break,
 //!         other => to_caller(&other), // Head, Body, Fail, Abort
-//!     }
-//!     while let Some(mark) = call.poll_event() {
-//!         eprintln!("key {:?}: {:?} ({:?})", mark.key, mark.verdict, mark.transition);
 //!     }
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -88,6 +87,7 @@
 pub mod anthropic;
 pub mod call;
 pub mod client;
+pub mod mark;
 pub mod policy;
 pub mod pool;
 pub mod secret;
@@ -98,6 +98,7 @@ pub mod walk;
 #[doc(hidden)]
 pub mod fuzzing;
 
+pub use mark::{Change, Fingerprint, Mark, Target, WallTime};
 pub use policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
 pub use pool::{
     CoolReason, DisableReason, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool, PoolError, Transition,

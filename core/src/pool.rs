@@ -7,19 +7,25 @@
 //! | `deadline_ns << 2 \| cool_reason`      | cooling until `origin + deadline_ns`; available once that has passed (`0` = never marked) |
 //! | `DISABLED_FLOOR + disable_reason`      | disabled                                |
 //!
-//! Every mark is a single `fetch_max`: a later deadline wins, a disabled word is above every
-//! deadline, so marks are monotone and commute (SPEC §8.9), and no lock is ever taken.
-//! Only [`Pool::enable`], an operator action, lowers a word.
+//! Every change of state goes through [`Pool::apply`] (portable [`Mark`]s) or the local
+//! conveniences built on the same internal step: a later deadline wins, a disabled word is above
+//! every deadline, so marks are monotone and commute (SPEC §8.9). Beside the word each key has a
+//! generation that only an enable raises (see [`crate::mark`]); the pair `(generation, word)` is
+//! merged by lexicographic maximum. Writers take a short lock so that the pair moves as one;
+//! picks never take it: a walk only loads the words.
 //!
 //! The words sit in one dense array, apart from the secrets and labels, so that a walk over 16
 //! keys reads two cache lines. Times are clamped to `MAX_DEADLINE_NS`, which keeps every
 //! disabled word's deadline bits above any `now`: "available" is the one comparison
 //! `word >> 2 <= now_ns` (`Pool::is_free`).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::mark::{Change, Fingerprint, Mark, Target, WallTime};
 use crate::secret::{Secret, SecretError};
 use crate::walk::Walker;
 
@@ -32,7 +38,10 @@ const MAX_DEADLINE_NS: u64 = (DISABLED_FLOOR - 1) >> REASON_BITS;
 // `Pool::is_free` relies on this: a disabled word is never free, whatever the (clamped) `now`.
 const _: () = assert!(DISABLED_FLOOR >> REASON_BITS > MAX_DEADLINE_NS);
 
-/// Index of a key in its pool (0-based, in configuration order).
+/// Index of a key in its pool (0-based, in configuration order). A local handle only: it never
+/// leaves the process (marks name keys by [`Fingerprint`]). Ids come from the pool
+/// ([`Pool::ids`], [`Pool::key_at`], [`Pool::find`], walks), so they are in range for the pool
+/// that made them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyId(pub(crate) usize);
 
@@ -40,11 +49,6 @@ impl KeyId {
     /// The 0-based position of the key in the pool.
     pub fn index(self) -> usize {
         self.0
-    }
-
-    /// The id of the key at 0-based `index` (it must be below the pool's length to be used).
-    pub fn from_index(index: usize) -> Self {
-        Self(index)
     }
 }
 
@@ -221,6 +225,7 @@ pub enum PoolError {
 
 struct Entry {
     secret: Secret,
+    fingerprint: Fingerprint,
     label: Box<str>,
 }
 
@@ -232,9 +237,18 @@ pub struct Pool {
     keys: Box<[Entry]>,
     /// One state word per key, same order as `keys`.
     words: Box<[AtomicU64]>,
+    /// One generation per key, same order; written only under `writer`.
+    generations: Box<[AtomicU64]>,
+    /// Serialises writers, so that a key's generation and word change together. Never taken by
+    /// a pick.
+    writer: Mutex<()>,
+    by_fingerprint: HashMap<Fingerprint, usize>,
     origin: Instant,
     order: Order,
     cursor: AtomicUsize,
+    /// The pool that replaced this one on a reload: marks applied here are applied there too,
+    /// so a call that began before the reload marks the key in the new pool.
+    successor: OnceLock<Arc<Self>>,
 }
 
 /// One key as seen by [`Pool::snapshot`]: no secret, only its label and hint.
@@ -246,6 +260,10 @@ pub struct KeySnapshot {
     pub label: String,
     /// Its hint.
     pub hint: String,
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+    /// Its generation (raised by every enable).
+    pub generation: u64,
     /// Its state at the snapshot's `now`.
     pub state: KeyState,
 }
@@ -300,6 +318,7 @@ impl Pool {
                 });
             }
             entries.push(Entry {
+                fingerprint: Fingerprint::of(&secret),
                 secret,
                 label: label.into_boxed_str(),
             });
@@ -307,25 +326,61 @@ impl Pool {
         if entries.is_empty() {
             return Err(PoolError::Empty);
         }
+        let by_fingerprint = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.fingerprint, i))
+            .collect();
         Ok(Self {
             words: entries.iter().map(|_| AtomicU64::new(0)).collect(),
+            generations: entries.iter().map(|_| AtomicU64::new(0)).collect(),
             keys: entries.into_boxed_slice(),
+            writer: Mutex::new(()),
+            by_fingerprint,
             origin,
             order,
             cursor: AtomicUsize::new(0),
+            successor: OnceLock::new(),
         })
     }
 
-    /// Builds a new pool from `keys` that keeps the state (cooldowns, disabled) of every key
-    /// that is also in `self`, matched by the key itself. Used when a key file is reloaded.
-    pub fn reload<K: Into<KeySpec>>(&self, keys: impl IntoIterator<Item = K>) -> Result<Self, PoolError> {
-        let next = Self::new(keys, self.order, self.origin)?;
-        for (entry, word) in next.keys.iter().zip(next.words.iter()) {
-            if let Some(old) = self.keys.iter().position(|o| o.secret == entry.secret) {
-                word.store(self.words[old].load(Ordering::Acquire), Ordering::Release);
+    /// Builds the pool that replaces this one when the key list is reloaded: every key that is
+    /// also in `self` (same fingerprint) keeps its state and generation, and from now on every
+    /// mark applied to `self` (by a call that began before the reload) is applied to the new
+    /// pool as well. A pool is replaced at most once; reloading a replaced pool reloads its
+    /// successor.
+    pub fn reload<K: Into<KeySpec>>(
+        self: &Arc<Self>,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Arc<Self>, PoolError> {
+        let mut current = self.live();
+        let next = Arc::new(Self::new(keys, current.order, current.origin)?);
+        // Forward first, copy second: a mark that lands on the old pool meanwhile reaches the new
+        // one either way, and the copy is a merge (maximum), so the order does not matter.
+        while let Err(taken) = current.successor.set(next.clone()) {
+            // Another reload replaced `current` meanwhile: chain after its replacement.
+            drop(taken);
+            current = current.live();
+        }
+        for (i, entry) in current.keys.iter().enumerate() {
+            if let Some(&j) = next.by_fingerprint.get(&entry.fingerprint) {
+                let _lock = current.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                let generation = current.generations[i].load(Ordering::Acquire);
+                let word = current.words[i].load(Ordering::Acquire);
+                drop(_lock);
+                next.merge(j, generation, Raise::Word(word));
             }
         }
         Ok(next)
+    }
+
+    /// The newest pool in this pool's reload chain (itself if it was never replaced).
+    pub fn live(self: &Arc<Self>) -> Arc<Self> {
+        let mut p = self.clone();
+        while let Some(next) = p.successor.get() {
+            p = next.clone();
+        }
+        p
     }
 
     /// Number of keys (at least 1).
@@ -356,6 +411,27 @@ impl Pool {
     /// The key with this label.
     pub fn find(&self, label: &str) -> Option<KeyId> {
         self.keys.iter().position(|e| &*e.label == label).map(KeyId)
+    }
+
+    /// The key with this fingerprint.
+    pub fn find_fingerprint(&self, fingerprint: Fingerprint) -> Option<KeyId> {
+        self.by_fingerprint.get(&fingerprint).copied().map(KeyId)
+    }
+
+    /// The key at 0-based position `index`, if the pool has that many keys.
+    pub fn key_at(&self, index: usize) -> Option<KeyId> {
+        (index < self.keys.len()).then_some(KeyId(index))
+    }
+
+    /// The key's fingerprint: its identity across processes and reloads.
+    pub fn fingerprint(&self, id: KeyId) -> Fingerprint {
+        self.keys[id.0].fingerprint
+    }
+
+    /// The key's generation, raised by every enable. A mark made from an answer to a request
+    /// sent at generation `g` carries `g`, so an enable in between makes it stale.
+    pub fn generation(&self, id: KeyId) -> u64 {
+        self.generations[id.0].load(Ordering::Acquire)
     }
 
     /// The key's secret, to be written into a request header.
@@ -456,42 +532,124 @@ impl Pool {
         }
     }
 
-    /// Cools `id` down for `duration` from `now`, unless it is already cooling longer or is
-    /// disabled. Cooldowns only grow.
-    pub fn cool_down(&self, id: KeyId, now: Instant, duration: Duration, reason: CoolReason) -> Transition {
+    /// Applies a mark (SPEC §9) and returns what it did to the key: the one way key state
+    /// changes. `now` and `wall` are readings of the adapter's two clocks taken together; they
+    /// convert the mark's wall-clock deadline into the pool's monotonic time base.
+    ///
+    /// A mark for a key this pool does not have changes nothing. A mark of an older generation
+    /// than the key's changes nothing (an enable came after it); a mark of a newer generation
+    /// clears the key first (it was made after an enable this pool has not seen yet). When the
+    /// pool was replaced by a reload, the mark is applied to the replacement too, and the
+    /// transition returned is the replacement's.
+    pub fn apply(&self, mark: &Mark, now: Instant, wall: SystemTime) -> Transition {
+        let here = match self.by_fingerprint.get(&mark.key()) {
+            Some(&i) => self.apply_at(i, mark, now, wall),
+            None => Transition::Unchanged,
+        };
+        match self.successor.get() {
+            Some(next) => next.apply(mark, now, wall),
+            None => here,
+        }
+    }
+
+    fn apply_at(&self, i: usize, mark: &Mark, now: Instant, wall: SystemTime) -> Transition {
         let now_ns = self.now_ns(now);
-        let dur_ns = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-        let deadline = now_ns.saturating_add(dur_ns).min(MAX_DEADLINE_NS);
-        if deadline <= now_ns {
-            return Transition::Unchanged;
+        let raise = match mark.change {
+            Change::CoolUntil { until, reason } => {
+                let left = until.saturating_since(WallTime::from_system(wall));
+                let left_ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+                let deadline = now_ns.saturating_add(left_ns).min(MAX_DEADLINE_NS);
+                if deadline <= now_ns {
+                    // Already over: nothing to apply (but a newer generation still counts).
+                    Raise::Nothing
+                } else {
+                    Raise::Word((deadline << REASON_BITS) | cool_code(reason))
+                }
+            }
+            Change::Disable { reason } => Raise::Word(DISABLED_FLOOR + disable_code(reason)),
+            Change::Enable => Raise::Nothing,
+        };
+        let prev = self.merge(i, mark.generation, raise);
+        let next = self.words[i].load(Ordering::Acquire);
+        transition(self.decode(prev, now_ns), self.decode(next, now_ns))
+    }
+
+    /// Merges `(generation, raise)` into key `i`'s pair by lexicographic maximum; returns the
+    /// previous word. The only code that writes a state word or a generation.
+    fn merge(&self, i: usize, generation: u64, raise: Raise) -> u64 {
+        let _lock = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self.generations[i].load(Ordering::Acquire);
+        let prev = self.words[i].load(Ordering::Acquire);
+        if generation < current {
+            return prev;
         }
-        let new = (deadline << REASON_BITS) | cool_code(reason);
-        let prev = self.words[id.0].fetch_max(new, Ordering::AcqRel);
-        match self.decode(prev, now_ns) {
-            RawState::Disabled(_) => Transition::Unchanged,
-            RawState::Available => Transition::Entered,
-            RawState::Cooling(prev_deadline) if prev_deadline < deadline => Transition::Extended,
-            RawState::Cooling(_) => Transition::Unchanged,
+        let base = if generation > current {
+            self.generations[i].store(generation, Ordering::Release);
+            0
+        } else {
+            prev
+        };
+        let next = match raise {
+            Raise::Word(word) => base.max(word),
+            Raise::Nothing => base,
+        };
+        if next != prev {
+            self.words[i].store(next, Ordering::Release);
         }
+        prev
+    }
+
+    /// The mark that cools `id` for `duration` from the clock readings `(now, wall)`: used with
+    /// [`apply`](Self::apply) and the same readings, the key cools for exactly `duration`.
+    pub fn cool_mark(&self, id: KeyId, wall: SystemTime, duration: Duration, reason: CoolReason) -> Mark {
+        self.mark_for(
+            id,
+            Change::CoolUntil {
+                until: WallTime::from_system(wall).saturating_add(duration),
+                reason,
+            },
+        )
+    }
+
+    /// A mark of `change` for `id` at the key's current generation.
+    pub fn mark_for(&self, id: KeyId, change: Change) -> Mark {
+        Mark {
+            target: Target::Key(self.fingerprint(id)),
+            change,
+            status: None,
+            generation: self.generation(id),
+        }
+    }
+
+    /// The operator's enable of `id`: a mark one generation above the key's, which overrides
+    /// every mark made before it, wherever and whenever it is applied.
+    pub fn enable_mark(&self, id: KeyId) -> Mark {
+        Mark {
+            target: Target::Key(self.fingerprint(id)),
+            change: Change::Enable,
+            status: None,
+            generation: self.generation(id).saturating_add(1),
+        }
+    }
+
+    /// Cools `id` down for `duration` from `now`, unless it is already cooling longer or is
+    /// disabled. Cooldowns only grow. (A local convenience over [`apply`](Self::apply).)
+    pub fn cool_down(&self, id: KeyId, now: Instant, duration: Duration, reason: CoolReason) -> Transition {
+        // Any wall reading works here: the mark is made and applied with the same one.
+        let wall = SystemTime::UNIX_EPOCH;
+        self.apply(&self.cool_mark(id, wall, duration, reason), now, wall)
     }
 
     /// Disables `id` until [`enable`](Self::enable). Disabling a disabled key changes nothing.
     pub fn disable(&self, id: KeyId, reason: DisableReason) -> Transition {
-        let prev = self.words[id.0].fetch_max(DISABLED_FLOOR + disable_code(reason), Ordering::AcqRel);
-        if prev >= DISABLED_FLOOR {
-            Transition::Unchanged
-        } else {
-            Transition::Entered
-        }
+        let mark = self.mark_for(id, Change::Disable { reason });
+        // A disable needs no clock: any readings give the same result.
+        self.apply(&mark, self.origin, SystemTime::UNIX_EPOCH)
     }
 
     /// Makes `id` available again, clearing a disabled state or a cooldown (operator action).
     pub fn enable(&self, id: KeyId, now: Instant) -> Transition {
-        let prev = self.words[id.0].swap(0, Ordering::AcqRel);
-        match self.decode(prev, self.now_ns(now)) {
-            RawState::Available => Transition::Unchanged,
-            RawState::Cooling(_) | RawState::Disabled(_) => Transition::Entered,
-        }
+        self.apply(&self.enable_mark(id), now, SystemTime::UNIX_EPOCH)
     }
 
     /// Every key's label, hint and state at `now`, for metrics and admin views.
@@ -501,6 +659,8 @@ impl Pool {
                 id,
                 label: self.label(id).to_owned(),
                 hint: self.secret(id).hint().to_owned(),
+                fingerprint: self.fingerprint(id),
+                generation: self.generation(id),
                 state: self.state(id, now),
             })
             .collect()
@@ -513,6 +673,28 @@ impl fmt::Debug for Pool {
             .field("keys", &self.keys.iter().map(|e| &*e.label).collect::<Vec<_>>())
             .field("order", &self.order)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a mark does to a state word.
+#[derive(Debug, Clone, Copy)]
+enum Raise {
+    /// Raise the word to at least this.
+    Word(u64),
+    /// Nothing beyond the generation (an enable, or a cooldown that is already over).
+    Nothing,
+}
+
+/// The transition from one decoded state to the next (SPEC §2 vocabulary).
+fn transition(prev: RawState, next: RawState) -> Transition {
+    match (prev, next) {
+        (RawState::Cooling(a), RawState::Cooling(b)) if b > a => Transition::Extended,
+        // Shorter only after an enable of a newer generation: a new cooldown.
+        (RawState::Cooling(a), RawState::Cooling(b)) if b < a => Transition::Entered,
+        (RawState::Cooling(_), RawState::Cooling(_))
+        | (RawState::Disabled(_), RawState::Disabled(_))
+        | (RawState::Available, RawState::Available) => Transition::Unchanged,
+        _ => Transition::Entered,
     }
 }
 

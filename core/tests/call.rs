@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use keypool_core::call::{CallConfig, CallError, CommitPoint, Credential, StreamBreak};
-use keypool_core::{CoolReason, DisableReason, KeyId, KeyState, Secret};
+use keypool_core::{CoolReason, DisableReason, KeyState, Secret};
 use support::*;
 
 fn cfg() -> CallConfig {
@@ -35,7 +35,7 @@ fn rate_limited_key_fails_over_and_cools() {
     assert_eq!(out.status(), 200);
     let until = sim.now + Duration::from_secs(5);
     assert_eq!(
-        sim.pool.state(KeyId::from_index(0), sim.now),
+        sim.pool.state(sim.pool.key_at(0).unwrap(), sim.now),
         KeyState::Cooling {
             until,
             reason: CoolReason::RateLimited
@@ -51,7 +51,7 @@ fn unauthorized_key_is_disabled() {
     assert_eq!(out.keys(), [Some(0), Some(1)]);
     assert_eq!(out.status(), 200);
     assert_eq!(
-        sim.pool.state(KeyId::from_index(0), sim.now),
+        sim.pool.state(sim.pool.key_at(0).unwrap(), sim.now),
         KeyState::Disabled {
             reason: DisableReason::Unauthorized
         }
@@ -90,7 +90,7 @@ fn credit_balance_400_disables_with_billing() {
     assert_eq!(out.keys(), [Some(0), Some(1)]);
     assert_eq!(out.status(), 200);
     assert_eq!(
-        sim.pool.state(KeyId::from_index(0), sim.now),
+        sim.pool.state(sim.pool.key_at(0).unwrap(), sim.now),
         KeyState::Disabled {
             reason: DisableReason::Billing
         }
@@ -162,7 +162,7 @@ fn body_and_headers_identical_on_every_attempt_and_client_credentials_never_sent
         assert_eq!(a.body, first.body);
         assert_eq!(a.method, first.method);
         assert_eq!(a.path_and_query, first.path_and_query);
-        let key = sim.pool.secret(KeyId::from_index(i));
+        let key = sim.pool.secret(sim.pool.key_at(i).unwrap());
         assert_eq!(
             a.headers.get("x-api-key").unwrap().to_str().unwrap(),
             key.expose()
@@ -382,7 +382,7 @@ fn first_content_rate_limit_fails_over_with_zero_bytes_delivered() {
     let out = sim.run(&first_content());
     assert_eq!(out.keys(), [Some(0), Some(1)]);
     assert_eq!(out.body_str(), full_stream());
-    assert!(sim.pool.state(KeyId::from_index(0), sim.now).is_cooling());
+    assert!(sim.pool.state(sim.pool.key_at(0).unwrap(), sim.now).is_cooling());
 }
 
 #[test]
@@ -582,7 +582,7 @@ fn timeouts_too_long_to_schedule_never_fire_and_never_panic() {
 }
 
 #[test]
-fn summary_reports_attempts_key_and_every_mark() {
+fn summary_reports_attempts_and_key_and_marks_come_out_once_each() {
     let mut sim = Sim::new(3);
     sim.script(0, vec![rate_limited("5")])
         .script(1, vec![status(401)]);
@@ -597,18 +597,18 @@ fn summary_reports_attempts_key_and_every_mark() {
     assert_eq!(out.status(), 200);
     let summary = call.summary();
     assert_eq!(summary.attempts, 3);
-    assert_eq!(summary.key, Some(KeyId::from_index(2)));
-    let marked: Vec<(usize, u16)> = summary
+    assert_eq!(summary.key, Some(sim.pool.key_at(2).unwrap()));
+    let marked: Vec<(usize, u16)> = out
         .marks
         .iter()
         .map(|m| (m.key.index(), m.status.as_u16()))
         .collect();
     assert_eq!(marked, [(0, 429), (1, 401)]);
-    // poll_event hands out the same marks once each.
-    let mut events = Vec::new();
-    while let Some(m) = call.poll_event() {
-        events.push(m);
+    // Each is a portable mark for the key's fingerprint, at the generation the attempt saw.
+    for m in &out.marks {
+        assert_eq!(m.mark.key(), sim.pool.fingerprint(m.key));
+        assert_eq!(m.mark.status, Some(m.status.as_u16()));
+        assert_eq!(m.mark.generation, 0);
     }
-    assert_eq!(events, summary.marks);
-    assert_eq!(call.poll_event(), None);
+    assert!(matches!(call.poll_output(), keypool_core::call::Output::Done));
 }

@@ -5,7 +5,7 @@
 //! headers, a JSON body or an event stream of random events cut into random chunks, in-band
 //! errors before or after content, transport errors and silences at random points. The call is
 //! driven like an adapter would drive it, and after every input the pool is compared with what
-//! the call reported through [`Call::poll_event`].
+//! the call reported through [`Output::Mark`].
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
@@ -477,11 +477,20 @@ fn drive(sim: &mut Sim, call: &mut Call, answer_for: &mut dyn FnMut(Option<KeyId
     let mut current: VecDeque<Step> = VecDeque::new();
     let mut before = raw(&sim.pool);
     let mut done = false;
+    let mut held: Option<Output> = None;
     for _ in 0..10_000 {
-        // Marks made by the last input, and the pool change they explain.
+        // Marks made by the last input (they come out first), and the pool change they explain.
         let mut marks = Vec::new();
-        while let Some(m) = call.poll_event() {
-            marks.push(m);
+        if !done {
+            loop {
+                match call.poll_output() {
+                    Output::Mark(m) => marks.push(m),
+                    other => {
+                        held = Some(other);
+                        break;
+                    }
+                }
+            }
         }
         let after = raw(&sim.pool);
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
@@ -505,7 +514,9 @@ fn drive(sim: &mut Sim, call: &mut Call, answer_for: &mut dyn FnMut(Option<KeyId
         if done {
             break;
         }
-        match call.poll_output() {
+        let Some(output) = held.take() else { break };
+        match output {
+            Output::Mark(m) => unreachable!("marks are drained above: {m:?}"),
             Output::Send(a) => {
                 assert!(
                     t.head.is_none() && t.fail.is_none(),

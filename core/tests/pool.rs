@@ -458,16 +458,18 @@ fn labels_default_to_hints_and_stay_unique() {
 #[test]
 fn reload_keeps_state_of_kept_keys() {
     let t0 = Instant::now();
-    let p = Pool::new(
-        vec![
-            KeySpec::labelled("a", key(0)),
-            KeySpec::labelled("b", key(1)),
-            KeySpec::labelled("c", key(2)),
-        ],
-        Order::PrimaryWithFallback,
-        t0,
-    )
-    .unwrap();
+    let p = std::sync::Arc::new(
+        Pool::new(
+            vec![
+                KeySpec::labelled("a", key(0)),
+                KeySpec::labelled("b", key(1)),
+                KeySpec::labelled("c", key(2)),
+            ],
+            Order::PrimaryWithFallback,
+            t0,
+        )
+        .unwrap(),
+    );
     let _ = p.cool_down(id(&p, 1), t0, secs(30), RL);
     let _ = p.disable(id(&p, 2), DisableReason::Billing);
     let _ = p.cool_down(id(&p, 0), t0, secs(5), RL);
@@ -513,6 +515,34 @@ fn reload_keeps_state_of_kept_keys() {
         p.reload(vec![key(0), key(0)]).map(|_| ()),
         Err(PoolError::Duplicate { first: 1, second: 2 })
     );
+}
+
+#[test]
+fn a_mark_on_a_replaced_pool_reaches_its_replacement() {
+    // A call that began before a reload holds the old pool; its marks must land in the new one
+    // (by fingerprint, whatever the new order), and in the one after that.
+    let t0 = Instant::now();
+    let p = std::sync::Arc::new(Pool::new(vec![key(0), key(1)], Order::default(), t0).unwrap());
+    let q = p.reload(vec![key(3), key(1), key(0)]).unwrap();
+    let r = q.reload(vec![key(0), key(1)]).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&p.live(), &r));
+    let t = p.cool_down(id(&p, 1), t0, secs(30), RL);
+    assert_eq!(t, Transition::Entered);
+    let cooling = KeyState::Cooling {
+        until: t0 + secs(30),
+        reason: RL,
+    };
+    assert_eq!(q.state(id(&q, 1), t0), cooling);
+    assert_eq!(r.state(id(&r, 1), t0), cooling);
+    // Keys the new pool does not have are simply not marked there.
+    let _ = p.disable(id(&p, 0), DisableReason::Billing);
+    assert!(q.state(id(&q, 2), t0).is_disabled());
+    assert!(r.state(id(&r, 0), t0).is_disabled());
+    assert!(q.state(id(&q, 0), t0).is_available());
+    // Reloading a replaced pool chains after the newest one.
+    let s = p.reload(vec![key(1)]).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&r.live(), &s));
+    assert_eq!(s.state(id(&s, 0), t0), cooling);
 }
 
 #[test]

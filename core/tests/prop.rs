@@ -610,3 +610,110 @@ fn fuzz_retry_delay_smoke() {
         keypool_core::fuzzing::pool::retry_delay(input);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Invariant 10 (SPEC §9): portable marks from several replicas, enables included, converge
+
+/// One portable mark as some replica made it: a key, what happened, and the generation the key
+/// had there. Wall-clock deadlines are seconds after [`wall_origin`].
+fn portable() -> impl Strategy<Value = (usize, u8, u64, u64, u8)> {
+    (0usize..3, 0u8..3, 0u64..4, 0u64..40, 0u8..4)
+}
+
+fn to_mark(
+    pool: &Pool,
+    (key, kind, generation, secs, reason): (usize, u8, u64, u64, u8),
+) -> keypool_core::Mark {
+    let id = pool.key_at(key).unwrap();
+    let change = match kind {
+        0 => keypool_core::Change::CoolUntil {
+            until: keypool_core::WallTime::from_system(wall_origin() + Duration::from_secs(secs)),
+            reason: [CoolReason::RateLimited, CoolReason::Auth, CoolReason::Overloaded]
+                [usize::from(reason % 3)],
+        },
+        1 => keypool_core::Change::Disable {
+            reason: [
+                DisableReason::Unauthorized,
+                DisableReason::Forbidden,
+                DisableReason::Billing,
+                DisableReason::Operator,
+            ][usize::from(reason)],
+        },
+        _ => keypool_core::Change::Enable,
+    };
+    keypool_core::Mark {
+        generation,
+        status: None,
+        ..pool.mark_for(id, change)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Marks and enables of several replicas, delivered to two pools in any two orders (and some
+    /// delivered twice), leave both pools in the same state: same generation, same deadline and
+    /// reason, same disabled state.
+    #[test]
+    fn portable_marks_converge_in_any_order(
+        (marks, shuffled) in prop::collection::vec(portable(), 0..30)
+            .prop_flat_map(|m| (Just(m.clone()), Just(m).prop_shuffle())),
+        repeat in 0usize..30,
+    ) {
+        let t0 = Instant::now();
+        let a = common::pool(3, Order::PrimaryWithFallback, t0);
+        let b = common::pool(3, Order::PrimaryWithFallback, t0);
+        for m in &marks {
+            let _ = a.apply(&to_mark(&a, *m), t0, wall_origin());
+        }
+        for m in &shuffled {
+            let _ = b.apply(&to_mark(&b, *m), t0, wall_origin());
+        }
+        if let Some(m) = marks.get(repeat) {
+            // Delivered twice: idempotent.
+            let _ = b.apply(&to_mark(&b, *m), t0, wall_origin());
+        }
+        for id in a.ids() {
+            prop_assert_eq!(a.generation(id), b.generation(id));
+            for probe in [0u64, 1, 5, 30, 3600] {
+                let now = t0 + Duration::from_secs(probe);
+                prop_assert_eq!(a.state(id, now), b.state(id, now));
+            }
+        }
+    }
+
+    /// An enable wins over every mark made before it (an older generation), whether that mark
+    /// arrives before or after it, and loses to every mark made after it.
+    #[test]
+    fn an_enable_is_undone_only_by_a_later_mark(
+        older in prop::collection::vec(portable(), 0..10),
+        later in prop::option::of(portable()),
+        enable_first in any::<bool>(),
+    ) {
+        let t0 = Instant::now();
+        let p = common::pool(3, Order::PrimaryWithFallback, t0);
+        let id = p.key_at(0).unwrap();
+        // Every older mark is for key 0 at generation 0; the enable is generation 1.
+        let older: Vec<_> = older.into_iter().map(|(_, k, _, s, r)| (0, k % 2, 0, s, r)).collect();
+        let enable = p.enable_mark(id);
+        prop_assert_eq!(enable.generation, 1);
+        if enable_first {
+            let _ = p.apply(&enable, t0, wall_origin());
+        }
+        for m in &older {
+            let _ = p.apply(&to_mark(&p, *m), t0, wall_origin());
+        }
+        if !enable_first {
+            let _ = p.apply(&enable, t0, wall_origin());
+        }
+        prop_assert_eq!(p.state(id, t0), KeyState::Available);
+        if let Some((_, kind, _, secs, reason)) = later {
+            let m = to_mark(&p, (0, kind % 2, 1, secs.max(1), reason));
+            let _ = p.apply(&m, t0, wall_origin());
+            prop_assert!(!p.state(id, t0).is_available());
+            // The enable arriving again (late duplicate) does not undo the later mark.
+            let _ = p.apply(&enable, t0, wall_origin());
+            prop_assert!(!p.state(id, t0).is_available());
+        }
+    }
+}

@@ -19,7 +19,7 @@ use http::HeaderMap;
 use keypool_core::call::{CallConfig, CommitPoint, Request, Timeouts};
 use keypool_core::client::{ClientError, StreamError};
 use keypool_core::sse::Event;
-use keypool_core::{KeyId, KeyState, Pool};
+use keypool_core::{KeyState, Pool};
 pub use keypool_mock::{Ending, MockServer, Reply, RetryAfter, SseEvent, StreamScript};
 
 /// How a client under test is built.
@@ -269,9 +269,9 @@ impl<C: TestClient> World<C> {
 
     /// The state of key `i` now.
     pub fn state(&self, i: usize) -> KeyState {
-        self.client
-            .pool()
-            .state(KeyId::from_index(i), std::time::Instant::now())
+        let pool = self.client.pool();
+        let id = pool.key_at(i).expect("no such key in the pool");
+        pool.state(id, std::time::Instant::now())
     }
 
     /// Which keys the upstream saw, in order (index into the pool's keys, or `None` for others).

@@ -284,7 +284,11 @@ impl Body {
                         }
                         Output::Done => return Poll::Ready(None),
                         // A second head or a failure cannot follow a delivered head; treat it as a broken body.
-                        Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Wait(_) => {
+                        Output::Head(_)
+                        | Output::Fail(_)
+                        | Output::Send(_)
+                        | Output::Mark(_)
+                        | Output::Wait(_) => {
                             return Poll::Ready(Some(Err(BodyError {
                                 error: CallError::BodyBroken(StreamBreak::Transport(
                                     TransportError::Protocol,
@@ -398,6 +402,7 @@ impl Driver {
         loop {
             match self.call.poll_output() {
                 Output::Send(attempt) => self.send(&attempt),
+                Output::Mark(mark) => self.call.report(&mark),
                 Output::Wait(deadline) => self.read(deadline).await,
                 Output::Done => {
                     self.exchange = None;

@@ -15,7 +15,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keypool_core::call::{CallError, CallSummary, Credential, Request as CallRequest};
+use keypool_core::call::{CallError, CallSummary, Credential, KeyMark, MarkSink, Request as CallRequest};
 use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Transition, Verdict, anthropic};
 use tokio::net::TcpListener;
 
@@ -30,7 +30,33 @@ pub struct Shared {
     config: Config,
     pool: RwLock<Arc<Pool>>,
     client: keypool_tokio::Client,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+}
+
+/// Logs and counts every mark the gateway's calls make, as they are made.
+#[derive(Debug)]
+struct MarkLog {
+    metrics: Arc<Metrics>,
+}
+
+impl MarkSink for MarkLog {
+    fn mark(&self, pool: &Arc<Pool>, mark: &KeyMark) {
+        self.metrics.upstream_status(mark.status.as_u16());
+        if mark.transition == Transition::Unchanged {
+            return;
+        }
+        let label = pool.label(mark.key);
+        let reason = match mark.verdict {
+            Verdict::CoolDown { reason, .. } => snake(&format!("{reason:?}")),
+            Verdict::Disable { reason } => snake(&format!("{reason:?}")),
+            Verdict::Deliver => "none".into(),
+        };
+        self.metrics.transition(label, &reason);
+        tracing::warn!(
+            target: "keypool::key", key = %label, status = mark.status.as_u16(), reason = %reason,
+            transition = ?mark.transition, "key state changed"
+        );
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -46,9 +72,13 @@ impl Shared {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
         let pool = Arc::new(pool);
+        let metrics = Arc::new(Metrics::new());
+        let sink = Arc::new(MarkLog {
+            metrics: metrics.clone(),
+        });
         let mut builder = keypool_tokio::Client::builder()
             .base_url(config.upstream.clone())
-            .config(config.call.clone());
+            .config(config.call.clone().with_mark_sink(sink));
         for der in &config.upstream_roots {
             builder = builder.root_cert_der(der.clone());
         }
@@ -57,7 +87,7 @@ impl Shared {
             config,
             pool: RwLock::new(pool),
             client,
-            metrics: Metrics::new(),
+            metrics,
         }))
     }
 
@@ -84,7 +114,7 @@ impl Shared {
         let new = old.reload(keys).map_err(|e| format!("invalid key list: {e}"))?;
         let kept = new
             .ids()
-            .filter(|&id| old.ids().any(|o| old.secret(o) == new.secret(id)))
+            .filter(|&id| old.find_fingerprint(new.fingerprint(id)).is_some())
             .count();
         let summary = format!(
             "{} keys ({} kept with their state, {} added, {} removed)",
@@ -94,8 +124,8 @@ impl Shared {
             old.len() - kept
         );
         match self.pool.write() {
-            Ok(mut p) => *p = Arc::new(new),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(new),
+            Ok(mut p) => *p = new,
+            Err(poisoned) => *poisoned.into_inner() = new,
         }
         Ok(summary)
     }
@@ -435,26 +465,8 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         Err(e) => e.summary().cloned(),
     }
     .unwrap_or_default();
-    if let Some(pool) = &pool {
-        for mark in &summary.marks {
-            let label = pool.label(mark.key).to_owned();
-            if mark.transition != Transition::Unchanged {
-                let reason = match mark.verdict {
-                    Verdict::CoolDown { reason, .. } => snake(&format!("{reason:?}")),
-                    Verdict::Disable { reason } => snake(&format!("{reason:?}")),
-                    Verdict::Deliver => "none".into(),
-                };
-                shared.metrics.transition(&label, &reason);
-                tracing::warn!(
-                    target: "keypool::key", key = %label, status = mark.status.as_u16(), reason = %reason,
-                    transition = ?mark.transition, "key state changed"
-                );
-            }
-        }
+    if pool.is_some() {
         shared.metrics.attempts(summary.attempts);
-    }
-    for mark in &summary.marks {
-        shared.metrics.upstream_status(mark.status.as_u16());
     }
     if let Ok(response) = &result {
         shared.metrics.upstream_status(response.status().as_u16());

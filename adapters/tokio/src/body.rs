@@ -90,7 +90,7 @@ impl Body {
                 }
                 Output::Done => self.done = true,
                 // A second head or a failure cannot follow a delivered head; treat it as a broken body.
-                Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Wait(_) => {
+                Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Mark(_) | Output::Wait(_) => {
                     self.done = true;
                     return Poll::Ready(Err(BodyError {
                         error: CallError::BodyBroken(StreamBreak::Transport(TransportError::Protocol)),

@@ -110,6 +110,7 @@ impl Driver {
                     self.current = Current::Idle;
                     self.current = Current::Head(self.upstream.start(attempt));
                 }
+                Output::Mark(mark) => self.call.report(&mark),
                 Output::Wait(deadline) => self.wait(deadline).await,
                 Output::Done => {
                     self.current = Current::Idle;

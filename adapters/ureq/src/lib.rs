@@ -214,7 +214,7 @@ impl Body {
                 }
                 Output::Done => self.done = true,
                 // A second head or a failure cannot follow a delivered head; treat it as a broken body.
-                Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Wait(_) => {
+                Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Mark(_) | Output::Wait(_) => {
                     self.done = true;
                     return Err(BodyError {
                         error: CallError::BodyBroken(StreamBreak::Transport(TransportError::Protocol)),
@@ -304,6 +304,7 @@ impl Driver {
         loop {
             match self.call.poll_output() {
                 Output::Send(attempt) => self.send(attempt),
+                Output::Mark(mark) => self.call.report(&mark),
                 Output::Wait(deadline) => self.read(deadline),
                 Output::Done => {
                     self.reader = None;

@@ -7,6 +7,9 @@
 //!
 //! 1. [`Output::Send`] — start this attempt upstream. Any previous exchange is over: drop it
 //!    (or drain it in the background for connection reuse).
+//! 1. [`Output::Mark`] — the call marked a key (already applied to the pool): hand the portable
+//!    [`Mark`] to a state backend, log it, count it. It always comes before the `Send` of the
+//!    attempt that follows it.
 //! 2. [`Output::Head`] — give this response head to the caller; [`Output::Body`] chunks follow.
 //! 3. [`Output::Body`] — give these bytes to the caller. For an event stream they are always
 //!    whole events, every complete event of the upstream chunk at once.
@@ -17,8 +20,10 @@
 //!    chunks), and call [`Call::handle_timeout`] if the given deadline passes first.
 //! 7. [`Output::Done`] — the call is over; stop reading the upstream.
 //!
-//! Key marks are made by the call itself, on the shared pool, the moment a verdict is known;
-//! [`Call::poll_event`] reports them for logs and metrics.
+//! Key marks are made by the call itself, through [`Pool::apply`], the moment a verdict is known
+//! (so the very next pick, of this call or any other, sees them), and handed out once as
+//! [`Output::Mark`]. A mark carries the key's generation at the time its request was sent, so an
+//! operator's enable that came in between wins over it.
 
 mod error;
 pub(crate) mod headers;
@@ -34,6 +39,7 @@ use http::{HeaderMap, Method, StatusCode};
 pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
 
 use crate::anthropic;
+use crate::mark::{Change, Mark};
 use crate::policy::{MAX_CLASSIFY_BODY, Policy, Verdict};
 use crate::pool::{KeyId, Pool, Transition};
 use crate::secret::Secret;
@@ -132,6 +138,14 @@ impl Default for Timeouts {
     }
 }
 
+/// Where an adapter's driver hands the marks its calls make ([`Output::Mark`], through
+/// [`Call::report`]): logs, metrics, a state backend that shares them with other processes.
+/// Called on the request path: it must not block (queue, don't write to a socket).
+pub trait MarkSink: Send + Sync + std::fmt::Debug {
+    /// A call on `pool` made `mark` (already applied to the pool).
+    fn mark(&self, pool: &Arc<Pool>, mark: &KeyMark);
+}
+
 /// Everything a call needs besides the request: cheap to copy, shared by all calls of a client.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -144,6 +158,8 @@ pub struct CallConfig {
     pub timeouts: Timeouts,
     /// Largest SSE event accepted (default 16 MiB).
     pub max_event_size: Option<usize>,
+    /// Receives every mark the calls make (none by default).
+    pub marks: Option<Arc<dyn MarkSink>>,
 }
 
 impl CallConfig {
@@ -160,6 +176,11 @@ impl CallConfig {
     /// Sets the timers.
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
         self.timeouts = timeouts;
+        self
+    }
+    /// Sets the sink that receives every mark.
+    pub fn with_mark_sink(mut self, sink: Arc<dyn MarkSink>) -> Self {
+        self.marks = Some(sink);
         self
     }
 }
@@ -227,6 +248,8 @@ pub struct Failure {
 pub enum Output {
     /// Send this attempt upstream.
     Send(Attempt),
+    /// The call marked a key (already applied to the pool).
+    Mark(KeyMark),
     /// Deliver this response head.
     Head(Head),
     /// Deliver these body bytes.
@@ -241,11 +264,14 @@ pub enum Output {
     Done,
 }
 
-/// A key mark made by the call, for logs and metrics.
+/// A key mark made by the call: the portable [`Mark`] for a state backend, and what it meant
+/// locally, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyMark {
-    /// The key.
+    /// The key, in the pool the call walks.
     pub key: KeyId,
+    /// The mark as applied (fingerprint, change, status, generation).
+    pub mark: Mark,
     /// The upstream status that caused it (for in-band errors, the matching status).
     pub status: StatusCode,
     /// The verdict applied.
@@ -261,8 +287,6 @@ pub struct CallSummary {
     pub attempts: usize,
     /// The pool key of the latest attempt (the one that answered, if any answered).
     pub key: Option<KeyId>,
-    /// Every key mark the call made, in order.
-    pub marks: Vec<KeyMark>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -335,13 +359,14 @@ pub struct Call {
     body: Bytes,
     attempts: usize,
     key: Option<KeyId>,
+    /// The generation of `key` when its attempt was sent.
+    key_generation: u64,
     state: State,
     timers: Timers,
-    wall: SystemTime,
+    /// Both clocks read together at the latest response head: `wall_at` derives the wall time
+    /// of a later `now` from them.
+    clocks: (Instant, SystemTime),
     outputs: VecDeque<Output>,
-    /// Every mark of the call, in order; `poll_event` hands them out from `next_mark`.
-    marks: Vec<KeyMark>,
-    next_mark: usize,
     request_id: String,
 }
 
@@ -369,12 +394,11 @@ impl Call {
             body: request.body,
             attempts: 0,
             key: None,
+            key_generation: 0,
             state: State::AwaitHead,
             timers: Timers::default(),
-            wall: SystemTime::UNIX_EPOCH,
+            clocks: (now, SystemTime::UNIX_EPOCH),
             outputs: VecDeque::new(),
-            marks: Vec::new(),
-            next_mark: 0,
             request_id: request_id.into(),
         };
         call.next_attempt(now);
@@ -389,6 +413,14 @@ impl Call {
     /// The pool key of the latest attempt (the one that answered, once a head is delivered).
     pub fn key(&self) -> Option<KeyId> {
         self.key
+    }
+
+    /// Hands a mark from [`Output::Mark`] to the configured [`MarkSink`], if any: what a
+    /// driver does with every mark.
+    pub fn report(&self, mark: &KeyMark) {
+        if let (Some(sink), Credential::Pool(pool)) = (&self.config.marks, &self.credential) {
+            sink.mark(pool, mark);
+        }
     }
 
     /// The request id used in error bodies.
@@ -412,21 +444,21 @@ impl Call {
         }
     }
 
-    /// The next key mark made by this call, for logs and metrics.
-    pub fn poll_event(&mut self) -> Option<KeyMark> {
-        let mark = self.marks.get(self.next_mark).cloned();
-        self.next_mark += usize::from(mark.is_some());
-        mark
-    }
-
-    /// What the call has done so far: attempts, the key of the latest attempt, every mark. After
-    /// a head or a failure is delivered this is final (no attempt follows).
+    /// What the call has done so far: attempts and the key of the latest attempt. After a head
+    /// or a failure is delivered this is final (no attempt follows). The marks it made came out
+    /// as [`Output::Mark`].
     pub fn summary(&self) -> CallSummary {
         CallSummary {
             attempts: self.attempts,
             key: self.key,
-            marks: self.marks.clone(),
         }
+    }
+
+    /// The wall-clock time at `now`, from the clocks read at the latest head.
+    fn wall_at(&self, now: Instant) -> SystemTime {
+        let (then, wall) = self.clocks;
+        wall.checked_add(now.saturating_duration_since(then))
+            .unwrap_or(wall)
     }
 
     /// The earliest deadline at which [`handle_timeout`](Self::handle_timeout) must be called.
@@ -449,7 +481,7 @@ impl Call {
         if !matches!(self.state, State::AwaitHead) {
             return;
         }
-        self.wall = wall;
+        self.clocks = (now, wall);
         self.timers.stop(Timer::Head);
         self.timers.set(Timer::Idle, now, self.config.timeouts.idle);
         if !matches!(self.credential, Credential::Pool(_)) {
@@ -622,6 +654,9 @@ impl Call {
         }
         self.attempts += 1;
         self.key = key;
+        if let (Credential::Pool(pool), Some(id)) = (&self.credential, key) {
+            self.key_generation = pool.generation(id);
+        }
         self.state = State::AwaitHead;
         self.timers.clear();
         self.timers.set(Timer::Head, now, self.config.timeouts.first_byte);
@@ -640,17 +675,26 @@ impl Call {
         let (Credential::Pool(pool), Some(key)) = (&self.credential, self.key) else {
             return;
         };
-        let transition = match verdict {
+        let wall = self.wall_at(now);
+        let change = match verdict {
             Verdict::Deliver => return,
-            Verdict::CoolDown { duration, reason } => pool.cool_down(key, now, duration, reason),
-            Verdict::Disable { reason } => pool.disable(key, reason),
+            Verdict::CoolDown { duration, reason } => pool.cool_mark(key, wall, duration, reason).change,
+            Verdict::Disable { reason } => Change::Disable { reason },
         };
-        self.marks.push(KeyMark {
+        let mark = Mark {
+            change,
+            status: Some(status.as_u16()),
+            generation: self.key_generation,
+            ..pool.mark_for(key, change)
+        };
+        let transition = pool.apply(&mark, now, wall);
+        self.outputs.push_back(Output::Mark(KeyMark {
             key,
+            mark,
             status,
             verdict,
             transition,
-        });
+        }));
         self.next_attempt(now);
     }
 
@@ -660,7 +704,7 @@ impl Call {
         else {
             return;
         };
-        let verdict = self.config.policy.classify(status, &headers, &buf, self.wall);
+        let verdict = self.config.policy.classify(status, &headers, &buf, self.clocks.1);
         if verdict.is_failover() {
             return self.fail_over(status, verdict, now);
         }
@@ -683,7 +727,7 @@ impl Call {
         let State::Classify { status, headers, buf } = &self.state else {
             return false;
         };
-        let verdict = self.config.policy.classify(*status, headers, buf, self.wall);
+        let verdict = self.config.policy.classify(*status, headers, buf, self.clocks.1);
         let status = *status;
         if verdict.is_failover() {
             self.fail_over(status, verdict, now);
@@ -759,7 +803,10 @@ impl Call {
         let status = anthropic::status_for_error_type(error_type.as_deref().unwrap_or("api_error"));
         let State::Holding(h) = &self.state else { return };
         let verdict = match &self.credential {
-            Credential::Pool(_) => self.config.policy.classify(status, &h.headers, data, self.wall),
+            Credential::Pool(_) => self
+                .config
+                .policy
+                .classify(status, &h.headers, data, self.clocks.1),
             Credential::Key(_) | Credential::Passthrough => Verdict::Deliver,
         };
         if verdict.is_failover() {

@@ -390,26 +390,6 @@ impl World {
             return Vec::new();
         };
         let mut marks = Vec::new();
-        // §8.5: only key failures mark, and only the key of the current attempt.
-        while let Some(mark) = t.call.poll_event() {
-            assert!(!t.byok, "a BYOK call marked {mark:?}");
-            assert_eq!(t.keys.last(), Some(&mark.key), "mark of a key not in use");
-            assert!(
-                mark.verdict.is_failover(),
-                "a mark that is not a key failure: {mark:?}"
-            );
-            let Some(head) = t.head else {
-                panic!("a mark without a response head: {mark:?}");
-            };
-            assert!(
-                head == mark.status || head.is_success(),
-                "mark status {} for a {head} head",
-                mark.status
-            );
-            assert!(!t.marked, "two marks for one attempt");
-            t.marked = true;
-            marks.push((mark.key, mark.transition));
-        }
         loop {
             match t.call.poll_output() {
                 Output::Send(a) => {
@@ -439,6 +419,28 @@ impl World {
                     t.head = None;
                     t.marked = false;
                     t.fed.clear();
+                }
+                // §8.5: only key failures mark, and only the key of the current attempt.
+                Output::Mark(mark) => {
+                    assert!(!t.byok, "a BYOK call marked {mark:?}");
+                    assert_eq!(t.keys.last(), Some(&mark.key), "mark of a key not in use");
+                    assert!(
+                        mark.verdict.is_failover(),
+                        "a mark that is not a key failure: {mark:?}"
+                    );
+                    let Some(head) = t.head else {
+                        panic!("a mark without a response head: {mark:?}");
+                    };
+                    assert!(
+                        head == mark.status || head.is_success(),
+                        "mark status {} for a {head} head",
+                        mark.status
+                    );
+                    assert!(!t.marked, "two marks for one attempt");
+                    t.marked = true;
+                    marks.push((mark.key, mark.transition));
+                    // The mark is a portable value naming the same key, at the attempt's generation.
+                    assert_eq!(mark.mark.key(), pool.fingerprint(mark.key));
                 }
                 Output::Head(h) => {
                     assert!(t.delivered.is_none() && !t.failed, "a second answer");
@@ -612,7 +614,9 @@ impl World {
                 t.call.handle_caller_gone();
             }
             Op::Enable(k) => {
-                let id = KeyId::from_index(usize::from(k) % self.pool.len());
+                let Some(id) = self.pool.key_at(usize::from(k) % self.pool.len()) else {
+                    return;
+                };
                 let _ = self.pool.enable(id, now);
                 enabled = Some(id.index());
             }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arbitrary::{Arbitrary, Unstructured};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
+use crate::mark::{Change, Mark, WallTime};
 use crate::policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
 use crate::pool::{CoolReason, DisableReason, KeyId, KeyState, Order, Pool, Transition};
 use crate::walk::{Exhausted, MIN_RETRY_AFTER, Walker};
@@ -81,6 +82,16 @@ enum Op {
     Enable {
         key: u8,
     },
+    /// A portable mark as another replica made it (SPEC §9): an arbitrary generation, a
+    /// cooldown until some wall-clock time (seconds from now, possibly in the past), a disable
+    /// or an enable.
+    Portable {
+        key: u8,
+        kind: u8,
+        generation: u8,
+        secs: i16,
+        reason: u8,
+    },
     Advance(u32),
     AdvanceYears(u8),
 }
@@ -136,6 +147,8 @@ const FRESH: MKey = MKey::Timed {
 
 struct Model {
     keys: Vec<MKey>,
+    /// Generations: raised by enables, and by marks of a newer generation (which clear first).
+    gens: Vec<u64>,
     cursor: usize,
     order: Order,
 }
@@ -193,9 +206,54 @@ impl Model {
         }
     }
 
+    /// A portable mark of generation `generation`; `deadline` is its wall-clock deadline in the
+    /// pool's time base (`None` when it is not a cooldown), `disable` its reason if it disables.
+    fn portable(
+        &mut self,
+        i: usize,
+        generation: u64,
+        deadline: Option<u64>,
+        disable: Option<DisableReason>,
+        cool: CoolReason,
+        now: u64,
+    ) -> Transition {
+        if generation < self.gens[i] {
+            return Transition::Unchanged;
+        }
+        let before = self.keys[i];
+        let was = self.state(i, now);
+        let was_disabled = matches!(before, MKey::Disabled(_));
+        if generation > self.gens[i] {
+            self.gens[i] = generation;
+            self.keys[i] = FRESH;
+        }
+        if let Some(reason) = disable {
+            let _ = self.disable(i, reason);
+        }
+        if let Some(deadline) = deadline.filter(|&d| d > now)
+            && let MKey::Timed { until, reason } = self.keys[i]
+            && (deadline > until || (deadline == until && cool_rank(cool) > cool_rank(reason)))
+        {
+            self.keys[i] = MKey::Timed {
+                until: deadline,
+                reason: cool,
+            };
+        }
+        let is = self.state(i, now);
+        let is_disabled = matches!(self.keys[i], MKey::Disabled(_));
+        match (was, is) {
+            _ if was_disabled && is_disabled => Transition::Unchanged,
+            (Some((a, _)), Some((b, _))) if !was_disabled && !is_disabled && b > a => Transition::Extended,
+            (Some((a, _)), Some((b, _))) if !was_disabled && !is_disabled && b == a => Transition::Unchanged,
+            (None, None) if !was_disabled && !is_disabled => Transition::Unchanged,
+            _ => Transition::Entered,
+        }
+    }
+
     fn enable(&mut self, i: usize, now: u64) -> Transition {
         let was_free = self.is_free(i, now);
         self.keys[i] = FRESH;
+        self.gens[i] += 1;
         if was_free {
             Transition::Unchanged
         } else {
@@ -318,11 +376,15 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
     let ids: Vec<KeyId> = pool.ids().collect();
     let mut model = Model {
         keys: vec![FRESH; n],
+        gens: vec![0; n],
         cursor: 0,
         order,
     };
     let mut walks: Vec<Walk> = Vec::new();
     let mut elapsed = Duration::ZERO;
+    // Every state change as the portable mark it was, with the clock readings it was applied
+    // at: replayed in reverse order into a fresh pool at the end (SPEC invariants 9 and 10).
+    let mut log: Vec<(Mark, Instant, SystemTime)> = Vec::new();
 
     for _ in 0..512 {
         let Ok(op) = u.arbitrary::<Op>() else { break };
@@ -408,11 +470,15 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                     Verdict::CoolDown { duration, reason } => {
                         assert!(duration >= Duration::from_millis(1));
                         assert!(duration <= policy.max_cooldown.max(Duration::from_millis(1)));
-                        let got = pool.cool_down(ids[k], now, duration, reason);
+                        let mark = pool.cool_mark(ids[k], wall, duration, reason);
+                        let got = pool.apply(&mark, now, wall);
+                        log.push((mark, now, wall));
                         assert_eq!(got, model.cool_down(k, now_ns, duration, reason));
                     }
                     Verdict::Disable { reason } => {
-                        assert_eq!(pool.disable(ids[k], reason), model.disable(k, reason));
+                        let mark = pool.mark_for(ids[k], Change::Disable { reason });
+                        log.push((mark, now, wall));
+                        assert_eq!(pool.apply(&mark, now, wall), model.disable(k, reason));
                     }
                 }
             }
@@ -430,18 +496,70 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                     _ => Duration::MAX,
                 };
                 let reason = cool_reason(reason);
-                let got = pool.cool_down(ids[k], now, dur, reason);
+                let wall = wall_at(0) + elapsed;
+                // A wall-clock deadline saturates in 2554, but the pool clamps any deadline to
+                // about 146 years after its origin first, so the two agree.
+                let mark = pool.cool_mark(ids[k], wall, dur, reason);
+                log.push((mark, now, wall));
+                let got = pool.apply(&mark, now, wall);
                 assert_eq!(got, model.cool_down(k, now_ns, dur, reason));
             }
             Op::Disable { key, reason } => {
                 let k = usize::from(key) % n;
                 let reason = disable_reason(reason);
+                let mark = pool.mark_for(ids[k], Change::Disable { reason });
+                log.push((mark, now, wall_at(0) + elapsed));
                 assert_eq!(pool.disable(ids[k], reason), model.disable(k, reason));
             }
             Op::Enable { key } => {
                 let k = usize::from(key) % n;
                 enabled = Some(k);
-                assert_eq!(pool.enable(ids[k], now), model.enable(k, now_ns));
+                let mark = pool.enable_mark(ids[k]);
+                log.push((mark, now, wall_at(0) + elapsed));
+                assert_eq!(
+                    pool.apply(&mark, now, wall_at(0) + elapsed),
+                    model.enable(k, now_ns)
+                );
+            }
+            Op::Portable {
+                key,
+                kind,
+                generation,
+                secs,
+                reason,
+            } => {
+                let k = usize::from(key) % n;
+                let generation = u64::from(generation % 4);
+                let wall = wall_at(0) + elapsed;
+                let (change, deadline, disable) = match kind % 3 {
+                    0 => {
+                        let until = wall_at(i32::from(secs)) + elapsed;
+                        let until = WallTime::from_system(until);
+                        let left = until.saturating_since(WallTime::from_system(wall));
+                        let deadline = now_ns.saturating_add(ns(left)).min(MAX_DEADLINE_NS);
+                        let reason = cool_reason(reason);
+                        (Change::CoolUntil { until, reason }, Some(deadline), None)
+                    }
+                    1 => {
+                        let reason = disable_reason(reason);
+                        (Change::Disable { reason }, None, Some(reason))
+                    }
+                    _ => (Change::Enable, None, None),
+                };
+                if generation > model.gens[k] {
+                    enabled = Some(k); // a newer generation clears first: an enable
+                }
+                let mark = Mark {
+                    generation,
+                    ..pool.mark_for(ids[k], change)
+                };
+                log.push((mark, now, wall));
+                let cool = match change {
+                    Change::CoolUntil { reason, .. } => reason,
+                    _ => CoolReason::RateLimited,
+                };
+                let want = model.portable(k, generation, deadline, disable, cool, now_ns);
+                assert_eq!(pool.apply(&mark, now, wall), want, "{mark:?}");
             }
             Op::Advance(ms) => elapsed += Duration::from_millis(u64::from(ms % 100_000)),
             Op::AdvanceYears(y) => elapsed += Duration::from_secs(u64::from(y) * 365 * 24 * 3600),
@@ -457,6 +575,7 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                 model.keys[i]
             );
             assert_eq!(pool.state(id, now).is_available(), model.is_free(i, now_ns));
+            assert_eq!(pool.generation(id), model.gens[i], "key {i}: generation");
             // Invariant 2.
             if enabled != Some(i) {
                 match (before[i], after) {
@@ -473,6 +592,26 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                 }
             }
         }
+    }
+    // Invariants 9 and 10: the same marks applied in reverse order (each with the clock readings
+    // it was made with) leave a fresh pool in the same state.
+    let Ok(replay) = Pool::new(
+        (0..n).map(|i| format!("sk-ant-api03-fuzz-{i:02}-0123456789abcdef")),
+        order,
+        origin,
+    ) else {
+        panic!("a valid key list was rejected");
+    };
+    for (mark, now, wall) in log.iter().rev() {
+        let _ = replay.apply(mark, *now, *wall);
+    }
+    for &id in &ids {
+        assert_eq!(
+            raw(&replay, id),
+            raw(&pool, id),
+            "key {id:?} differs after a reverse replay"
+        );
+        assert_eq!(replay.generation(id), pool.generation(id));
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use keypool_core::call::{
-    Abort, Attempt, Call, CallConfig, Credential, Failure, Head, Output, Request, TransportError,
+    Abort, Attempt, Call, CallConfig, Credential, Failure, Head, KeyMark, Output, Request, TransportError,
 };
 use keypool_core::{KeyId, Order, Pool};
 
@@ -90,6 +90,7 @@ pub struct Outcome {
     pub body: Vec<u8>,
     pub fail: Option<Failure>,
     pub abort: Option<Abort>,
+    pub marks: Vec<KeyMark>,
     pub outputs_after_done: usize,
 }
 
@@ -191,6 +192,10 @@ impl Sim {
                     };
                     current = script.unwrap_or_else(ok).into();
                     out.sent.push(a);
+                }
+                Output::Mark(m) => {
+                    assert!(out.head.is_none() && out.fail.is_none(), "mark after the answer");
+                    out.marks.push(m);
                 }
                 Output::Head(h) => {
                     assert!(out.head.is_none() && out.fail.is_none(), "second head");
