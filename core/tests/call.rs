@@ -612,3 +612,62 @@ fn summary_reports_attempts_and_key_and_marks_come_out_once_each() {
     }
     assert!(matches!(call.poll_output(), keypool_core::call::Output::Done));
 }
+
+#[test]
+fn a_call_that_began_before_a_reload_marks_the_key_in_the_new_pool() {
+    use keypool_core::call::{Call, Output};
+    let sim = Sim::new(2);
+    let mut call = Call::new(
+        Sim::request(),
+        Credential::Pool(sim.pool.clone()),
+        &cfg(),
+        "req",
+        sim.now,
+    );
+    let Output::Send(first) = call.poll_output() else {
+        panic!("no first attempt")
+    };
+    assert_eq!(first.key.map(|k| k.index()), Some(0));
+    // SIGHUP: the key list is reloaded in another order with a new key, while the call waits.
+    let k = support::keys(3);
+    let new = sim
+        .pool
+        .reload([k[2].clone(), k[1].clone(), k[0].clone()])
+        .unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("retry-after", "30".parse().unwrap());
+    call.handle_response_head(http::StatusCode::TOO_MANY_REQUESTS, headers, sim.now, sim.wall);
+    let Output::Mark(mark) = call.poll_output() else {
+        panic!("no mark")
+    };
+    assert_eq!(mark.mark.key(), new.fingerprint(new.key_at(2).unwrap()));
+    // The key is cooling in the new pool (now at position 2), which new calls walk.
+    assert_eq!(
+        new.state(new.key_at(2).unwrap(), sim.now),
+        KeyState::Cooling {
+            until: sim.now + Duration::from_secs(30),
+            reason: CoolReason::RateLimited
+        }
+    );
+    assert!(new.state(new.key_at(1).unwrap(), sim.now).is_available());
+    assert_eq!(new.walk().next_key(&new, sim.now).map(|k| k.index()), Ok(0));
+}
+
+#[test]
+fn fingerprints_do_not_depend_on_the_order_of_the_key_list() {
+    let k = support::keys(3);
+    let t0 = std::time::Instant::now();
+    let a = keypool_core::Pool::new(k.clone(), keypool_core::Order::default(), t0).unwrap();
+    let b = keypool_core::Pool::new(
+        [k[2].clone(), k[0].clone(), k[1].clone()],
+        keypool_core::Order::RoundRobin,
+        t0,
+    )
+    .unwrap();
+    for id in a.ids() {
+        let fp = a.fingerprint(id);
+        let there = b.find_fingerprint(fp).unwrap();
+        assert_eq!(b.secret(there), a.secret(id));
+        assert_eq!(fp, keypool_core::Fingerprint::of(a.secret(id)));
+    }
+}
