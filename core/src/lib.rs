@@ -98,10 +98,11 @@ pub mod walk;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use mark::{Change, Fingerprint, Mark, Target, WallTime};
+pub use mark::{Change, Family, Fingerprint, Mark, Target, WallTime};
 pub use policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
 pub use pool::{
-    CoolReason, DisableReason, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool, PoolError, Transition,
+    CoolReason, DisableReason, FAMILY_SLOTS, FamilySlot, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool,
+    PoolError, Scope, Transition,
 };
 pub use secret::{Secret, SecretError};
 pub use walk::{Exhausted, Walker};

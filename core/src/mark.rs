@@ -198,8 +198,47 @@ pub enum Change {
 /// Which state a mark changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// One key, by its fingerprint.
+    /// One key, by its fingerprint: every request skips it.
     Key(Fingerprint),
+    /// One key for one model family (SPEC §11.2): only requests of that family skip it. A
+    /// family mark can only cool (disabling is always key-wide); an enable of the key clears its
+    /// family marks too.
+    KeyFamily(Fingerprint, Family),
+}
+
+/// A model family (SPEC §11.2: `opus`, `sonnet`, `haiku`, or a model id without its date), by a
+/// 64-bit hash of its name, so that every process names it the same way and marks stay small.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Family(u64);
+
+impl Family {
+    /// The family called `name` (e.g. `sonnet`).
+    pub fn of(name: &str) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(b"keypool/model-family/v1\0");
+        hash.update(name.as_bytes());
+        let digest = hash.finalize();
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&digest[..8]);
+        Self::from_raw(u64::from_be_bytes(out))
+    }
+
+    /// A family from its raw value (as stored by a state backend). Zero is reserved; it is
+    /// read as one.
+    pub fn from_raw(raw: u64) -> Self {
+        Self(raw.max(1))
+    }
+
+    /// The raw value (never zero).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Family({:016x})", self.0)
+    }
 }
 
 /// One change of key state, as a value that can leave the process (SPEC §9).
@@ -222,7 +261,15 @@ impl Mark {
     /// The fingerprint of the key the mark is about.
     pub fn key(&self) -> Fingerprint {
         match self.target {
-            Target::Key(fp) => fp,
+            Target::Key(fp) | Target::KeyFamily(fp, _) => fp,
+        }
+    }
+
+    /// The model family the mark is scoped to, if it is.
+    pub fn family(&self) -> Option<Family> {
+        match self.target {
+            Target::Key(_) => None,
+            Target::KeyFamily(_, family) => Some(family),
         }
     }
 }

@@ -21,11 +21,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::mark::{Change, Fingerprint, Mark, Target, WallTime};
+use crate::mark::{Change, Family, Fingerprint, Mark, Target, WallTime};
 use crate::secret::{Secret, SecretError};
 use crate::walk::Walker;
 
@@ -33,6 +33,16 @@ const REASON_BITS: u32 = 2;
 const REASON_MASK: u64 = (1 << REASON_BITS) - 1;
 /// Words at or above this value mean "disabled"; the low two bits carry the reason.
 const DISABLED_FLOOR: u64 = u64::MAX - REASON_MASK;
+/// How many model families a pool keeps family-scoped state for (SPEC §11.2). A family mark
+/// beyond that falls back to the key-wide word (the key rests for every family: the safe side).
+pub const FAMILY_SLOTS: usize = 16;
+/// `extras` bit: some family word was set at least once.
+const EXTRA_FAMILY: u8 = 1;
+/// `extras` bit: some soft hint was set at least once.
+const EXTRA_HINT: u8 = 2;
+/// A hint whose reset moves by less than this changes nothing (SPEC §11.4: resets jitter).
+const HINT_JITTER_NS: u64 = 2_000_000_000;
+
 /// The latest deadline a word can hold (about 146 years after the pool's origin).
 const MAX_DEADLINE_NS: u64 = (DISABLED_FLOOR - 1) >> REASON_BITS;
 // `Pool::is_free` relies on this: a disabled word is never free, whatever the (clamped) `now`.
@@ -61,6 +71,9 @@ pub enum CoolReason {
     Auth,
     /// The upstream was overloaded and the policy was configured to cool the key.
     Overloaded,
+    /// The organisation reached its spend cap (SPEC §11.3): out until the date the upstream
+    /// gave, or 00:00 UTC on the 1st of next month. Shown as the state `spend_capped`.
+    SpendCapped,
 }
 
 /// Why a key is disabled. Disabled keys take no traffic until [`Pool::enable`].
@@ -243,6 +256,18 @@ pub struct Pool {
     /// a pick.
     writer: Mutex<()>,
     by_fingerprint: HashMap<Fingerprint, usize>,
+    /// Family-scoped cooldowns: `FAMILY_SLOTS` words per key, in the encoding of `words` (never
+    /// disabled), merged with the key's word in the same generation.
+    family_words: Box<[AtomicU64]>,
+    /// The families that have a slot, by raw hash (0 = free). Insert-only, under `writer`.
+    families: [AtomicU64; FAMILY_SLOTS],
+    /// Soft hints (SPEC §11.4), local to the process: per key, one key-wide deadline and one per
+    /// family slot, in ns since the origin. Never part of the hard state.
+    hints: Box<[AtomicU64]>,
+    /// `EXTRA_*` bits: lets walks skip family words and hints while none was ever set.
+    extras: AtomicU8,
+    /// The organisation and workspace of each key, once an answer named them (SPEC §11.1).
+    scopes: Box<[OnceLock<Scope>]>,
     origin: Instant,
     order: Order,
     cursor: AtomicUsize,
@@ -250,6 +275,21 @@ pub struct Pool {
     /// so a call that began before the reload marks the key in the new pool.
     successor: OnceLock<Arc<Self>>,
 }
+
+/// The organisation (and workspace) a key belongs to, as its answers named them (SPEC §11.1).
+/// Organisation and workspace ids are not secrets, but they identify the pool's owner: keypool
+/// shows them to operators only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    /// The organisation id.
+    pub organisation: Box<str>,
+    /// The workspace id, if the upstream names one.
+    pub workspace: Option<Box<str>>,
+}
+
+/// A family that has a slot in a pool ([`Pool::family_slot`]): what a walk for that family checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilySlot(pub(crate) u8);
 
 /// One key as seen by [`Pool::snapshot`]: no secret, only its label and hint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,9 +371,15 @@ impl Pool {
             .enumerate()
             .map(|(i, e)| (e.fingerprint, i))
             .collect();
+        let n = entries.len();
         Ok(Self {
             words: entries.iter().map(|_| AtomicU64::new(0)).collect(),
             generations: entries.iter().map(|_| AtomicU64::new(0)).collect(),
+            family_words: (0..n * FAMILY_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            families: std::array::from_fn(|_| AtomicU64::new(0)),
+            hints: (0..n * (1 + FAMILY_SLOTS)).map(|_| AtomicU64::new(0)).collect(),
+            extras: AtomicU8::new(0),
+            scopes: (0..n).map(|_| OnceLock::new()).collect(),
             keys: entries.into_boxed_slice(),
             writer: Mutex::new(()),
             by_fingerprint,
@@ -367,8 +413,21 @@ impl Pool {
                 let _lock = current.writer.lock().unwrap_or_else(PoisonError::into_inner);
                 let generation = current.generations[i].load(Ordering::Acquire);
                 let word = current.words[i].load(Ordering::Acquire);
+                let families: Vec<(Family, u64)> = (0..FAMILY_SLOTS)
+                    .filter_map(|f| {
+                        let family = current.families[f].load(Ordering::Acquire);
+                        let word = current.family_words[i * FAMILY_SLOTS + f].load(Ordering::Acquire);
+                        (family != 0 && word != 0).then(|| (Family::from_raw(family), word))
+                    })
+                    .collect();
                 drop(_lock);
-                next.merge(j, generation, Raise::Word(word));
+                next.merge(j, generation, Raise::Word(word), None);
+                for (family, word) in families {
+                    next.merge(j, generation, Raise::Word(word), Some(family));
+                }
+                if let Some(scope) = current.scopes[i].get() {
+                    let _ = next.scopes[j].set(scope.clone());
+                }
             }
         }
         Ok(next)
@@ -444,14 +503,71 @@ impl Pool {
         &self.keys[id.0].label
     }
 
-    /// Starts a walk over the keys for one upstream call (SPEC §3).
+    /// Starts a walk over the keys for one upstream call (SPEC §3), for a request without a
+    /// model family: family-scoped cooldowns do not apply to it.
     #[inline]
     pub fn walk(&self) -> Walker {
+        self.walk_for(None)
+    }
+
+    /// Starts a walk for a request of `family` (SPEC §11.2): keys cooling for that family are
+    /// skipped like keys cooling for every request.
+    #[inline]
+    pub fn walk_for(&self, family: Option<Family>) -> Walker {
         let start = match self.order {
             Order::PrimaryWithFallback => 0,
             Order::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % self.keys.len(),
         };
-        Walker::new(start, self.keys.len())
+        let slot = family.and_then(|f| self.family_slot(f));
+        Walker::new(start, self.keys.len(), slot)
+    }
+
+    /// The slot of `family`, if any mark or hint was ever made for it in this pool.
+    #[inline]
+    pub fn family_slot(&self, family: Family) -> Option<FamilySlot> {
+        if self.extras.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.families
+            .iter()
+            .position(|f| f.load(Ordering::Acquire) == family.raw())
+            .map(|i| FamilySlot(i as u8))
+    }
+
+    /// The slot of `family`, made if it has none (under `writer`); `None` when every slot is
+    /// taken by other families.
+    fn family_slot_or_insert(&self, family: Family) -> Option<usize> {
+        for (i, f) in self.families.iter().enumerate() {
+            match f.load(Ordering::Acquire) {
+                0 => {
+                    f.store(family.raw(), Ordering::Release);
+                    return Some(i);
+                }
+                raw if raw == family.raw() => return Some(i),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// `EXTRA_*` bits (walks read them once).
+    #[inline]
+    pub(crate) fn extras(&self) -> u8 {
+        self.extras.load(Ordering::Acquire)
+    }
+
+    /// The family words of `slot`, one per key, as `(key word, family word)` readers need them.
+    #[inline]
+    pub(crate) fn family_word(&self, i: usize, slot: FamilySlot) -> u64 {
+        self.family_words[i * FAMILY_SLOTS + usize::from(slot.0)].load(Ordering::Acquire)
+    }
+
+    /// Whether key `i` carries a soft hint at `now_ns`, key-wide or for `slot`.
+    #[inline]
+    pub(crate) fn is_hinted(&self, i: usize, slot: Option<FamilySlot>, now_ns: u64) -> bool {
+        let base = i * (1 + FAMILY_SLOTS);
+        self.hints[base].load(Ordering::Acquire) > now_ns
+            || slot.is_some_and(|s| self.hints[base + 1 + usize::from(s.0)].load(Ordering::Acquire) > now_ns)
     }
 
     /// `now` in ns since the origin, clamped to `0..=MAX_DEADLINE_NS`. Clamping changes no
@@ -519,7 +635,10 @@ impl Pool {
 
     /// The state of a key at `now`.
     pub fn state(&self, id: KeyId, now: Instant) -> KeyState {
-        let word = self.word(id);
+        self.decode_state(self.word(id), now)
+    }
+
+    fn decode_state(&self, word: u64, now: Instant) -> KeyState {
         match self.decode(word, self.now_ns(now)) {
             RawState::Available => KeyState::Available,
             RawState::Cooling(deadline) => KeyState::Cooling {
@@ -569,22 +688,46 @@ impl Pool {
             Change::Disable { reason } => Raise::Word(DISABLED_FLOOR + disable_code(reason)),
             Change::Enable => Raise::Nothing,
         };
-        let prev = self.merge(i, mark.generation, raise);
-        let next = self.words[i].load(Ordering::Acquire);
+        // Disabling is always key-wide (SPEC §11.2); so is an enable.
+        let family = match mark.change {
+            Change::CoolUntil { .. } => mark.family(),
+            Change::Disable { .. } | Change::Enable => None,
+        };
+        let (prev, next) = self.merge(i, mark.generation, raise, family);
         transition(self.decode(prev, now_ns), self.decode(next, now_ns))
     }
 
-    /// Merges `(generation, raise)` into key `i`'s pair by lexicographic maximum; returns the
-    /// previous word. The only code that writes a state word or a generation.
-    fn merge(&self, i: usize, generation: u64, raise: Raise) -> u64 {
+    /// Merges `(generation, raise)` into key `i`'s state by lexicographic maximum — into its
+    /// word, or into its word for `family` — and returns that word before and after. The only
+    /// code that writes a state word, a family word or a generation.
+    ///
+    /// A key's state is `(generation, word, family words)`: a newer generation clears all of
+    /// them first; within a generation each word only grows.
+    fn merge(&self, i: usize, generation: u64, raise: Raise, family: Option<Family>) -> (u64, u64) {
         let _lock = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.generations[i].load(Ordering::Acquire);
-        let prev = self.words[i].load(Ordering::Acquire);
+        let slot = match family {
+            Some(f) => match self.family_slot_or_insert(f) {
+                Some(slot) => Some(slot),
+                // No slot left: the key rests for every family (the safe side).
+                None => None,
+            },
+            None => None,
+        };
+        let cell = match slot {
+            Some(slot) => &self.family_words[i * FAMILY_SLOTS + slot],
+            None => &self.words[i],
+        };
+        let prev = cell.load(Ordering::Acquire);
         if generation < current {
-            return prev;
+            return (prev, prev);
         }
         let base = if generation > current {
             self.generations[i].store(generation, Ordering::Release);
+            self.words[i].store(0, Ordering::Release);
+            for w in &self.family_words[i * FAMILY_SLOTS..(i + 1) * FAMILY_SLOTS] {
+                w.store(0, Ordering::Release);
+            }
             0
         } else {
             prev
@@ -593,10 +736,130 @@ impl Pool {
             Raise::Word(word) => base.max(word),
             Raise::Nothing => base,
         };
-        if next != prev {
-            self.words[i].store(next, Ordering::Release);
+        if slot.is_some() && next != 0 {
+            self.extras.fetch_or(EXTRA_FAMILY, Ordering::AcqRel);
         }
-        prev
+        cell.store(next, Ordering::Release);
+        (prev, next)
+    }
+
+    /// The mark that cools `id` for requests of `family` only, for `duration` from `wall`.
+    pub fn family_cool_mark(
+        &self,
+        id: KeyId,
+        family: Family,
+        wall: SystemTime,
+        duration: Duration,
+        reason: CoolReason,
+    ) -> Mark {
+        Mark {
+            target: Target::KeyFamily(self.fingerprint(id), family),
+            ..self.cool_mark(id, wall, duration, reason)
+        }
+    }
+
+    /// The state of `id` for requests of `family`: its key-wide state, or its family cooldown
+    /// when that is the later one.
+    pub fn family_state(&self, id: KeyId, family: Family, now: Instant) -> KeyState {
+        let Some(slot) = self.family_slot(family) else {
+            return self.state(id, now);
+        };
+        let word = self.word(id).max(self.family_word(id.0, slot));
+        self.decode_state(word, now)
+    }
+
+    /// Every family cooldown of `id` that is running at `now`: `(family, until, reason)`.
+    pub fn family_cooldowns(&self, id: KeyId, now: Instant) -> Vec<(Family, Instant, CoolReason)> {
+        let now_ns = self.now_ns(now);
+        (0..FAMILY_SLOTS)
+            .filter_map(|f| {
+                let family = self.families[f].load(Ordering::Acquire);
+                let word = self.family_words[id.0 * FAMILY_SLOTS + f].load(Ordering::Acquire);
+                match self.decode(word, now_ns) {
+                    RawState::Cooling(deadline) if family != 0 => Some((
+                        Family::from_raw(family),
+                        self.origin + Duration::from_nanos(deadline),
+                        cool_reason(word & REASON_MASK),
+                    )),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// A soft hint (SPEC §11.4): `id` is less preferred — for every request, or for requests of
+    /// `family` — until `until`. Walks try keys without a hint first but still use a hinted key
+    /// when no other key is available; a hint never refuses a call and never touches the hard
+    /// state. A reset that moves by less than 2 s changes nothing. Returns whether it changed.
+    /// Hints are local to the process (each replica reads its own answers' headers).
+    pub fn hint(&self, id: KeyId, family: Option<Family>, until: Instant, now: Instant) -> bool {
+        let now_ns = self.now_ns(now);
+        let until_ns = self.now_ns(until);
+        if until_ns <= now_ns {
+            return false;
+        }
+        let offset = match family {
+            None => 0,
+            Some(f) => {
+                let _lock = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                match self.family_slot_or_insert(f) {
+                    Some(slot) => 1 + slot,
+                    None => 0,
+                }
+            }
+        };
+        let cell = &self.hints[id.0 * (1 + FAMILY_SLOTS) + offset];
+        let current = cell.load(Ordering::Acquire);
+        if current > now_ns && until_ns < current.saturating_add(HINT_JITTER_NS) {
+            return false;
+        }
+        self.extras.fetch_or(EXTRA_HINT, Ordering::AcqRel);
+        cell.fetch_max(until_ns, Ordering::AcqRel) < until_ns
+    }
+
+    /// Whether `id` carries a soft hint at `now` (key-wide, or for `family`).
+    pub fn is_hinted_at(&self, id: KeyId, family: Option<Family>, now: Instant) -> bool {
+        let slot = family.and_then(|f| self.family_slot(f));
+        self.is_hinted(id.0, slot, self.now_ns(now))
+    }
+
+    /// Records the organisation and workspace an answer of `id` named (SPEC §11.1). The first
+    /// answer that names them wins; returns whether this one taught the pool something new.
+    pub fn learn_scope(&self, id: KeyId, organisation: &str, workspace: Option<&str>) -> bool {
+        let cell = &self.scopes[id.0];
+        if cell.get().is_some() {
+            return false;
+        }
+        cell.set(Scope {
+            organisation: organisation.into(),
+            workspace: workspace.map(Into::into),
+        })
+        .is_ok()
+    }
+
+    /// The organisation and workspace of `id`, once learnt.
+    pub fn scope(&self, id: KeyId) -> Option<&Scope> {
+        self.scopes[id.0].get()
+    }
+
+    /// The keys known to share `id`'s organisation and workspace (SPEC §11.1), `id` included;
+    /// just `id` while its organisation is unknown. A key of the same organisation whose
+    /// workspace differs (or is unknown while `id`'s is known) is not among them.
+    pub fn same_scope(&self, id: KeyId) -> Vec<KeyId> {
+        let Some(scope) = self.scope(id) else {
+            return vec![id];
+        };
+        self.ids().filter(|&k| self.scope(k) == Some(scope)).collect()
+    }
+
+    /// The one organisation every key of the pool belongs to, once every key's organisation is
+    /// known and they are all the same (SPEC §11.1: failing over on 429 buys little then).
+    pub fn single_organisation(&self) -> Option<&str> {
+        let first = self.scopes.first()?.get()?;
+        self.scopes
+            .iter()
+            .all(|s| s.get().is_some_and(|s| s.organisation == first.organisation))
+            .then_some(&*first.organisation)
     }
 
     /// The mark that cools `id` for `duration` from the clock readings `(now, wall)`: used with
@@ -713,6 +976,7 @@ fn cool_code(r: CoolReason) -> u64 {
         CoolReason::RateLimited => 0,
         CoolReason::Auth => 1,
         CoolReason::Overloaded => 2,
+        CoolReason::SpendCapped => 3,
     }
 }
 
@@ -720,6 +984,7 @@ fn cool_reason(code: u64) -> CoolReason {
     match code {
         1 => CoolReason::Auth,
         2 => CoolReason::Overloaded,
+        3 => CoolReason::SpendCapped,
         _ => CoolReason::RateLimited,
     }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::pool::{KeyId, Pool};
+use crate::pool::{FamilySlot, KeyId, Pool};
 
 /// The smallest `retry_after` an exhaustion reports. A key that was tried and has already
 /// freed up again by the time the walk ends (a very short cooldown, or an operator enable)
@@ -125,6 +125,47 @@ impl Seen {
     }
 }
 
+/// One pass over the keys in walk order (`start..`, then `..start`) with the effective word of
+/// each from `word_at`: the first key to yield, or what was seen. The general form of [`scan`],
+/// for walks that must also look at family words (the effective word is the maximum).
+#[inline]
+fn scan_with<B: Bits + ?Sized>(
+    tried: &mut B,
+    len: usize,
+    start: usize,
+    now_ns: u64,
+    word_at: impl Fn(usize) -> u64,
+) -> Result<usize, Seen> {
+    let mut seen = Seen {
+        soonest: u64::MAX,
+        disabled: 0,
+        tried_free: false,
+    };
+    for i in (start..len).chain(0..start) {
+        if seen.visit(tried, i, word_at(i), now_ns) {
+            return Ok(i);
+        }
+    }
+    Err(seen)
+}
+
+/// The first untried key in walk order that is free and carries no soft hint, if any: the
+/// preferred pass of a walk while hints exist (SPEC §11.4). It records nothing: the pass that
+/// may find nothing is the plain one after it.
+#[inline]
+fn preferred<B: Bits + ?Sized>(
+    tried: &B,
+    len: usize,
+    start: usize,
+    now_ns: u64,
+    word_at: impl Fn(usize) -> u64,
+    hinted: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    (start..len)
+        .chain(0..start)
+        .find(|&i| !tried.has(i) && Pool::is_free(word_at(i), now_ns) && !hinted(i))
+}
+
 /// One pass over `words` in walk order (`start..`, then `..start`): the first key to yield,
 /// or what was seen.
 #[inline(always)]
@@ -165,16 +206,19 @@ pub struct Walker {
     len: usize,
     tried: Tried,
     attempts: usize,
+    /// The request's model family, if the pool has state for it.
+    family: Option<FamilySlot>,
 }
 
 impl Walker {
     #[inline]
-    pub(crate) fn new(start: usize, len: usize) -> Self {
+    pub(crate) fn new(start: usize, len: usize, family: Option<FamilySlot>) -> Self {
         Self {
             start,
             len,
             tried: Tried::new(len),
             attempts: 0,
+            family,
         }
     }
 
@@ -194,9 +238,14 @@ impl Walker {
         let words = &words[..self.len.min(words.len())];
         let start = if self.start < words.len() { self.start } else { 0 };
         let now_ns = pool.ns_of(now);
-        let found = match &mut self.tried {
-            Tried::Inline(bits) => scan(bits, words, start, now_ns),
-            Tried::Heap(bits) => scan(&mut **bits, words, start, now_ns),
+        let found = if pool.extras() == 0 {
+            // The common case: no family mark and no hint was ever made.
+            match &mut self.tried {
+                Tried::Inline(bits) => scan(bits, words, start, now_ns),
+                Tried::Heap(bits) => scan(&mut **bits, words, start, now_ns),
+            }
+        } else {
+            self.scan_extras(pool, words.len(), start, now_ns)
         };
         match found {
             Ok(i) => {
@@ -204,6 +253,37 @@ impl Walker {
                 Ok(KeyId(i))
             }
             Err(seen) => Err(seen.exhausted(words.len(), now_ns)),
+        }
+    }
+
+    /// A pass that also looks at the walk's family words and prefers keys without hints.
+    #[cold]
+    fn scan_extras(&mut self, pool: &Pool, len: usize, start: usize, now_ns: u64) -> Result<usize, Seen> {
+        let words = pool.words();
+        let family = self.family;
+        let word_at = |i: usize| {
+            let word = words[i].load(Ordering::Acquire);
+            match family {
+                Some(slot) => word.max(pool.family_word(i, slot)),
+                None => word,
+            }
+        };
+        let hinted = |i: usize| pool.is_hinted(i, family, now_ns);
+        let first = match &self.tried {
+            Tried::Inline(bits) => preferred(bits, len, start, now_ns, word_at, hinted),
+            Tried::Heap(bits) => preferred(&**bits, len, start, now_ns, word_at, hinted),
+        };
+        match (first, &mut self.tried) {
+            (Some(i), Tried::Inline(bits)) => {
+                bits.set(i);
+                Ok(i)
+            }
+            (Some(i), Tried::Heap(bits)) => {
+                bits.set(i);
+                Ok(i)
+            }
+            (None, Tried::Inline(bits)) => scan_with(bits, len, start, now_ns, word_at),
+            (None, Tried::Heap(bits)) => scan_with(&mut **bits, len, start, now_ns, word_at),
         }
     }
 }

@@ -717,3 +717,123 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// SPEC §11.2 and §11.4: family-scoped cooldowns and soft hints
+
+#[derive(Debug, Clone)]
+enum Scoped {
+    /// A hard cooldown of `key`, for every request (`family: None`) or one family.
+    Cool {
+        key: usize,
+        family: Option<u8>,
+        secs: u64,
+    },
+    Disable {
+        key: usize,
+    },
+    /// A soft hint on `key`, key-wide or for one family.
+    Hint {
+        key: usize,
+        family: Option<u8>,
+        secs: u64,
+    },
+}
+
+fn scoped() -> impl Strategy<Value = Scoped> {
+    prop_oneof![
+        3 => (0usize..5, prop::option::of(0u8..3), 0u64..20).prop_map(|(key, family, secs)| Scoped::Cool { key, family, secs }),
+        1 => (0usize..5).prop_map(|key| Scoped::Disable { key }),
+        3 => (0usize..5, prop::option::of(0u8..3), 0u64..20).prop_map(|(key, family, secs)| Scoped::Hint { key, family, secs }),
+    ]
+}
+
+fn family(f: u8) -> keypool_core::Family {
+    keypool_core::Family::of(["opus", "sonnet", "haiku"][usize::from(f)])
+}
+
+/// Applies the hard marks (and, if `hints`, the hints) to a fresh 5-key pool.
+fn scoped_pool(t0: Instant, ops: &[Scoped], hints: bool) -> Pool {
+    let p = common::pool(5, Order::PrimaryWithFallback, t0);
+    for op in ops {
+        match *op {
+            Scoped::Cool { key, family: f, secs } => {
+                let id = p.key_at(key).unwrap();
+                let d = Duration::from_secs(secs);
+                let mark = match f {
+                    Some(f) => p.family_cool_mark(id, family(f), wall_origin(), d, CoolReason::RateLimited),
+                    None => p.cool_mark(id, wall_origin(), d, CoolReason::RateLimited),
+                };
+                let _ = p.apply(&mark, t0, wall_origin());
+            }
+            Scoped::Disable { key } => {
+                let _ = p.disable(p.key_at(key).unwrap(), DisableReason::Forbidden);
+            }
+            Scoped::Hint { key, family: f, secs } if hints => {
+                let _ = p.hint(
+                    p.key_at(key).unwrap(),
+                    f.map(family),
+                    t0 + Duration::from_secs(secs),
+                    t0,
+                );
+            }
+            Scoped::Hint { .. } => {}
+        }
+    }
+    p
+}
+
+/// Every key a walk for `f` yields at `now`, and how it ended.
+fn walk_all(p: &Pool, f: Option<u8>, now: Instant) -> (Vec<usize>, Exhausted) {
+    let mut w = p.walk_for(f.map(family));
+    let mut keys = Vec::new();
+    loop {
+        match w.next_key(p, now) {
+            Ok(k) => keys.push(k.index()),
+            Err(e) => return (keys, e),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// A walk never yields a key that is hard-cooled for its family (or key-wide), hints never
+    /// change which keys a walk yields nor how it ends (only the order: unhinted keys first),
+    /// and family marks commute.
+    #[test]
+    fn family_marks_and_hints(
+        (ops, shuffled) in prop::collection::vec(scoped(), 0..20).prop_flat_map(|o| (Just(o.clone()), Just(o).prop_shuffle())),
+        f in prop::option::of(0u8..3),
+        at in 0u64..25,
+    ) {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(at);
+        let hinted = scoped_pool(t0, &ops, true);
+        let plain = scoped_pool(t0, &ops, false);
+        let (keys, end) = walk_all(&hinted, f, now);
+        let (plain_keys, plain_end) = walk_all(&plain, f, now);
+        for &k in &keys {
+            let id = hinted.key_at(k).unwrap();
+            prop_assert!(hinted.state(id, now).is_available(), "key {k} is cooling key-wide");
+            if let Some(f) = f {
+                prop_assert!(hinted.family_state(id, family(f), now).is_available(), "key {k} is cooling for its family");
+            }
+        }
+        let mut a = keys.clone();
+        let mut b = plain_keys.clone();
+        a.sort_unstable();
+        b.sort_unstable();
+        prop_assert_eq!(a, b, "hints changed which keys are used");
+        prop_assert_eq!(end, plain_end, "hints changed how the walk ends");
+        prop_assert_eq!(&plain_keys, &{ let mut k = plain_keys.clone(); k.sort_unstable(); k }, "primary order");
+        // Unhinted keys first.
+        let is_hinted: Vec<bool> = keys.iter().map(|&k| hinted.is_hinted_at(hinted.key_at(k).unwrap(), f.map(family), now)).collect();
+        prop_assert!(is_hinted.windows(2).all(|w| !(w[0] && !w[1])), "a hinted key before an unhinted one: {keys:?} {is_hinted:?}");
+        // The same hard marks in another order give the same walks.
+        let other = scoped_pool(t0, &shuffled, false);
+        for g in [None, Some(0), Some(1), Some(2)] {
+            prop_assert_eq!(walk_all(&other, g, now), walk_all(&plain, g, now));
+        }
+    }
+}

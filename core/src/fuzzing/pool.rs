@@ -97,10 +97,11 @@ enum Op {
 }
 
 fn cool_reason(r: u8) -> CoolReason {
-    match r % 3 {
+    match r % 4 {
         0 => CoolReason::RateLimited,
         1 => CoolReason::Auth,
-        _ => CoolReason::Overloaded,
+        2 => CoolReason::Overloaded,
+        _ => CoolReason::SpendCapped,
     }
 }
 
@@ -120,6 +121,7 @@ fn cool_rank(r: CoolReason) -> u8 {
         CoolReason::RateLimited => 0,
         CoolReason::Auth => 1,
         CoolReason::Overloaded => 2,
+        CoolReason::SpendCapped => 3,
     }
 }
 

@@ -29,6 +29,7 @@ pub fn cool_rank(r: CoolReason) -> u8 {
         CoolReason::RateLimited => 0,
         CoolReason::Auth => 1,
         CoolReason::Overloaded => 2,
+        CoolReason::SpendCapped => 3,
     }
 }
 
