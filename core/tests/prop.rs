@@ -617,7 +617,7 @@ fn fuzz_retry_delay_smoke() {
 /// One portable mark as some replica made it: a key, what happened, and the generation the key
 /// had there. Wall-clock deadlines are seconds after [`wall_origin`].
 fn portable() -> impl Strategy<Value = (usize, u8, u64, u64, u8)> {
-    (0usize..3, 0u8..3, 0u64..4, 0u64..40, 0u8..4)
+    (0usize..3, 0u8..4, 0u64..4, 0u64..40, 0u8..4)
 }
 
 fn to_mark(
@@ -639,7 +639,18 @@ fn to_mark(
                 DisableReason::Operator,
             ][usize::from(reason)],
         },
-        _ => keypool_core::Change::Enable,
+        2 => keypool_core::Change::Enable,
+        // A family-scoped cooldown (SPEC §11.2), for one of two families.
+        _ => {
+            let mark = pool.family_cool_mark(
+                id,
+                keypool_core::Family::of(if reason % 2 == 0 { "sonnet" } else { "haiku" }),
+                wall_origin(),
+                Duration::from_secs(secs),
+                CoolReason::RateLimited,
+            );
+            return keypool_core::Mark { generation, ..mark };
+        }
     };
     keypool_core::Mark {
         generation,
@@ -678,6 +689,10 @@ proptest! {
             for probe in [0u64, 1, 5, 30, 3600] {
                 let now = t0 + Duration::from_secs(probe);
                 prop_assert_eq!(a.state(id, now), b.state(id, now));
+                for f in ["sonnet", "haiku"] {
+                    let f = keypool_core::Family::of(f);
+                    prop_assert_eq!(a.family_state(id, f, now), b.family_state(id, f, now));
+                }
             }
         }
     }
@@ -694,7 +709,7 @@ proptest! {
         let p = common::pool(3, Order::PrimaryWithFallback, t0);
         let id = p.key_at(0).unwrap();
         // Every older mark is for key 0 at generation 0; the enable is generation 1.
-        let older: Vec<_> = older.into_iter().map(|(_, k, _, s, r)| (0, k % 2, 0, s, r)).collect();
+        let older: Vec<_> = older.into_iter().map(|(_, k, _, s, r)| (0, if k == 2 { 3 } else { k }, 0, s, r)).collect();
         let enable = p.enable_mark(id);
         prop_assert_eq!(enable.generation, 1);
         if enable_first {
