@@ -65,11 +65,6 @@ impl Explicit {
         )
     }
 
-    /// These settings were given explicitly (ids are `ServeArgs` field names).
-    pub fn with(ids: &[&str]) -> Self {
-        Self(ids.iter().map(|s| (*s).to_owned()).collect())
-    }
-
     /// Whether the setting `id` (a `ServeArgs` field name) was given explicitly.
     pub fn contains(&self, id: &str) -> bool {
         self.0.contains(id)
