@@ -1,10 +1,11 @@
-//! `keypool serve` flags, and their validation into a [`Config`].
+//! `keypool serve` flags, and their validation into a [`Config`] (the config file, which can
+//! hold every flag, is [`crate::config_file`]).
 //!
 //! Every problem is reported as one line that names it and the fix; nothing here ever prints a
 //! key or a token.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
@@ -14,11 +15,23 @@ use keypool_core::{KeySpec, OnForbidden, OnUnauthorized, Order, Policy, Secret};
 use crate::access::AccessPolicy;
 use crate::keys;
 
-/// Flags of `keypool serve`.
-#[derive(Debug, Clone, Args)]
+/// Flags of `keypool serve`. Its `Debug` masks the keys and tokens.
+#[derive(Clone, Args)]
 pub struct ServeArgs {
-    /// Address to listen on. Without client tokens only a loopback address is allowed.
-    #[arg(long, default_value = "127.0.0.1:8787", env = "KEYPOOL_LISTEN")]
+    /// Config file (TOML) with any of these settings, the pool and the state backend. A flag or
+    /// environment variable given here overrides the file. See `keypool check-config`.
+    #[arg(long, value_name = "PATH", env = "KEYPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on: IP:PORT, or localhost:PORT. Without client tokens only a loopback
+    /// address is allowed.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8787",
+        env = "KEYPOOL_LISTEN",
+        value_parser = parse_listen
+    )]
     pub listen: SocketAddr,
 
     /// Upstream base URL every `/v1/...` request is forwarded to.
@@ -29,6 +42,11 @@ pub struct ServeArgs {
     /// Re-read on SIGHUP. Takes precedence over KEYPOOL_KEYS.
     #[arg(long, value_name = "PATH")]
     pub keys_file: Option<PathBuf>,
+
+    /// The pool's keys, comma- or newline-separated (`label=key` names one). Prefer the
+    /// environment variable: a command line is visible to every user of the machine.
+    #[arg(long, value_name = "KEYS", env = "KEYPOOL_KEYS", hide_env_values = true)]
+    pub keys: Option<String>,
 
     /// Client tokens that may use the pool (repeat the flag, or comma-separate in the env var).
     /// Without any, the gateway serves only loopback clients.
@@ -113,6 +131,36 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |set: bool| if set { "***" } else { "-" };
+        f.debug_struct("ServeArgs")
+            .field("config", &self.config)
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("keys_file", &self.keys_file)
+            .field("keys", &masked(self.keys.is_some()))
+            .field("client_tokens", &self.client_tokens.len())
+            .field("allow_byok", &self.allow_byok)
+            .field("admin_token", &masked(self.admin_token.is_some()))
+            .field("order", &self.order)
+            .field("commit", &self.commit)
+            .field("hold", &self.hold)
+            .field("on_401", &self.on_401)
+            .field("on_403", &self.on_403)
+            .field("default_cooldown", &self.default_cooldown)
+            .field("max_cooldown", &self.max_cooldown)
+            .field("max_body", &self.max_body)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("grace", &self.grace)
+            .field("upstream_ca", &self.upstream_ca)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
 /// `--order`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OrderArg {
@@ -161,10 +209,26 @@ pub enum LogFormat {
 /// Where the keys come from.
 #[derive(Debug, Clone)]
 pub enum KeySource {
-    /// A file, re-read on SIGHUP.
+    /// A key file (`--keys-file`), re-read on SIGHUP.
     File(PathBuf),
-    /// `KEYPOOL_KEYS`.
+    /// `KEYPOOL_KEYS` (or `--keys`).
     Env,
+    /// The pool of this config file (inline, `keys_env` or `keys_file`); SIGHUP re-reads the
+    /// config file and takes its keys.
+    ConfigFile(PathBuf),
+}
+
+impl KeySource {
+    /// Reads the keys again from where they came from, for a reload (SIGHUP).
+    pub fn reload(&self) -> Result<Vec<KeySpec>, ConfigError> {
+        match self {
+            Self::File(path) => load_keys_file(path),
+            Self::ConfigFile(path) => crate::config_file::reload_keys(path),
+            Self::Env => Err(err(
+                "keys come from KEYPOOL_KEYS (or --keys); there is no file to reload",
+            )),
+        }
+    }
 }
 
 /// A validated configuration.
@@ -203,18 +267,35 @@ fn err(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
+/// Keys named by a config file, used when neither `--keys-file` nor `KEYPOOL_KEYS` gives keys.
+#[derive(Debug, Clone)]
+pub struct FileKeys {
+    /// The keys.
+    pub keys: Vec<KeySpec>,
+    /// The config file that names them (re-read on SIGHUP).
+    pub config: PathBuf,
+}
+
 impl ServeArgs {
-    /// Validates the flags; `env_keys` is the value of `KEYPOOL_KEYS`, if set.
-    pub fn validate(&self, env_keys: Option<&str>) -> Result<Config, ConfigError> {
-        let (keys, key_source) = match (&self.keys_file, env_keys) {
-            (Some(path), _) => (load_keys_file(path)?, KeySource::File(path.clone())),
-            (None, Some(value)) => {
+    /// Validates the flags (without a config file; see [`crate::config_file::load`]).
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.build(None)
+    }
+
+    /// Validates the settings; `file_keys` are a config file's keys, used when neither
+    /// `--keys-file` nor `KEYPOOL_KEYS` (`--keys`) is given.
+    pub fn build(&self, file_keys: Option<FileKeys>) -> Result<Config, ConfigError> {
+        let (keys, key_source) = match (&self.keys_file, &self.keys, file_keys) {
+            (Some(path), _, _) => (load_keys_file(path)?, KeySource::File(path.clone())),
+            (None, Some(value), _) => {
                 let keys = keys::parse_env(value, "KEYPOOL_KEYS").map_err(|e| err(e.to_string()))?;
                 (keys.into_iter().map(|k| k.spec).collect(), KeySource::Env)
             }
-            (None, None) => {
+            (None, None, Some(file)) => (file.keys, KeySource::ConfigFile(file.config)),
+            (None, None, None) => {
                 return Err(err(
-                    "no keys: set KEYPOOL_KEYS=key1,key2 or pass --keys-file PATH (one key per line)",
+                    "no keys: set KEYPOOL_KEYS=key1,key2, pass --keys-file PATH (one key per line), \
+                     or name them in a --config file",
                 ));
             }
         };
@@ -235,8 +316,13 @@ impl ServeArgs {
         if tokens.is_empty() && !self.listen.ip().is_loopback() {
             return Err(err(format!(
                 "refusing to listen on {} without client tokens: anyone who reaches it could spend your keys; \
-                 set --client-token (or KEYPOOL_CLIENT_TOKENS), or listen on 127.0.0.1",
-                self.listen
+                 set --client-token (or KEYPOOL_CLIENT_TOKENS{}), or listen on 127.0.0.1",
+                self.listen,
+                if self.config.is_some() {
+                    ", or client_tokens_env in the config file"
+                } else {
+                    ""
+                }
             )));
         }
         let admin_token = match self
@@ -249,22 +335,7 @@ impl ServeArgs {
             None => None,
         };
 
-        let upstream = self.upstream.trim_end_matches('/').to_owned();
-        let uri: http::Uri = upstream.parse().map_err(|_| {
-            err(format!(
-                "invalid --upstream {upstream:?}: use a URL like https://api.anthropic.com"
-            ))
-        })?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(err(format!(
-                "invalid --upstream {upstream:?}: it must start with http:// or https:// and name a host"
-            )));
-        }
-        if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(err(format!(
-                "invalid --upstream {upstream:?}: give the base URL only (no path); /v1/... is appended per request"
-            )));
-        }
+        let upstream = check_upstream(&self.upstream, "--upstream")?;
         let upstream_roots = match &self.upstream_ca {
             Some(path) => load_pem_certs(path)?,
             None => Vec::new(),
@@ -318,15 +389,37 @@ impl ServeArgs {
     }
 }
 
+/// Checks an upstream base URL and returns it without a trailing slash; `what` names the
+/// setting in errors (`--upstream`, or where in a config file).
+pub fn check_upstream(raw: &str, what: &str) -> Result<String, ConfigError> {
+    let upstream = raw.trim().trim_end_matches('/').to_owned();
+    let uri: http::Uri = upstream.parse().map_err(|_| {
+        err(format!(
+            "invalid {what} {upstream:?}: use a URL like https://api.anthropic.com"
+        ))
+    })?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(err(format!(
+            "invalid {what} {upstream:?}: it must start with http:// or https:// and name a host"
+        )));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(err(format!(
+            "invalid {what} {upstream:?}: give the base URL only (no path); /v1/... is appended per request"
+        )));
+    }
+    Ok(upstream)
+}
+
 /// Reads and parses a key file.
-pub fn load_keys_file(path: &std::path::Path) -> Result<Vec<KeySpec>, ConfigError> {
+pub fn load_keys_file(path: &Path) -> Result<Vec<KeySpec>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| err(format!("cannot read --keys-file {}: {e}", path.display())))?;
     let keys = keys::parse_file(&text, &path.display().to_string()).map_err(|e| err(e.to_string()))?;
     Ok(keys.into_iter().map(|k| k.spec).collect())
 }
 
-fn load_pem_certs(path: &std::path::Path) -> Result<Vec<Vec<u8>>, ConfigError> {
+fn load_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, ConfigError> {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
         .map_err(|e| err(format!("cannot read --upstream-ca {}: {e}", path.display())))?
@@ -342,7 +435,8 @@ fn load_pem_certs(path: &std::path::Path) -> Result<Vec<Vec<u8>>, ConfigError> {
     Ok(certs)
 }
 
-/// Parses `500ms`, `2s`, `10m`, `1h`, or a bare number of seconds.
+/// Parses `500ms`, `2s`, `1.5s`, `10m`, `1h`. A bare number is refused: `--hold 2` could mean
+/// 2 ms or 2 s, so the error asks for the unit.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -353,13 +447,84 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration (try 500ms, 2s, 10m, 1h)"))?;
     let secs = match unit.trim() {
+        "" => {
+            return Err(format!("{s} has no unit: write {s}s (or 500ms, 10m, 1h)"));
+        }
         "ms" => value / 1000.0,
-        "" | "s" => value,
+        "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// Parses a listen address: `IP:PORT` (`[::1]:PORT` for IPv6), `localhost:PORT` (the IPv4
+/// loopback, 127.0.0.1), or `NAME:PORT` for a host name that resolves (its first IPv4 address,
+/// else its first address). Errors are one line with the fix.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let example = "write IP:PORT, e.g. 127.0.0.1:8787 (this machine only) or 0.0.0.0:8787 (every interface)";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(match s.parse::<u16>() {
+            Ok(port) => format!("{s} is only a port: write 127.0.0.1:{port} (or localhost:{port})"),
+            Err(_)
+                if !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+            {
+                format!("{s:?} has no port: write {s}:8787 (or 127.0.0.1:8787)")
+            }
+            Err(_) => format!("{s:?} is not an address: {example}"),
+        });
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!(
+            "{s:?}: the port after ':' must be a number from 0 to 65535; {example}"
+        ));
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{s:?} has no host: write 127.0.0.1:{port} (this machine only) or 0.0.0.0:{port} (every interface)"
+        ));
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        // RFC 6761: localhost is the loopback; no resolver needed (or trusted) for it.
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    if host.parse::<IpAddr>().is_ok() || host.contains(':') {
+        return Err(format!(
+            "{s:?}: write an IPv6 address in brackets, e.g. [::1]:{port}"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|_| format!("cannot resolve the host name {host:?}: {example}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("the host name {host:?} has no address: {example}"))
+}
+
+/// What the start-up line tells clients to use as their base URL. An unspecified address
+/// (`0.0.0.0`, `::`) is where the gateway listens, not an address a client can connect to.
+pub fn client_base_urls(addr: SocketAddr) -> String {
+    let port = addr.port();
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            format!("http://127.0.0.1:{port} on this host, http://<this host's address>:{port} elsewhere")
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            format!("http://[::1]:{port} on this host, http://<this host's address>:{port} elsewhere")
+        }
+        _ => format!("http://{addr}"),
+    }
 }
 
 /// Parses `1024`, `64KiB`, `32MiB`, `1GiB` (also KB/MB/GB as powers of 1000).
@@ -398,8 +563,79 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+        // A bare number is refused, with the fix.
+        let e = parse_duration("2").unwrap_err();
+        assert!(e.contains("no unit") && e.contains("2s"), "{e}");
+        assert!(parse_duration("0").is_err());
         assert_eq!(parse_size("32MiB"), Ok(32 << 20));
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn debug_masks_keys_and_tokens() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "keypool",
+            "--keys",
+            "sk-ant-api03-debug-secret-key",
+            "--admin-token",
+            "debug-admin-secret",
+            "--client-token",
+            "debug-client-secret",
+        ])
+        .unwrap();
+        let shown = format!("{:?}", cli.serve);
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("keys: \"***\""), "{shown}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen("127.0.0.1:8787"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 8787)))
+        );
+        assert_eq!(
+            parse_listen("localhost:8787"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 8787)))
+        );
+        assert_eq!(
+            parse_listen("LOCALHOST:0"),
+            Ok(SocketAddr::from(([127, 0, 0, 1], 0)))
+        );
+        assert_eq!(
+            parse_listen("[::1]:9000"),
+            "[::1]:9000".parse::<SocketAddr>().map_err(|e| e.to_string())
+        );
+        for (input, needle) in [
+            ("8787", "127.0.0.1:8787"),
+            (":8787", "127.0.0.1:8787"),
+            ("localhost", "localhost:8787"),
+            ("", "not an address"),
+            ("localhost:http", "port"),
+            ("::1:8787", "brackets"),
+        ] {
+            let e = parse_listen(input).unwrap_err();
+            assert!(e.contains(needle), "{input}: {e}");
+            assert!(!e.contains('\n'), "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn banner_urls_are_reachable_addresses() {
+        assert_eq!(
+            client_base_urls(SocketAddr::from(([127, 0, 0, 1], 8787))),
+            "http://127.0.0.1:8787"
+        );
+        let any = client_base_urls(SocketAddr::from(([0, 0, 0, 0], 8787)));
+        assert!(any.starts_with("http://127.0.0.1:8787 "), "{any}");
+        assert!(!any.contains("0.0.0.0"), "{any}");
+        let any6 = client_base_urls("[::]:8787".parse().unwrap());
+        assert!(any6.starts_with("http://[::1]:8787 "), "{any6}");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod keys;
 pub mod memory;
