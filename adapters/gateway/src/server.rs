@@ -20,7 +20,7 @@ use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Transition, Verdict
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
-use crate::config::{Config, KeySource, load_keys_file};
+use crate::config::Config;
 use crate::metrics::Metrics;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -104,12 +104,13 @@ impl Shared {
         }
     }
 
-    /// Re-reads the key file and swaps in a pool that keeps the state of kept keys.
+    /// Re-reads the keys (key file or config file) and swaps in a pool that keeps the state of
+    /// kept keys.
     pub fn reload(&self) -> Result<String, String> {
-        let KeySource::File(path) = &self.config.key_source else {
-            return Err("keys come from KEYPOOL_KEYS; there is no file to reload".into());
-        };
-        let keys = load_keys_file(path).map_err(|e| e.to_string())?;
+        let keys = self.config.key_source.reload().map_err(|e| e.to_string())?;
+        for warning in crate::keys::implausible(&keys) {
+            tracing::warn!("{warning}");
+        }
         let old = self.pool();
         let new = old.reload(keys).map_err(|e| format!("invalid key list: {e}"))?;
         let kept = new
@@ -691,7 +692,7 @@ impl Server {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT; re-reads the key file on every SIGHUP meanwhile.
+/// Resolves on SIGTERM or SIGINT; re-reads the keys on every SIGHUP meanwhile.
 pub async fn signals(shared: Arc<Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -707,8 +708,8 @@ pub async fn signals(shared: Arc<Shared>) {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => match shared.reload() {
-                Ok(summary) => tracing::info!("reloaded the key file: {summary}"),
-                Err(e) => tracing::error!("key file not reloaded, the previous keys stay in use: {e}"),
+                Ok(summary) => tracing::info!("reloaded the keys: {summary}"),
+                Err(e) => tracing::error!("keys not reloaded, the previous keys stay in use: {e}"),
             },
         }
     }
