@@ -372,7 +372,7 @@ fn sighup_reloads_keys_without_failing_requests() {
     });
     std::fs::write(&file, format!("zero={K0}\ntwo={K2}\n")).unwrap();
     gw.signal("-HUP");
-    gw.wait_log("reloaded the key file");
+    gw.wait_log("reloaded the keys");
     // Wait until the new key has served a request, then stop the load.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !mock.requests().iter().any(|r| r.key.as_deref() == Some(K2)) {
