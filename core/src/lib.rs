@@ -85,11 +85,11 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod anthropic;
 pub mod call;
 pub mod client;
 pub mod policy;
 pub mod pool;
+pub mod profile;
 pub mod secret;
 pub mod sse;
 pub mod walk;
@@ -102,5 +102,8 @@ pub use policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
 pub use pool::{
     CoolReason, DisableReason, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool, PoolError, Transition,
 };
+/// The Anthropic profile's building blocks, at their round-1 path.
+pub use profile::anthropic;
+pub use profile::{EventRole, Profile, Provider};
 pub use secret::{Secret, SecretError};
 pub use walk::{Exhausted, Walker};
