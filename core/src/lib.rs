@@ -52,6 +52,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! ## Providers
+//!
+//! Everything an upstream API decides (how a key is sent, which client credentials are
+//! stripped, the classification table, retry-delay sources, what an SSE event means, the shape
+//! of keypool's own errors) is asked of one value, [`CallConfig::profile`](call::CallConfig::profile):
+//! a [`Profile`] implementing [`Provider`]. [`Profile::anthropic`] is the default; the call
+//! machine, pool, walker and adapters hold no provider literals (`.ci/provider-literals`).
+//!
 //! ## The pool on its own
 //!
 //! ```
