@@ -14,8 +14,9 @@ use http::uri::PathAndQuery;
 use crate::call::{CallConfig, CallError, CallSummary, Failure};
 use crate::pool::{KeySpec, Order, Pool, PoolError};
 
-/// The Anthropic API.
-pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+/// The Anthropic API, the default profile's base URL. A builder without a base URL uses its
+/// profile's ([`Provider::default_base_url`](crate::profile::Provider::default_base_url)).
+pub const DEFAULT_BASE_URL: &str = crate::profile::anthropic::DEFAULT_BASE_URL;
 
 /// What can go wrong in a client call. `Display` never contains a secret.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +24,7 @@ pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 pub enum ClientError {
     /// keypool answered instead of the upstream: every key is out, the upstream could not be
     /// reached or timed out, or an in-band error before commit. [`ClientError::to_response`]
-    /// renders the Anthropic-shaped HTTP response.
+    /// gives the HTTP response, rendered by the call's profile.
     #[error("{}", .0.error)]
     Call(Box<Failure>),
     /// `stream` got an answer that is not an event stream (an upstream 4xx/5xx, delivered as is).
@@ -47,7 +48,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The Anthropic-shaped HTTP response for this error, as the gateway would send it.
+    /// The HTTP response for this error (in the profile's shape), as the gateway would send it.
     pub fn to_response(&self) -> Option<http::Response<Bytes>> {
         match self {
             Self::Call(failure) => Some(failure.response.clone()),
@@ -229,12 +230,12 @@ impl<C: ClientAdapter> ClientBuilder<C> {
         self.order = order;
         self
     }
-    /// The upstream (default `https://api.anthropic.com`).
+    /// The upstream (default: the profile's, `https://api.anthropic.com` for Anthropic).
     pub fn base_url(mut self, url: impl Into<String>) -> Self {
         self.base_url = Some(url.into());
         self
     }
-    /// Policy, commit point and timeouts.
+    /// Policy, commit point, timeouts and provider profile.
     pub fn config(mut self, config: CallConfig) -> Self {
         self.config = config;
         self
@@ -254,7 +255,8 @@ impl<C: ClientAdapter> ClientBuilder<C> {
     }
     /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
     pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<C, ClientError> {
-        let upstream = Upstream::parse(self.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL))?;
+        let default = self.config.profile.default_base_url();
+        let upstream = Upstream::parse(self.base_url.as_deref().unwrap_or(default))?;
         C::from_settings(ClientSettings {
             pool,
             upstream,

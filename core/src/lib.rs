@@ -51,6 +51,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! ## Providers
+//!
+//! Everything an upstream API decides (how a key is sent, which client credentials are
+//! stripped, the classification table, retry-delay sources, what an SSE event means, the shape
+//! of keypool's own errors) is asked of one value, [`CallConfig::profile`](call::CallConfig::profile):
+//! a [`Profile`] implementing [`Provider`]. [`Profile::anthropic`] is the default; the call
+//! machine, pool, walker and adapters hold no provider literals (`.ci/provider-literals`).
+//!
 //! ## The pool on its own
 //!
 //! ```
@@ -84,12 +92,12 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod anthropic;
 pub mod call;
 pub mod client;
 pub mod mark;
 pub mod policy;
 pub mod pool;
+pub mod profile;
 pub mod secret;
 pub mod sse;
 pub mod walk;
@@ -104,5 +112,8 @@ pub use pool::{
     CoolReason, DisableReason, FAMILY_SLOTS, FamilySlot, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool,
     PoolError, Scope, Transition,
 };
+/// The Anthropic profile's building blocks, at their round-1 path.
+pub use profile::anthropic;
+pub use profile::{EventRole, Profile, Provider};
 pub use secret::{Secret, SecretError};
 pub use walk::{Exhausted, Walker};

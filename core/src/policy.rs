@@ -1,10 +1,14 @@
-//! Classification of an upstream answer into a [`Verdict`], and retry-delay parsing (SPEC §4).
+//! The operator's knobs of the classification table ([`Policy`]), the [`Verdict`] it produces,
+//! and retry-delay parsing (SPEC §4). The table itself belongs to the provider profile
+//! ([`crate::profile`]); [`Policy::classify`] is the Anthropic one.
 
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, StatusCode};
 
 use crate::pool::{CoolReason, DisableReason};
+use crate::profile::Provider as _;
+use crate::profile::anthropic::Anthropic;
 
 /// Classification reads at most this much of an error body.
 pub const MAX_CLASSIFY_BODY: usize = 64 * 1024;
@@ -90,17 +94,20 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// Whether classifying `status` needs the (first 64 KiB of the) error body. When `false`,
-    /// [`classify`](Self::classify) ignores its `body` argument.
+    /// Whether classifying `status` with the Anthropic table needs the (first 64 KiB of the)
+    /// error body. When `false`, [`classify`](Self::classify) ignores its `body` argument.
+    ///
+    /// A call asks its profile instead: [`Provider::needs_body`](crate::profile::Provider::needs_body).
     pub fn needs_body(&self, status: StatusCode) -> bool {
-        status == StatusCode::BAD_REQUEST && self.disable_on_billing
+        Anthropic.needs_body(self, status)
     }
 
-    /// Classifies one upstream answer.
+    /// Classifies one upstream answer with the Anthropic table (SPEC §4), the default profile's.
     ///
     /// `body` is a prefix of the error body (only looked at when [`needs_body`](Self::needs_body);
     /// at most [`MAX_CLASSIFY_BODY`] bytes of it are read), `wall_now` the wall-clock time, used
-    /// only for an HTTP-date `retry-after` when the response has no `date` header.
+    /// only for an HTTP-date `retry-after` when the response has no `date` header. A call asks
+    /// its profile instead: [`Provider::classify`](crate::profile::Provider::classify).
     pub fn classify(
         &self,
         status: StatusCode,
@@ -108,41 +115,7 @@ impl Policy {
         body: &[u8],
         wall_now: SystemTime,
     ) -> Verdict {
-        match status.as_u16() {
-            429 => Verdict::CoolDown {
-                duration: self.retry_delay(headers, wall_now),
-                reason: CoolReason::RateLimited,
-            },
-            401 => match self.on_unauthorized {
-                OnUnauthorized::Disable => Verdict::Disable {
-                    reason: DisableReason::Unauthorized,
-                },
-                OnUnauthorized::CoolFor(duration) => Verdict::CoolDown {
-                    duration: self.bound(duration),
-                    reason: CoolReason::Auth,
-                },
-            },
-            403 => match self.on_forbidden {
-                OnForbidden::Disable => Verdict::Disable {
-                    reason: DisableReason::Forbidden,
-                },
-                OnForbidden::Deliver => Verdict::Deliver,
-            },
-            402 if self.disable_on_billing => Verdict::Disable {
-                reason: DisableReason::Billing,
-            },
-            400 if self.disable_on_billing && is_credit_balance_error(body) => Verdict::Disable {
-                reason: DisableReason::Billing,
-            },
-            529 => match self.cool_on_overloaded {
-                Some(duration) => Verdict::CoolDown {
-                    duration: self.bound(duration),
-                    reason: CoolReason::Overloaded,
-                },
-                None => Verdict::Deliver,
-            },
-            _ => Verdict::Deliver,
-        }
+        Anthropic.classify(self, status, headers, body, wall_now)
     }
 
     /// The cooldown a 429 asks for (SPEC §4), first match wins:
@@ -167,8 +140,8 @@ impl Policy {
 
     /// Caps a cooldown at [`max_cooldown`](Self::max_cooldown), then floors it at 1 ms, so no
     /// configuration can produce a zero cooldown. Not `Duration::clamp`: that panics when a
-    /// `max_cooldown` below 1 ms is configured.
-    fn bound(&self, d: Duration) -> Duration {
+    /// `max_cooldown` below 1 ms is configured. Profiles bound every cooldown they return.
+    pub fn bound(&self, d: Duration) -> Duration {
         d.min(self.max_cooldown).max(MIN_COOLDOWN)
     }
 }
@@ -207,29 +180,6 @@ fn parse_decimal(s: &str, unit_ns: u64) -> Option<Duration> {
         }
     }
     (nanos > 0).then(|| Duration::from_nanos(nanos))
-}
-
-/// Whether a 400 body is Anthropic's "credit balance is too low" error.
-fn is_credit_balance_error(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow)]
-        error: Inner<'a>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Inner<'a> {
-        #[serde(borrow, default)]
-        message: std::borrow::Cow<'a, str>,
-    }
-    let body = &body[..body.len().min(MAX_CLASSIFY_BODY)];
-    serde_json::from_slice::<Envelope<'_>>(body)
-        .map(|e| {
-            e.error
-                .message
-                .to_ascii_lowercase()
-                .contains("credit balance is too low")
-        })
-        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -706,14 +706,8 @@ impl Pool {
     fn merge(&self, i: usize, generation: u64, raise: Raise, family: Option<Family>) -> (u64, u64) {
         let _lock = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.generations[i].load(Ordering::Acquire);
-        let slot = match family {
-            Some(f) => match self.family_slot_or_insert(f) {
-                Some(slot) => Some(slot),
-                // No slot left: the key rests for every family (the safe side).
-                None => None,
-            },
-            None => None,
-        };
+        // No slot left for the family: the key rests for every family (the safe side).
+        let slot = family.and_then(|f| self.family_slot_or_insert(f));
         let cell = match slot {
             Some(slot) => &self.family_words[i * FAMILY_SLOTS + slot],
             None => &self.words[i],

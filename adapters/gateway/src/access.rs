@@ -1,17 +1,19 @@
 //! Who may use the gateway, and with whose key (SPEC §7 "Access control").
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
-use keypool_core::Secret;
+use keypool_core::{Profile, Secret};
 
 /// How a request is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     /// From the pool (the client's credential, if any, is stripped by the call).
     Pool,
     /// With the client's own credential, once (bring your own key).
     Byok,
     /// Refused: `401 authentication_error` with this message.
-    Denied(&'static str),
+    Denied(Cow<'static, str>),
 }
 
 /// The gateway's client tokens and BYOK switch.
@@ -23,22 +25,22 @@ pub struct AccessPolicy {
     pub allow_byok: bool,
 }
 
-/// The credential a client presented: `x-api-key`, else `Authorization: Bearer`.
-pub fn presented(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get("x-api-key") {
-        return Some(v.as_bytes()).filter(|v| !v.is_empty());
-    }
-    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let token = auth
-        .strip_prefix(b"Bearer ")
-        .or_else(|| auth.strip_prefix(b"bearer "))?;
-    Some(token.trim_ascii()).filter(|t| !t.is_empty())
+/// The credential a client presented, where the profile's clients put it (Anthropic:
+/// `x-api-key`, else `Authorization: Bearer`).
+pub fn presented<'h>(profile: &Profile, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+    profile.client_credential(headers)
 }
 
 impl AccessPolicy {
-    /// Decides how to serve a request with these headers.
+    /// Decides how to serve a request with these headers, for a pool of the default profile:
+    /// [`decide_for`](Self::decide_for) with [`Profile::anthropic`].
     pub fn decide(&self, headers: &HeaderMap) -> Access {
-        let credential = presented(headers);
+        self.decide_for(&Profile::anthropic(), headers)
+    }
+
+    /// Decides how to serve a request with these headers, for a pool of this profile.
+    pub fn decide_for(&self, profile: &Profile, headers: &HeaderMap) -> Access {
+        let credential = presented(profile, headers);
         if self.tokens.is_empty() {
             return match credential {
                 Some(_) if self.allow_byok => Access::Byok,
@@ -46,14 +48,17 @@ impl AccessPolicy {
             };
         }
         let Some(credential) = credential else {
-            return Access::Denied("this gateway needs a client token in x-api-key or Authorization: Bearer");
+            return Access::Denied(Cow::Owned(format!(
+                "this gateway needs a client token in {}",
+                profile.credential_help()
+            )));
         };
         // Compare against every token, so timing does not tell which one matched.
         let matched = self.tokens.iter().fold(false, |acc, t| acc | t.ct_eq(credential));
         match (matched, self.allow_byok) {
             (true, _) => Access::Pool,
             (false, true) => Access::Byok,
-            (false, false) => Access::Denied("the client token is not valid for this gateway"),
+            (false, false) => Access::Denied(Cow::Borrowed("the client token is not valid for this gateway")),
         }
     }
 }

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{CallError, CallSummary, Credential, KeyMark, MarkSink, Request as CallRequest};
-use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Transition, Verdict, anthropic};
+use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition, Verdict};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
@@ -289,10 +289,13 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     res
 }
 
-/// An Anthropic-shaped error made by the gateway itself.
-fn error(status: StatusCode, message: &str) -> Response<GatewayBody> {
-    let body = anthropic::error_body(anthropic::error_type_for_status(status), message, None);
-    full(status, "application/json", body)
+/// An error made by the gateway itself, in the shape of the profile of the pool it belongs to.
+fn error(profile: &Profile, status: StatusCode, message: &str) -> Response<GatewayBody> {
+    full(
+        status,
+        "application/json",
+        profile.error_body(status, message, None),
+    )
 }
 
 fn json(value: &serde_json::Value) -> Response<GatewayBody> {
@@ -317,6 +320,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
         }
         (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
         _ => error(
+            &shared.config.call.profile,
             StatusCode::NOT_FOUND,
             &format!("no route for {} {}", req.method(), short(path)),
         ),
@@ -338,14 +342,20 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
 }
 
 fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
+    let profile = &shared.config.call.profile;
     let Some(token) = &shared.config.admin_token else {
         return error(
+            profile,
             StatusCode::NOT_FOUND,
             "admin routes are off: start keypool with --admin-token",
         );
     };
-    if !access::presented(req.headers()).is_some_and(|t| token.ct_eq(t)) {
-        return error(StatusCode::UNAUTHORIZED, "admin routes need the admin token");
+    if !access::presented(profile, req.headers()).is_some_and(|t| token.ct_eq(t)) {
+        return error(
+            profile,
+            StatusCode::UNAUTHORIZED,
+            "admin routes need the admin token",
+        );
     }
     let pool = shared.pool();
     let now = Instant::now();
@@ -376,6 +386,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
             let Some(id) = pool.find(label) else {
                 return error(
+                    profile,
                     StatusCode::NOT_FOUND,
                     &format!("no key labelled {:?}", short(label)),
                 );
@@ -399,6 +410,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             json(&serde_json::json!({"label": label, "changed": t == Transition::Entered}))
         }
         _ => error(
+            profile,
             StatusCode::NOT_FOUND,
             "admin routes: GET /admin/keys, POST /admin/keys/{label}/enable|disable",
         ),
@@ -422,22 +434,24 @@ fn snake(debug: &str) -> String {
 
 async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
-    let credential = match shared.config.access.decide(req.headers()) {
+    let profile = &shared.config.call.profile;
+    let credential = match shared.config.access.decide_for(profile, req.headers()) {
         Access::Pool => Credential::Pool(shared.pool()),
         Access::Byok => Credential::Passthrough,
-        Access::Denied(why) => return error(StatusCode::UNAUTHORIZED, why),
+        Access::Denied(why) => return error(profile, StatusCode::UNAUTHORIZED, &why),
     };
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
     let max = shared.config.max_body;
     if body.size_hint().lower() > max as u64 {
-        return too_large(max);
+        return too_large(profile, max);
     }
     let body = match read_body_apart(body, max).await {
         Ok(bytes) => bytes,
-        Err(BodyRead::TooLarge) => return too_large(max),
+        Err(BodyRead::TooLarge) => return too_large(profile, max),
         Err(BodyRead::Broken) => {
             return error(
+                profile,
                 StatusCode::BAD_REQUEST,
                 "the request body ended before it was complete; nothing was sent upstream",
             );
@@ -503,6 +517,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         Err(e) => {
             let Some(response) = e.to_response() else {
                 return error(
+                    profile,
                     StatusCode::BAD_GATEWAY,
                     "the gateway could not complete the request",
                 );
@@ -586,8 +601,9 @@ async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
     Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
-fn too_large(max: usize) -> Response<GatewayBody> {
+fn too_large(profile: &Profile, max: usize) -> Response<GatewayBody> {
     error(
+        profile,
         StatusCode::PAYLOAD_TOO_LARGE,
         &format!("the request body is larger than this gateway's limit of {max} bytes (--max-body)"),
     )

@@ -1,11 +1,11 @@
-//! What can go wrong in a call, as typed errors that render to Anthropic-shaped responses.
+//! What can go wrong in a call, as typed errors that a provider profile renders as responses.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::anthropic;
+use crate::profile::{Profile, human_duration};
 use crate::walk::Exhausted;
 
 /// A transport failure reported by an adapter (the single input enum for every runtime).
@@ -50,12 +50,13 @@ pub enum TimeoutPhase {
     Idle,
 }
 
-/// Why a stream stopped before `message_stop`, after it was committed to the caller.
+/// Why a stream stopped before its end event (Anthropic: `message_stop`), after it was committed
+/// to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamBreak {
     /// A transport failure.
     Transport(TransportError),
-    /// The body ended cleanly but before `message_stop`.
+    /// The body ended cleanly but before the end event.
     EndedEarly,
     /// No data within the idle timeout.
     Idle(Duration),
@@ -64,7 +65,8 @@ pub enum StreamBreak {
 }
 
 /// Everything keypool itself can answer instead of an upstream response. Render with
-/// [`to_response`](Self::to_response); the message never contains a secret.
+/// [`to_response_for`](Self::to_response_for) (a call renders with its profile); the message
+/// never contains a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError {
@@ -81,7 +83,7 @@ pub enum CallError {
     #[error("{}", .0.describe())]
     Transport(TransportError),
     /// The upstream did not answer in time: `504 timeout_error`.
-    #[error("the upstream did not answer within {}", anthropic::human_duration(*.after))]
+    #[error("the upstream did not answer within {}", human_duration(*.after))]
     Timeout {
         /// Which timer.
         phase: TimeoutPhase,
@@ -92,15 +94,15 @@ pub enum CallError {
     /// `502 api_error`.
     #[error("the upstream event stream ended before its first event")]
     EmptyStream,
-    /// An in-band `error` event arrived before commit and is delivered as the matching HTTP error
-    /// (for example `overloaded_error` as 529). The body is the event's data, unchanged when it
-    /// is an Anthropic error object; anything else is replaced by one that keypool renders, so
-    /// the caller always gets the Anthropic shape (SPEC §6).
+    /// An in-band error event arrived before commit and is delivered as the matching HTTP error
+    /// (for example Anthropic's `overloaded_error` as 529). The body is the event's data,
+    /// unchanged when it is the profile's error object; anything else is replaced by one that
+    /// keypool renders, so the caller always gets the profile's shape (SPEC §6).
     #[error("the upstream answered with an in-band {status} error before any content")]
     InBand {
-        /// The HTTP status matching the event's `error.type`.
+        /// The HTTP status matching the event's error type.
         status: StatusCode,
-        /// The event's data (an Anthropic error object).
+        /// The event's data (usually the profile's error object).
         body: Bytes,
     },
     /// A committed stream broke; the caller got whole events and one synthesized `error` event.
@@ -120,7 +122,7 @@ fn exhausted_message(exhausted: Exhausted, keys: usize) -> String {
     match exhausted {
         Exhausted::RateLimited { retry_after } => format!(
             "{all} rate-limited or unavailable; the first frees up in {}",
-            anthropic::human_duration(retry_after)
+            human_duration(retry_after)
         ),
         Exhausted::AllDisabled => {
             format!("{all} disabled (rejected by the upstream or by an operator); re-enable or replace a key")
@@ -131,23 +133,15 @@ fn exhausted_message(exhausted: Exhausted, keys: usize) -> String {
 fn break_message(b: StreamBreak) -> String {
     match b {
         StreamBreak::Transport(t) => format!("{}; the response is incomplete", t.describe()),
-        StreamBreak::EndedEarly => "the upstream stream ended before message_stop".to_owned(),
+        StreamBreak::EndedEarly => "the upstream stream ended before its final event".to_owned(),
         StreamBreak::Idle(d) => format!(
             "the upstream stream sent nothing for {}; the response is incomplete",
-            anthropic::human_duration(d)
+            human_duration(d)
         ),
         StreamBreak::EventTooLarge => {
             "the upstream sent an event larger than the configured limit".to_owned()
         }
     }
-}
-
-/// Whether `body` is an Anthropic error object:
-/// `{"type":"error","error":{"type":"...","message":"..."}}`.
-fn is_error_object(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
-        v["type"] == "error" && v["error"]["type"].is_string() && v["error"]["message"].is_string()
-    })
 }
 
 impl CallError {
@@ -168,48 +162,52 @@ impl CallError {
         }
     }
 
-    /// Anthropic's `error.type` for this error.
+    /// Anthropic's `error.type` for this error ([`error_type_for`](Self::error_type_for) with the
+    /// default profile).
     pub fn error_type(&self) -> &'static str {
-        match self {
-            Self::InBand { status, .. } => anthropic::error_type_for_status(*status),
-            _ => anthropic::error_type_for_status(self.status()),
-        }
+        self.error_type_for(&Profile::anthropic())
     }
 
-    /// The Anthropic-shaped HTTP response for this error (SPEC §6), with `request_id` in the body
-    /// and in the `request-id` header.
+    /// The profile's error type for this error.
+    pub fn error_type_for(&self, profile: &Profile) -> &'static str {
+        profile.error_type(self.status())
+    }
+
+    /// The Anthropic-shaped HTTP response for this error (SPEC §6):
+    /// [`to_response_for`](Self::to_response_for) with the default profile.
     pub fn to_response(&self, request_id: &str) -> Response<Bytes> {
+        self.to_response_for(&Profile::anthropic(), request_id)
+    }
+
+    /// The HTTP response for this error in the profile's shape (SPEC §6), with `request_id` in
+    /// the body and in the profile's request-id header. An in-band error keeps its body when it
+    /// already is the profile's error object.
+    pub fn to_response_for(&self, profile: &Profile, request_id: &str) -> Response<Bytes> {
         let body = match self {
-            Self::InBand { body, .. } if is_error_object(body) => body.clone(),
-            _ => anthropic::error_body(self.error_type(), &self.to_string(), Some(request_id)),
+            Self::InBand { body, .. } if profile.is_error_body(body) => body.clone(),
+            _ => profile.error_body(self.status(), &self.to_string(), Some(request_id)),
         };
         let mut res = Response::new(body);
         *res.status_mut() = self.status();
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Ok(v) = HeaderValue::from_str(request_id) {
-            h.insert("request-id", v);
+            h.insert(profile.request_id_header(), v);
         }
-        match self {
-            Self::Exhausted {
-                exhausted: Exhausted::RateLimited { retry_after },
-                ..
-            } => {
-                let (secs, millis) = anthropic::retry_after_headers(*retry_after);
-                h.insert(header::RETRY_AFTER, secs);
-                h.insert("retry-after-ms", millis);
-                h.insert("x-should-retry", HeaderValue::from_static("true"));
-            }
-            Self::Exhausted { .. } => {
-                h.insert("x-should-retry", HeaderValue::from_static("false"));
-            }
-            _ => {}
+        if let Self::Exhausted { exhausted, .. } = self {
+            profile.exhaustion_headers(*exhausted, h);
         }
         res
     }
 
-    /// The SSE `error` event written after the last whole event when a committed stream breaks.
+    /// The Anthropic SSE `error` event written after the last whole event when a committed
+    /// stream breaks: [`to_event_for`](Self::to_event_for) with the default profile.
     pub fn to_event(&self) -> Bytes {
-        anthropic::error_event(&self.to_string())
+        self.to_event_for(&Profile::anthropic())
+    }
+
+    /// The profile's SSE error event for this error.
+    pub fn to_event_for(&self, profile: &Profile) -> Bytes {
+        profile.error_event(&self.to_string())
     }
 }

@@ -33,16 +33,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The headers every attempt of a call sends, before the key is added: hop-by-hop headers,
 /// `host` and `content-length` (the adapter sets both for its connection), and
 /// `accept-encoding` (keypool reads event streams, so the upstream must answer uncompressed)
-/// are removed; client credentials are removed when `strip_credentials`.
-pub(crate) fn outbound(mut headers: HeaderMap, strip_credentials: bool) -> HeaderMap {
+/// are removed, and so are the client credential headers `credentials` (the profile's, or none).
+pub(crate) fn outbound(mut headers: HeaderMap, credentials: &[HeaderName]) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::ACCEPT_ENCODING);
-    if strip_credentials {
-        for name in crate::anthropic::CREDENTIAL_HEADERS {
-            headers.remove(name);
-        }
+    for name in credentials {
+        headers.remove(name);
     }
     headers
 }
@@ -71,10 +69,10 @@ mod tests {
         h.insert("host", "gw".parse().unwrap());
         h.insert("accept-encoding", "gzip".parse().unwrap());
         h.insert("anthropic-version", "2023-06-01".parse().unwrap());
-        let out = outbound(h.clone(), true);
+        let out = outbound(h.clone(), &crate::profile::anthropic::CREDENTIAL_HEADERS);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out.contains_key("anthropic-version"));
-        let out = outbound(h, false);
+        let out = outbound(h, &[]);
         assert!(out.contains_key("x-api-key") && out.contains_key("authorization"));
     }
 

@@ -38,10 +38,10 @@ use http::{HeaderMap, Method, StatusCode};
 
 pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
 
-use crate::anthropic;
 use crate::mark::{Change, Mark};
 use crate::policy::{MAX_CLASSIFY_BODY, Policy, Verdict};
 use crate::pool::{KeyId, Pool, Transition};
+use crate::profile::{EventRole, Profile};
 use crate::secret::Secret;
 use crate::sse::{Framer, Limits, Parser, RawEvent};
 use crate::walk::Walker;
@@ -61,14 +61,21 @@ pub struct Request {
 
 impl Request {
     /// A `POST` of a JSON body to `path` (e.g. `/v1/messages`) with `anthropic-version: 2023-06-01`
-    /// and `content-type: application/json`.
+    /// and `content-type: application/json`: [`post_json_for`](Self::post_json_for) the default
+    /// profile.
     pub fn post_json(path: &'static str, body: impl Into<Bytes>) -> Self {
+        Self::post_json_for(&Profile::anthropic(), path, body)
+    }
+
+    /// A `POST` of a JSON body to `path` with `content-type: application/json` and the headers
+    /// the profile's API asks for ([`Provider::request_headers`](crate::profile::Provider::request_headers)).
+    pub fn post_json_for(profile: &Profile, path: &'static str, body: impl Into<Bytes>) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
-        headers.insert("anthropic-version", http::HeaderValue::from_static("2023-06-01"));
+        profile.request_headers(&mut headers);
         Self {
             method: Method::POST,
             path_and_query: PathAndQuery::from_static(path),
@@ -83,7 +90,8 @@ impl Request {
 pub enum Credential {
     /// Keys from the pool, with failover.
     Pool(Arc<Pool>),
-    /// The caller's own key (BYOK), sent once in `x-api-key`; the pool is never touched.
+    /// The caller's own key (BYOK), sent once in the profile's key header; the pool is never
+    /// touched.
     Key(Secret),
     /// The caller's own credential headers, kept as they are and sent once (gateway BYOK).
     Passthrough,
@@ -160,6 +168,9 @@ pub struct CallConfig {
     pub max_event_size: Option<usize>,
     /// Receives every mark the calls make (none by default).
     pub marks: Option<Arc<dyn MarkSink>>,
+    /// The upstream API: key header, classification table, event roles, error shapes
+    /// (default: [`Profile::anthropic`]).
+    pub profile: Profile,
 }
 
 impl CallConfig {
@@ -182,6 +193,19 @@ impl CallConfig {
     pub fn with_mark_sink(mut self, sink: Arc<dyn MarkSink>) -> Self {
         self.marks = Some(sink);
         self
+    }
+    /// Sets the provider profile.
+    pub fn with_profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+    /// The profile's [`needs_body`](crate::profile::Provider::needs_body) under this policy.
+    fn needs_body(&self, status: StatusCode) -> bool {
+        self.profile.needs_body(&self.policy, status)
+    }
+    /// The profile's [`classify`](crate::profile::Provider::classify) under this policy.
+    fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8], wall: SystemTime) -> Verdict {
+        self.profile.classify(&self.policy, status, headers, body, wall)
     }
 }
 
@@ -236,7 +260,7 @@ pub struct Abort {
 pub struct Failure {
     /// The typed error.
     pub error: CallError,
-    /// Its Anthropic-shaped rendering.
+    /// Its rendering by the call's profile.
     pub response: http::Response<Bytes>,
     /// What the call did before failing (attempts, marks), for logs and metrics.
     pub summary: CallSummary,
@@ -379,7 +403,10 @@ impl Call {
         request_id: impl Into<String>,
         now: Instant,
     ) -> Self {
-        let strip = !matches!(credential, Credential::Passthrough);
+        let strip: &[http::HeaderName] = match credential {
+            Credential::Passthrough => &[],
+            Credential::Pool(_) | Credential::Key(_) => config.profile.credential_headers(),
+        };
         let walker = match &credential {
             Credential::Pool(pool) => Some(pool.walk()),
             Credential::Key(_) | Credential::Passthrough => None,
@@ -487,7 +514,7 @@ impl Call {
         if !matches!(self.credential, Credential::Pool(_)) {
             return self.deliver(status, headers, now);
         }
-        if self.config.policy.needs_body(status) {
+        if self.config.needs_body(status) {
             self.state = State::Classify {
                 status,
                 headers,
@@ -495,7 +522,7 @@ impl Call {
             };
             return;
         }
-        match self.config.policy.classify(status, &headers, b"", wall) {
+        match self.config.classify(status, &headers, b"", wall) {
             Verdict::Deliver => self.deliver(status, headers, now),
             verdict => self.fail_over(status, verdict, now),
         }
@@ -523,7 +550,7 @@ impl Call {
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
-                            if ends_stream(&frame) {
+                            if ends_stream(&self.config.profile, &frame) {
                                 *clean_end = true;
                             }
                             out.push(frame.into_bytes());
@@ -645,10 +672,10 @@ impl Call {
         let mut headers = self.headers.clone();
         match (&self.credential, key) {
             (Credential::Pool(pool), Some(id)) => {
-                headers.insert(anthropic::KEY_HEADER, pool.secret(id).header_value());
+                self.config.profile.insert_key(&mut headers, pool.secret(id));
             }
             (Credential::Key(secret), _) => {
-                headers.insert(anthropic::KEY_HEADER, secret.header_value());
+                self.config.profile.insert_key(&mut headers, secret);
             }
             _ => {}
         }
@@ -704,7 +731,7 @@ impl Call {
         else {
             return;
         };
-        let verdict = self.config.policy.classify(status, &headers, &buf, self.clocks.1);
+        let verdict = self.config.classify(status, &headers, &buf, self.clocks.1);
         if verdict.is_failover() {
             return self.fail_over(status, verdict, now);
         }
@@ -727,7 +754,7 @@ impl Call {
         let State::Classify { status, headers, buf } = &self.state else {
             return false;
         };
-        let verdict = self.config.policy.classify(*status, headers, buf, self.clocks.1);
+        let verdict = self.config.classify(*status, headers, buf, self.clocks.1);
         let status = *status;
         if verdict.is_failover() {
             self.fail_over(status, verdict, now);
@@ -775,15 +802,15 @@ impl Call {
                 Some(Err(_)) => return self.fail(CallError::Transport(TransportError::Protocol)),
                 Some(Ok(frame)) => frame,
             };
-            let kind = kind(&frame);
-            let ends = matches!(kind, Kind::MessageStop | Kind::Error);
+            let kind = kind(&self.config.profile, &frame);
+            let ends = matches!(kind, Kind::End | Kind::Error);
             if !first_content {
                 let mut out = Joiner::within(chunk.clone());
                 out.push(frame.into_bytes());
                 return self.commit(out, ends);
             }
             match kind {
-                Kind::MessageStart | Kind::Ping | Kind::Blank => h.held.push(frame.into_bytes()),
+                Kind::Preamble | Kind::Blank => h.held.push(frame.into_bytes()),
                 Kind::Error => {
                     let data = event_data(frame.into_bytes());
                     return self.in_band_error(&data, now);
@@ -799,14 +826,10 @@ impl Call {
 
     /// An in-band error before commit (first-content mode): classified like an HTTP error.
     fn in_band_error(&mut self, data: &[u8], now: Instant) {
-        let error_type = anthropic::in_band_error_type(data);
-        let status = anthropic::status_for_error_type(error_type.as_deref().unwrap_or("api_error"));
+        let status = self.config.profile.in_band_status(data);
         let State::Holding(h) = &self.state else { return };
         let verdict = match &self.credential {
-            Credential::Pool(_) => self
-                .config
-                .policy
-                .classify(status, &h.headers, data, self.clocks.1),
+            Credential::Pool(_) => self.config.classify(status, &h.headers, data, self.clocks.1),
             Credential::Key(_) | Credential::Passthrough => Verdict::Deliver,
         };
         if verdict.is_failover() {
@@ -819,7 +842,7 @@ impl Call {
     }
 
     /// Delivers the head and every held and ready event; the stream is committed. `ends`: the
-    /// event that committed it ends the stream (`message_stop`, or an in-band `error`).
+    /// event that committed it ends the stream (the profile's end event, or an in-band error).
     fn commit(&mut self, mut out: Joiner, ends: bool) {
         let State::Holding(h) = std::mem::replace(&mut self.state, State::Finished) else {
             return;
@@ -848,7 +871,7 @@ impl Call {
         loop {
             match framer.next_frame() {
                 Some(Ok(frame)) => {
-                    clean_end |= ends_stream(&frame);
+                    clean_end |= ends_stream(&self.config.profile, &frame);
                     all.push(frame.into_bytes());
                 }
                 Some(Err(_)) => {
@@ -880,7 +903,7 @@ impl Call {
     }
 
     fn fail(&mut self, error: CallError) {
-        let response = error.to_response(&self.request_id);
+        let response = error.to_response_for(&self.config.profile, &self.request_id);
         let summary = self.summary();
         self.outputs.push_back(Output::Fail(Failure {
             error,
@@ -894,7 +917,7 @@ impl Call {
         let (error, event) = match self.state {
             State::Streaming { .. } => {
                 let error = CallError::StreamBroken(why);
-                let event = error.to_event();
+                let event = error.to_event_for(&self.config.profile);
                 (error, Some(event))
             }
             _ => (CallError::BodyBroken(why), None),
@@ -980,12 +1003,13 @@ impl Joiner {
     }
 }
 
-/// What the call needs to know about an event.
+/// What the call needs to know about an event: its role per the profile, or blank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    MessageStart,
-    Ping,
-    MessageStop,
+    /// Held under the first-content commit point.
+    Preamble,
+    /// Ends the stream cleanly.
+    End,
     Error,
     /// A frame without an `event` field and without data lines (a comment or a stray blank
     /// line): it never decides the commit point on its own.
@@ -993,21 +1017,21 @@ enum Kind {
     Other,
 }
 
-fn kind(frame: &RawEvent) -> Kind {
-    match frame.name() {
-        Some("message_start") => Kind::MessageStart,
-        Some("ping") => Kind::Ping,
-        Some("message_stop") => Kind::MessageStop,
-        Some("error") => Kind::Error,
-        Some(_) => Kind::Other,
-        None if is_blank_frame(frame.bytes()) => Kind::Blank,
-        None => Kind::Other,
+fn kind(profile: &Profile, frame: &RawEvent) -> Kind {
+    if frame.name().is_none() && is_blank_frame(frame.bytes()) {
+        return Kind::Blank;
+    }
+    match profile.event_role(frame) {
+        EventRole::Preamble => Kind::Preamble,
+        EventRole::End => Kind::End,
+        EventRole::Error => Kind::Error,
+        EventRole::Content => Kind::Other,
     }
 }
 
 /// Whether an event ends the stream: after it, the end of the body is a clean end.
-fn ends_stream(frame: &RawEvent) -> bool {
-    matches!(kind(frame), Kind::MessageStop | Kind::Error)
+fn ends_stream(profile: &Profile, frame: &RawEvent) -> bool {
+    matches!(kind(profile, frame), Kind::End | Kind::Error)
 }
 
 /// Whether a frame carries no field but comments and blank lines.

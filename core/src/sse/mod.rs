@@ -58,6 +58,10 @@ use event::{MESSAGE, Text};
 pub use framer::{Framer, RawEvent};
 pub use parser::Parser;
 
+// The event types of the Anthropic Messages API, the most frequent first: the parser and the
+// framer recognise these `event` lines without searching for their ends.
+use crate::profile::anthropic::EVENT_TYPES as ANTHROPIC_EVENT_TYPES;
+
 /// Default for both [`Limits::max_line`] and [`Limits::max_event`]: 16 MiB.
 pub const DEFAULT_LIMIT: usize = 16 * 1024 * 1024;
 
@@ -177,18 +181,6 @@ impl LineEnds {
         memchr::memchr2(b'\n', b'\r', haystack)
     }
 }
-
-/// The event types of the Anthropic Messages API, the most frequent first.
-const ANTHROPIC_EVENT_TYPES: [&[u8]; 8] = [
-    b"content_block_delta",
-    b"ping",
-    b"content_block_start",
-    b"content_block_stop",
-    b"message_start",
-    b"message_delta",
-    b"message_stop",
-    b"error",
-];
 
 /// When `rest` starts with a whole line `event: <an Anthropic event type>`, the index of its
 /// line end (CR or LF) and the type. Nearly every `event` line of a Messages stream is one of

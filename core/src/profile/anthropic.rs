@@ -1,0 +1,390 @@
+//! The Anthropic profile (SPEC §4–§6): the `x-api-key` header, the credential headers to strip,
+//! the classification table with the credit-balance rule, the retry-delay headers, the event
+//! names of the Messages API, in-band error types and the error shapes keypool writes.
+//!
+//! The free functions and constants are the building blocks of [`Anthropic`], public so that
+//! library users can produce the same wire format.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::{EventRole, Provider};
+pub use super::{human_duration, retry_after_headers};
+use crate::policy::{MAX_CLASSIFY_BODY, OnForbidden, OnUnauthorized, Policy, Verdict};
+use crate::pool::{CoolReason, DisableReason};
+use crate::secret::Secret;
+use crate::sse::RawEvent;
+use crate::walk::Exhausted;
+
+/// The Anthropic API.
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+
+/// The API version [`Request::post_json`](crate::call::Request::post_json) asks for.
+pub const VERSION: HeaderValue = HeaderValue::from_static("2023-06-01");
+
+/// The header that names the API version.
+pub const VERSION_HEADER: HeaderName = HeaderName::from_static("anthropic-version");
+
+/// The header keypool writes the pool key into.
+pub const KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Headers that carry a client's own credential. They are removed from pooled calls.
+pub const CREDENTIAL_HEADERS: [HeaderName; 2] = [KEY_HEADER, http::header::AUTHORIZATION];
+
+/// The event types of the Messages API, the most frequent first. The SSE parser and framer know
+/// these lines without searching for their ends.
+pub(crate) const EVENT_TYPES: [&[u8]; 8] = [
+    b"content_block_delta",
+    b"ping",
+    b"content_block_start",
+    b"content_block_stop",
+    b"message_start",
+    b"message_delta",
+    b"message_stop",
+    b"error",
+];
+
+/// The Anthropic Messages API as a [`Provider`]; [`Profile::anthropic`](super::Profile::anthropic).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Anthropic;
+
+impl Provider for Anthropic {
+    fn name(&self) -> &'static str {
+        "anthropic"
+    }
+
+    fn default_base_url(&self) -> &'static str {
+        DEFAULT_BASE_URL
+    }
+
+    fn request_headers(&self, headers: &mut HeaderMap) {
+        headers.insert(VERSION_HEADER, VERSION);
+    }
+
+    fn insert_key(&self, headers: &mut HeaderMap, key: &Secret) {
+        headers.insert(KEY_HEADER, key.header_value());
+    }
+
+    fn credential_headers(&self) -> &'static [HeaderName] {
+        static HEADERS: [HeaderName; 2] = CREDENTIAL_HEADERS;
+        &HEADERS
+    }
+
+    /// `x-api-key` (when present, even if empty), else `Authorization: Bearer`.
+    fn client_credential<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        if let Some(v) = headers.get(KEY_HEADER) {
+            return Some(v.as_bytes()).filter(|v| !v.is_empty());
+        }
+        super::bearer_token(headers)
+    }
+
+    fn credential_help(&self) -> &'static str {
+        "x-api-key or Authorization: Bearer"
+    }
+
+    fn needs_body(&self, policy: &Policy, status: StatusCode) -> bool {
+        status == StatusCode::BAD_REQUEST && policy.disable_on_billing
+    }
+
+    /// The table of SPEC §4: 429 cools (retry delay), 401 and 403 per the policy, 402 and the
+    /// credit-balance 400 disable (billing), 529 per the policy, everything else is delivered.
+    fn classify(
+        &self,
+        policy: &Policy,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        wall: SystemTime,
+    ) -> Verdict {
+        match status.as_u16() {
+            429 => Verdict::CoolDown {
+                duration: self.retry_delay(policy, headers, body, wall),
+                reason: CoolReason::RateLimited,
+            },
+            401 => match policy.on_unauthorized {
+                OnUnauthorized::Disable => Verdict::Disable {
+                    reason: DisableReason::Unauthorized,
+                },
+                OnUnauthorized::CoolFor(duration) => Verdict::CoolDown {
+                    duration: policy.bound(duration),
+                    reason: CoolReason::Auth,
+                },
+            },
+            403 => match policy.on_forbidden {
+                OnForbidden::Disable => Verdict::Disable {
+                    reason: DisableReason::Forbidden,
+                },
+                OnForbidden::Deliver => Verdict::Deliver,
+            },
+            402 if policy.disable_on_billing => Verdict::Disable {
+                reason: DisableReason::Billing,
+            },
+            400 if policy.disable_on_billing && is_credit_balance_error(body) => Verdict::Disable {
+                reason: DisableReason::Billing,
+            },
+            529 => match policy.cool_on_overloaded {
+                Some(duration) => Verdict::CoolDown {
+                    duration: policy.bound(duration),
+                    reason: CoolReason::Overloaded,
+                },
+                None => Verdict::Deliver,
+            },
+            _ => Verdict::Deliver,
+        }
+    }
+
+    /// `retry-after-ms`, `retry-after` (seconds or HTTP-date): [`Policy::retry_delay`].
+    fn retry_delay(&self, policy: &Policy, headers: &HeaderMap, _body: &[u8], wall: SystemTime) -> Duration {
+        policy.retry_delay(headers, wall)
+    }
+
+    fn event_role(&self, frame: &RawEvent<'_>) -> EventRole {
+        match frame.name() {
+            Some("message_start" | "ping") => EventRole::Preamble,
+            Some("message_stop") => EventRole::End,
+            Some("error") => EventRole::Error,
+            _ => EventRole::Content,
+        }
+    }
+
+    /// The status of the event's `error.type` ([`status_for_error_type`]); unreadable data is
+    /// `api_error`, a 500.
+    fn in_band_status(&self, data: &[u8]) -> StatusCode {
+        let error_type = in_band_error_type(data);
+        status_for_error_type(error_type.as_deref().unwrap_or("api_error"))
+    }
+
+    fn error_type(&self, status: StatusCode) -> &'static str {
+        error_type_for_status(status)
+    }
+
+    fn error_body(&self, status: StatusCode, message: &str, request_id: Option<&str>) -> Bytes {
+        error_body(error_type_for_status(status), message, request_id)
+    }
+
+    /// `{"type":"error","error":{"type":"...","message":"..."}}`.
+    fn is_error_body(&self, body: &[u8]) -> bool {
+        serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| {
+            v["type"] == "error" && v["error"]["type"].is_string() && v["error"]["message"].is_string()
+        })
+    }
+
+    fn error_event(&self, message: &str) -> Bytes {
+        error_event(message)
+    }
+
+    fn request_id_header(&self) -> HeaderName {
+        HeaderName::from_static("request-id")
+    }
+
+    fn exhaustion_headers(&self, exhausted: Exhausted, headers: &mut HeaderMap) {
+        match exhausted {
+            Exhausted::RateLimited { retry_after } => {
+                let (secs, millis) = retry_after_headers(retry_after);
+                headers.insert(http::header::RETRY_AFTER, secs);
+                headers.insert("retry-after-ms", millis);
+                headers.insert("x-should-retry", HeaderValue::from_static("true"));
+            }
+            Exhausted::AllDisabled => {
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+        }
+    }
+}
+
+/// Whether a 400 body is Anthropic's "credit balance is too low" error.
+fn is_credit_balance_error(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        error: Inner<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner<'a> {
+        #[serde(borrow, default)]
+        message: std::borrow::Cow<'a, str>,
+    }
+    let body = &body[..body.len().min(MAX_CLASSIFY_BODY)];
+    serde_json::from_slice::<Envelope<'_>>(body)
+        .map(|e| {
+            e.error
+                .message
+                .to_ascii_lowercase()
+                .contains("credit balance is too low")
+        })
+        .unwrap_or(false)
+}
+
+/// Anthropic's `error.type` for an HTTP status.
+pub fn error_type_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// The HTTP status of an Anthropic `error.type` (for in-band stream errors that keypool
+/// turns into HTTP responses before commit). Unknown types are `500 api_error`.
+pub fn status_for_error_type(error_type: &str) -> StatusCode {
+    let code = match error_type {
+        "invalid_request_error" => 400,
+        "authentication_error" => 401,
+        "billing_error" => 402,
+        "permission_error" => 403,
+        "not_found_error" => 404,
+        "request_too_large" => 413,
+        "rate_limit_error" => 429,
+        "timeout_error" => 504,
+        "overloaded_error" => 529,
+        _ => 500,
+    };
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorDetail<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorDetail<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    message: std::borrow::Cow<'a, str>,
+}
+
+/// An Anthropic-shaped error body:
+/// `{"type":"error","error":{"type":..., "message":...},"request_id":...}`.
+pub fn error_body(error_type: &str, message: &str, request_id: Option<&str>) -> Bytes {
+    let body = ErrorEnvelope {
+        kind: "error",
+        error: ErrorDetail {
+            kind: error_type.into(),
+            message: message.into(),
+        },
+        request_id,
+    };
+    // Serialising a struct of strings into a Vec cannot fail.
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+/// One SSE `error` event with `api_error`, as keypool writes it when a committed stream breaks.
+pub fn error_event(message: &str) -> Bytes {
+    let data = error_body("api_error", message, None);
+    let mut out = Vec::with_capacity(data.len() + 22);
+    out.extend_from_slice(b"event: error\ndata: ");
+    out.extend_from_slice(&data);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The `error.type` of an in-band error event's data (`{"type":"error","error":{"type":...}}`).
+pub fn in_band_error_type(data: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        error: ErrorDetail<'a>,
+    }
+    serde_json::from_slice::<Envelope<'_>>(data)
+        .ok()
+        .map(|e| e.error.kind.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding() {
+        let (s, ms) = retry_after_headers(Duration::from_millis(200));
+        assert_eq!((s.to_str().unwrap(), ms.to_str().unwrap()), ("1", "200"));
+        let (s, ms) = retry_after_headers(Duration::from_secs(3));
+        assert_eq!((s.to_str().unwrap(), ms.to_str().unwrap()), ("3", "3000"));
+        let (s, ms) = retry_after_headers(Duration::from_nanos(3_000_000_001));
+        assert_eq!((s.to_str().unwrap(), ms.to_str().unwrap()), ("4", "3001"));
+    }
+
+    #[test]
+    fn bodies() {
+        let b = error_body("rate_limit_error", "all \"3\" keys", Some("req_1"));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["message"], "all \"3\" keys");
+        assert_eq!(v["request_id"], "req_1");
+        let e = error_event("upstream reset");
+        assert!(e.starts_with(b"event: error\ndata: {\"type\":\"error\""));
+        assert!(e.ends_with(b"}\n\n"));
+        assert_eq!(
+            in_band_error_type(br#"{"type":"error","error":{"type":"overloaded_error","message":"x"}}"#)
+                .as_deref(),
+            Some("overloaded_error")
+        );
+        assert_eq!(in_band_error_type(b"nope"), None);
+        assert_eq!(status_for_error_type("overloaded_error").as_u16(), 529);
+        assert_eq!(human_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(human_duration(Duration::from_millis(2100)), "3s");
+        assert_eq!(human_duration(Duration::from_secs(65)), "1m 5s");
+        assert_eq!(human_duration(Duration::from_secs(3600)), "1h");
+        // The longest duration renders without overflow (found by the call_ops fuzzer).
+        assert!(human_duration(Duration::MAX).ends_with('m'));
+    }
+
+    #[test]
+    fn provider() {
+        use crate::sse::Framer;
+        let p = Anthropic;
+        let mut framer = Framer::new();
+        framer.feed(&Bytes::from_static(
+            b"event: message_start\ndata: {}\n\nevent: ping\ndata: {}\n\nevent: content_block_start\ndata: {}\n\nevent: message_stop\ndata: {}\n\nevent: error\ndata: {}\n\ndata: {}\n\n",
+        ));
+        let mut roles = Vec::new();
+        while let Some(Ok(frame)) = framer.next_frame() {
+            roles.push(p.event_role(&frame));
+        }
+        use EventRole::*;
+        assert_eq!(roles, [Preamble, Preamble, Content, End, Error, Content]);
+
+        let mut h = HeaderMap::new();
+        assert_eq!(p.client_credential(&h), None);
+        h.insert("authorization", "Bearer  tok ".parse().unwrap());
+        assert_eq!(p.client_credential(&h), Some(&b"tok"[..]));
+        h.insert("x-api-key", "".parse().unwrap());
+        assert_eq!(
+            p.client_credential(&h),
+            None,
+            "an empty x-api-key wins over Authorization"
+        );
+        h.insert("x-api-key", "key".parse().unwrap());
+        assert_eq!(p.client_credential(&h), Some(&b"key"[..]));
+
+        let mut h = HeaderMap::new();
+        p.insert_key(&mut h, &Secret::new("sk-ant-0123456789").unwrap());
+        assert!(h[KEY_HEADER].is_sensitive());
+        let overloaded = br#"{"type":"error","error":{"type":"overloaded_error","message":"x"}}"#;
+        assert_eq!(p.in_band_status(overloaded).as_u16(), 529);
+        assert_eq!(p.in_band_status(b"garbage").as_u16(), 500);
+        assert!(p.is_error_body(overloaded));
+        assert!(!p.is_error_body(br#"{"error":{"message":"x"}}"#));
+        assert_eq!(
+            p.error_body(StatusCode::TOO_MANY_REQUESTS, "m", None),
+            error_body("rate_limit_error", "m", None)
+        );
+    }
+}

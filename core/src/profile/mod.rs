@@ -1,0 +1,197 @@
+//! Provider profiles (SPEC §12): everything an upstream API decides, behind one value.
+//!
+//! A [`Profile`] is held in [`CallConfig::profile`](crate::call::CallConfig::profile) and says
+//! how a key is written into a request, which client credential headers are removed, how an
+//! answer is classified (with the operator's [`Policy`] knobs), where a retry delay comes from,
+//! what an SSE event means for the call (preamble, content, clean end, in-band error), how an
+//! in-band error maps to an HTTP status, and how keypool's own errors look on the wire. The call
+//! machine, the pool, the walker, the client glue and the adapters ask the profile and contain
+//! no provider literals (CI checks this: `.ci/provider-literals`).
+//!
+//! [`Profile::anthropic`] is the default. A new provider is one file in this folder that
+//! implements [`Provider`], plus a mock mode.
+
+pub mod anthropic;
+
+use std::fmt;
+use std::ops::Deref;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::policy::{Policy, Verdict};
+use crate::secret::Secret;
+use crate::sse::RawEvent;
+use crate::walk::Exhausted;
+
+/// What one server-sent event means for a call (the commit point and the end of a stream).
+///
+/// A frame without an `event` field and without data lines (a comment or a stray blank line) is
+/// never asked about: the call holds it with the preamble and it decides nothing on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventRole {
+    /// Held back under the `first-content` commit point until content arrives (Anthropic:
+    /// `message_start`, `ping`).
+    Preamble,
+    /// Commits the stream: content, or any event the profile does not single out.
+    Content,
+    /// Ends the stream cleanly: the end of the body after it is a clean end (Anthropic:
+    /// `message_stop`).
+    End,
+    /// An in-band error. Before commit it is classified like an HTTP error with the status of
+    /// [`Provider::in_band_status`]; after commit it is relayed and ends the stream.
+    Error,
+}
+
+/// Everything provider-specific. Implemented once per upstream API; see [`anthropic::Anthropic`].
+///
+/// Methods that read an answer get the operator's [`Policy`] (the configurable rows of SPEC §4)
+/// and apply it to the provider's own table.
+pub trait Provider: fmt::Debug + Send + Sync + 'static {
+    /// A short lowercase name for logs and configuration (`anthropic`).
+    fn name(&self) -> &'static str;
+
+    /// The upstream base URL when none is configured.
+    fn default_base_url(&self) -> &'static str;
+
+    /// Adds the headers a request built by [`Request::post_json`](crate::call::Request::post_json)
+    /// carries besides `content-type` (Anthropic: `anthropic-version`).
+    fn request_headers(&self, headers: &mut HeaderMap);
+
+    /// Writes a key into the headers of an attempt.
+    fn insert_key(&self, headers: &mut HeaderMap, key: &Secret);
+
+    /// Headers that carry a client's own credential. They are removed from pooled calls.
+    fn credential_headers(&self) -> &'static [HeaderName];
+
+    /// The credential a client presented, if any (for a gateway's client tokens and BYOK).
+    fn client_credential<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]>;
+
+    /// Where a client puts its credential, for messages: `x-api-key or Authorization: Bearer`.
+    fn credential_help(&self) -> &'static str;
+
+    /// Whether classifying `status` needs the (first 64 KiB of the) error body. When `false`,
+    /// [`classify`](Self::classify) ignores its `body` argument.
+    fn needs_body(&self, policy: &Policy, status: StatusCode) -> bool;
+
+    /// Classifies one upstream answer (SPEC §4). `body` is a prefix of the error body, at most
+    /// [`MAX_CLASSIFY_BODY`](crate::policy::MAX_CLASSIFY_BODY) bytes of it are read; `wall` is
+    /// the wall-clock time, for an HTTP-date retry value without a `date` header. Every
+    /// cooldown is bounded by [`Policy::bound`].
+    fn classify(
+        &self,
+        policy: &Policy,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        wall: SystemTime,
+    ) -> Verdict;
+
+    /// The cooldown a rate-limited answer asks for, from the provider's retry-delay sources,
+    /// bounded by [`Policy::bound`]; [`Policy::default_cooldown`] when there is none.
+    fn retry_delay(&self, policy: &Policy, headers: &HeaderMap, body: &[u8], wall: SystemTime) -> Duration;
+
+    /// What an event means for the call. Gets the whole raw frame, so that a role can depend on
+    /// the data as well as on the event name.
+    fn event_role(&self, frame: &RawEvent<'_>) -> EventRole;
+
+    /// The HTTP status matching an in-band error event's data (a 5xx when it cannot be read).
+    fn in_band_status(&self, data: &[u8]) -> StatusCode;
+
+    /// The provider's error type for an HTTP status (Anthropic: `error.type`).
+    fn error_type(&self, status: StatusCode) -> &'static str;
+
+    /// keypool's own error body for `status`, in the provider's shape.
+    fn error_body(&self, status: StatusCode, message: &str, request_id: Option<&str>) -> Bytes;
+
+    /// Whether `body` already is an error object in the provider's shape (an in-band error
+    /// delivered as an HTTP error keeps its body then).
+    fn is_error_body(&self, body: &[u8]) -> bool;
+
+    /// The SSE event keypool writes after the last whole event when a committed stream breaks.
+    fn error_event(&self, message: &str) -> Bytes;
+
+    /// The response header that carries keypool's request id in its own error responses.
+    fn request_id_header(&self) -> HeaderName;
+
+    /// Adds the headers of an exhaustion response (SPEC §6: `retry-after`, `retry-after-ms`,
+    /// `x-should-retry`).
+    fn exhaustion_headers(&self, exhausted: Exhausted, headers: &mut HeaderMap);
+}
+
+/// A provider profile: one cheap, shareable value. `Profile::default()` is
+/// [`Profile::anthropic`]. Dereferences to the [`Provider`].
+#[derive(Clone)]
+pub struct Profile(&'static dyn Provider);
+
+impl Profile {
+    /// The Anthropic Messages API (SPEC §4–§6).
+    pub fn anthropic() -> Self {
+        Self(&anthropic::Anthropic)
+    }
+
+    /// A profile of any provider.
+    pub fn new(provider: &'static dyn Provider) -> Self {
+        Self(provider)
+    }
+
+    /// The provider.
+    pub fn provider(&self) -> &'static dyn Provider {
+        self.0
+    }
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self::anthropic()
+    }
+}
+
+impl Deref for Profile {
+    type Target = dyn Provider;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+    }
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Profile").field(&self.0.name()).finish()
+    }
+}
+
+/// `retry-after` in whole seconds, rounded up (200 ms → `1`), and `retry-after-ms` rounded up.
+pub fn retry_after_headers(retry_after: Duration) -> (HeaderValue, HeaderValue) {
+    let nanos = retry_after.as_nanos();
+    let secs = nanos.div_ceil(1_000_000_000).max(1);
+    let millis = nanos.div_ceil(1_000_000).max(1);
+    (HeaderValue::from(secs as u64), HeaderValue::from(millis as u64))
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header (`bearer` accepted too), trimmed;
+/// `None` when absent or empty.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let auth = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let token = auth
+        .strip_prefix(b"Bearer ")
+        .or_else(|| auth.strip_prefix(b"bearer "))?;
+    Some(token.trim_ascii()).filter(|t| !t.is_empty())
+}
+
+/// A human duration for messages: `3s`, `1m 5s`, `250ms`.
+pub fn human_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{}ms", ms.max(1));
+    }
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 if secs.is_multiple_of(60) => format!("{}m", secs / 60),
+        60..=3599 => format!("{}m {}s", secs / 60, secs % 60),
+        _ if secs.is_multiple_of(3600) => format!("{}h", secs / 3600),
+        _ => format!("{}h {}m", secs / 3600, (secs % 3600).div_ceil(60)),
+    }
+}
