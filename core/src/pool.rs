@@ -149,7 +149,8 @@ pub enum Order {
 /// One key as configured.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeySpec {
-    /// The operator's name for the key (e.g. `team-a`); the hint when absent.
+    /// The operator's name for the key (e.g. `team-a`); when absent, `key-` and the first hex
+    /// digits of the key's fingerprint (`key-3f9a2c`).
     pub label: Option<String>,
     /// The key itself.
     pub secret: String,
@@ -308,6 +309,18 @@ pub struct KeySnapshot {
     pub state: KeyState,
 }
 
+/// The label of a key configured without one: `key-` and the first 6 hex digits of its
+/// fingerprint (more while that collides with an earlier label). Stable across processes and
+/// reloads, safe in URLs, logs and metrics, and unlike the hint it does not begin with the
+/// provider's key prefix that every key shares.
+fn default_label(fingerprint: Fingerprint, taken: impl Fn(&str) -> bool) -> String {
+    let hex = fingerprint.to_string();
+    (6..=hex.len())
+        .map(|n| format!("key-{}", &hex[..n]))
+        .find(|l| !taken(l))
+        .unwrap_or_else(|| format!("key-{hex}"))
+}
+
 fn valid_label(label: &str) -> bool {
     (1..=64).contains(&label.len())
         && label
@@ -340,15 +353,9 @@ impl Pool {
             let label = match spec.label {
                 Some(label) if valid_label(&label) => label,
                 Some(_) => return Err(PoolError::BadLabel { position }),
-                None => {
-                    // Short keys share the hint "...": keep default labels unique.
-                    let hint = secret.hint();
-                    if entries.iter().any(|e| &*e.label == hint) {
-                        format!("{hint}#{position}")
-                    } else {
-                        hint.to_owned()
-                    }
-                }
+                None => default_label(Fingerprint::of(&secret), |l| {
+                    entries.iter().any(|e| *e.label == *l)
+                }),
             };
             if let Some(first) = entries.iter().position(|e| *e.label == *label) {
                 return Err(PoolError::DuplicateLabel {

@@ -430,7 +430,7 @@ fn construction_errors_name_positions() {
 }
 
 #[test]
-fn labels_default_to_hints_and_stay_unique() {
+fn labels_default_to_fingerprints_and_stay_unique() {
     let t0 = Instant::now();
     let p = Pool::new(
         vec![
@@ -446,11 +446,14 @@ fn labels_default_to_hints_and_stay_unique() {
     assert_eq!(p.len(), 4);
     assert!(!p.is_empty());
     assert_eq!(p.label(id(&p, 0)), "team-a");
-    assert_eq!(p.label(id(&p, 1)), "sk-a...efgh");
-    // Short keys share the hint "..."; their default labels must still differ.
+    // A default label is `key-` and the fingerprint's first hex digits: stable, URL-safe, and
+    // not the provider prefix every key starts with.
+    let fp = p.fingerprint(id(&p, 1)).to_string();
+    assert_eq!(p.label(id(&p, 1)), format!("key-{}", &fp[..6]));
+    assert!(!p.label(id(&p, 1)).contains("sk-"));
     assert_ne!(p.label(id(&p, 2)), p.label(id(&p, 3)));
     assert_eq!(p.find("team-a"), Some(id(&p, 0)));
-    assert_eq!(p.find("sk-a...efgh"), Some(id(&p, 1)));
+    assert_eq!(p.find(&format!("key-{}", &fp[..6])), Some(id(&p, 1)));
     assert_eq!(p.find("nope"), None);
     assert_eq!(p.secret(id(&p, 1)).expose(), "sk-ant-api03-abcdefgh");
 }
@@ -570,7 +573,11 @@ fn snapshot_lists_labels_hints_and_states() {
             reason: RL
         }
     );
-    assert_eq!(snap[1].label, "sk-a...mnop");
+    assert_eq!(
+        snap[1].label,
+        format!("key-{}", &p.fingerprint(id(&p, 1)).to_string()[..6])
+    );
+    assert_eq!(snap[1].hint, "sk-a...mnop");
     assert_eq!(snap[1].state, KeyState::Available);
     assert!(p.snapshot(t0 + secs(5)).iter().all(|k| k.state.is_available()));
 }
@@ -695,7 +702,11 @@ fn debug_never_shows_a_secret() {
             vec![
                 KeySpec::new(secrets[0].clone()),
                 KeySpec::labelled(
-                    Secret::new(secrets[0].clone()).unwrap().hint(),
+                    format!(
+                        "key-{}",
+                        &keypool_core::Fingerprint::of(&Secret::new(secrets[0].clone()).unwrap()).to_string()
+                            [..6]
+                    ),
                     secrets[1].clone(),
                 ),
             ],
