@@ -93,6 +93,7 @@
 #![forbid(unsafe_code)]
 
 pub mod call;
+mod civil;
 pub mod client;
 pub mod mark;
 pub mod policy;
@@ -107,7 +108,7 @@ pub mod walk;
 pub mod fuzzing;
 
 pub use mark::{Change, Family, Fingerprint, Mark, Target, WallTime};
-pub use policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
+pub use policy::{Action, OnForbidden, OnUnauthorized, Policy, PolicyError, Rule, Verdict};
 pub use pool::{
     CoolReason, DisableReason, FAMILY_SLOTS, FamilySlot, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool,
     PoolError, Scope, Transition,

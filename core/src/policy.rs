@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, StatusCode};
 
 use crate::pool::{CoolReason, DisableReason};
-use crate::profile::Provider as _;
+use crate::profile::Provider;
 use crate::profile::anthropic::Anthropic;
 
 /// Classification reads at most this much of an error body.
@@ -78,6 +78,77 @@ pub struct Policy {
     pub default_cooldown: Duration,
     /// Upper bound on any cooldown from a retry value (default 1 hour).
     pub max_cooldown: Duration,
+    /// The operator's own rows (SPEC §11.6), tried before the provider's table: the first rule
+    /// whose status, error type and code match decides. Empty by default.
+    pub rules: Vec<Rule>,
+    /// Whether successful answers' rate-limit headers make exhausted keys less preferred
+    /// (SPEC §11.4; default: yes).
+    pub hints: bool,
+}
+
+/// One row of an operator's classification table (SPEC §11.6): for answers with this status
+/// (and, when given, this error type and code), do this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The HTTP status (100–599).
+    pub status: u16,
+    /// The error type the body must carry (Anthropic `error.type`, OpenAI `error.type`).
+    pub error_type: Option<String>,
+    /// The error code the body must carry (Anthropic `error.details.error_code`, OpenAI
+    /// `error.code`).
+    pub code: Option<String>,
+    /// What to do.
+    pub action: Action,
+}
+
+/// What a [`Rule`] does with a matching answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Cool the key for the answer's retry delay (the provider's sources, else the default
+    /// cooldown); fail over.
+    CoolRetryDelay,
+    /// Cool the key for this long; fail over.
+    CoolFor(Duration),
+    /// Disable the key; fail over.
+    Disable(DisableReason),
+    /// Hand the answer to the caller as it is.
+    Deliver,
+}
+
+/// Why a policy is not valid. Each names the rule (1-based) and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A rule's status is not an HTTP status.
+    #[error("rule #{rule}: status {status} is not an HTTP status (use 100-599)")]
+    Status {
+        /// 1-based rule number.
+        rule: usize,
+        /// The status given.
+        status: u16,
+    },
+    /// A rule cools for no time.
+    #[error("rule #{rule}: a cooldown must be longer than 0 (or use the retry delay)")]
+    ZeroCooldown {
+        /// 1-based rule number.
+        rule: usize,
+    },
+    /// A rule can never match because an earlier one catches every answer it would.
+    #[error("rule #{rule} never applies: rule #{earlier} matches every answer it would")]
+    Shadowed {
+        /// 1-based rule number.
+        rule: usize,
+        /// The earlier rule.
+        earlier: usize,
+    },
+    /// A success status is given an action other than delivering it.
+    #[error("rule #{rule}: a {status} is a success; only `deliver` makes sense for it")]
+    Success {
+        /// 1-based rule number.
+        rule: usize,
+        /// The status given.
+        status: u16,
+    },
 }
 
 impl Default for Policy {
@@ -89,6 +160,8 @@ impl Default for Policy {
             cool_on_overloaded: None,
             default_cooldown: Duration::from_secs(60),
             max_cooldown: Duration::from_secs(3600),
+            rules: Vec::new(),
+            hints: true,
         }
     }
 }
@@ -98,8 +171,102 @@ impl Policy {
     /// error body. When `false`, [`classify`](Self::classify) ignores its `body` argument.
     ///
     /// A call asks its profile instead: [`Provider::needs_body`](crate::profile::Provider::needs_body).
-    pub fn needs_body(&self, status: StatusCode) -> bool {
-        Anthropic.needs_body(self, status)
+    pub fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.needs_body_with(&Anthropic, status, headers)
+    }
+
+    /// [`needs_body`](Self::needs_body) with `provider`'s table: the provider needs the body, or
+    /// a rule for `status` names an error type or code.
+    pub fn needs_body_with(&self, provider: &dyn Provider, status: StatusCode, headers: &HeaderMap) -> bool {
+        provider.needs_body(self, status, headers)
+            || self
+                .rules
+                .iter()
+                .any(|r| r.status == status.as_u16() && (r.error_type.is_some() || r.code.is_some()))
+    }
+
+    /// Classifies an answer: the first matching [rule](Self::rules), else `provider`'s table.
+    pub fn classify_with(
+        &self,
+        provider: &dyn Provider,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        wall: SystemTime,
+    ) -> Verdict {
+        if let Some(action) = self.rule_for(provider, status, body) {
+            return match action {
+                Action::Deliver => Verdict::Deliver,
+                Action::Disable(reason) => Verdict::Disable { reason },
+                Action::CoolFor(d) => Verdict::CoolDown {
+                    duration: self.bound(d),
+                    reason: cool_reason_for(status),
+                },
+                Action::CoolRetryDelay => Verdict::CoolDown {
+                    duration: provider.retry_delay(self, headers, body, wall),
+                    reason: cool_reason_for(status),
+                },
+            };
+        }
+        provider.classify(self, status, headers, body, wall)
+    }
+
+    /// The action of the first rule that matches, if any. The body is read only when a rule for
+    /// this status names an error type or code.
+    fn rule_for(&self, provider: &dyn Provider, status: StatusCode, body: &[u8]) -> Option<Action> {
+        let mut for_status = self
+            .rules
+            .iter()
+            .filter(|r| r.status == status.as_u16())
+            .peekable();
+        for_status.peek()?;
+        let mut parsed: Option<(Option<String>, Option<String>)> = None;
+        for rule in for_status {
+            if rule.error_type.is_none() && rule.code.is_none() {
+                return Some(rule.action);
+            }
+            let (kind, code) = parsed.get_or_insert_with(|| provider.error_code(body));
+            let matches = |want: &Option<String>, got: &Option<String>| want.is_none() || want == got;
+            if matches(&rule.error_type, kind) && matches(&rule.code, code) {
+                return Some(rule.action);
+            }
+        }
+        None
+    }
+
+    /// Checks the rules: statuses are HTTP statuses, cooldowns are not zero, no rule is hidden
+    /// by an earlier one, a success is only ever delivered.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let n = i + 1;
+            if !(100..=599).contains(&rule.status) {
+                return Err(PolicyError::Status {
+                    rule: n,
+                    status: rule.status,
+                });
+            }
+            if (200..300).contains(&rule.status) && rule.action != Action::Deliver {
+                return Err(PolicyError::Success {
+                    rule: n,
+                    status: rule.status,
+                });
+            }
+            if rule.action == Action::CoolFor(Duration::ZERO) {
+                return Err(PolicyError::ZeroCooldown { rule: n });
+            }
+            let covers = |wide: &Option<String>, narrow: &Option<String>| wide.is_none() || wide == narrow;
+            if let Some(earlier) = self.rules[..i].iter().position(|e| {
+                e.status == rule.status
+                    && covers(&e.error_type, &rule.error_type)
+                    && covers(&e.code, &rule.code)
+            }) {
+                return Err(PolicyError::Shadowed {
+                    rule: n,
+                    earlier: earlier + 1,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Classifies one upstream answer with the Anthropic table (SPEC §4), the default profile's.
@@ -115,7 +282,7 @@ impl Policy {
         body: &[u8],
         wall_now: SystemTime,
     ) -> Verdict {
-        Anthropic.classify(self, status, headers, body, wall_now)
+        self.classify_with(&Anthropic, status, headers, body, wall_now)
     }
 
     /// The cooldown a 429 asks for (SPEC §4), first match wins:
@@ -180,6 +347,15 @@ fn parse_decimal(s: &str, unit_ns: u64) -> Option<Duration> {
         }
     }
     (nanos > 0).then(|| Duration::from_nanos(nanos))
+}
+
+/// Why a rule's cooldown rests the key, from the status it matched.
+fn cool_reason_for(status: StatusCode) -> CoolReason {
+    match status.as_u16() {
+        401 | 403 => CoolReason::Auth,
+        500..=599 => CoolReason::Overloaded,
+        _ => CoolReason::RateLimited,
+    }
 }
 
 #[cfg(test)]

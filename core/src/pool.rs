@@ -525,8 +525,7 @@ impl Pool {
             Order::PrimaryWithFallback => 0,
             Order::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % self.keys.len(),
         };
-        let slot = family.and_then(|f| self.family_slot(f));
-        Walker::new(start, self.keys.len(), slot)
+        Walker::new(start, self.keys.len(), family)
     }
 
     /// The slot of `family`, if any mark or hint was ever made for it in this pool.
@@ -851,6 +850,21 @@ impl Pool {
             return vec![id];
         };
         self.ids().filter(|&k| self.scope(k) == Some(scope)).collect()
+    }
+
+    /// The keys known to share `id`'s organisation, whatever their workspace, `id` included;
+    /// just `id` while its organisation is unknown. A spend cap or an empty wallet is the
+    /// organisation's (SPEC §11.3).
+    pub fn same_organisation(&self, id: KeyId) -> Vec<KeyId> {
+        let Some(scope) = self.scope(id) else {
+            return vec![id];
+        };
+        self.ids()
+            .filter(|&k| {
+                self.scope(k)
+                    .is_some_and(|s| s.organisation == scope.organisation)
+            })
+            .collect()
     }
 
     /// The one organisation every key of the pool belongs to, once every key's organisation is

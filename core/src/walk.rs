@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::pool::{FamilySlot, KeyId, Pool};
+use crate::mark::Family;
+use crate::pool::{KeyId, Pool};
 
 /// The smallest `retry_after` an exhaustion reports. A key that was tried and has already
 /// freed up again by the time the walk ends (a very short cooldown, or an operator enable)
@@ -206,13 +207,13 @@ pub struct Walker {
     len: usize,
     tried: Tried,
     attempts: usize,
-    /// The request's model family, if the pool has state for it.
-    family: Option<FamilySlot>,
+    /// The request's model family, if it has one.
+    family: Option<Family>,
 }
 
 impl Walker {
     #[inline]
-    pub(crate) fn new(start: usize, len: usize, family: Option<FamilySlot>) -> Self {
+    pub(crate) fn new(start: usize, len: usize, family: Option<Family>) -> Self {
         Self {
             start,
             len,
@@ -220,6 +221,12 @@ impl Walker {
             attempts: 0,
             family,
         }
+    }
+
+    /// Sets the model family of the walk's request (SPEC §11.2), e.g. once the request has been
+    /// read; the next [`next_key`](Self::next_key) skips keys cooling for it.
+    pub fn set_family(&mut self, family: Option<Family>) {
+        self.family = family;
     }
 
     /// How many keys this walker has yielded.
@@ -260,7 +267,7 @@ impl Walker {
     #[cold]
     fn scan_extras(&mut self, pool: &Pool, len: usize, start: usize, now_ns: u64) -> Result<usize, Seen> {
         let words = pool.words();
-        let family = self.family;
+        let family = self.family.and_then(|f| pool.family_slot(f));
         let word_at = |i: usize| {
             let word = words[i].load(Ordering::Acquire);
             match family {

@@ -269,15 +269,21 @@ fn default_table() {
 }
 
 #[test]
-fn only_a_400_needs_the_body() {
+fn a_400_and_a_429_without_a_retry_value_need_the_body() {
     let p = Policy::default();
-    assert!(p.needs_body(StatusCode::BAD_REQUEST));
-    for s in [200, 401, 402, 403, 404, 429, 500, 529] {
-        assert!(!p.needs_body(StatusCode::from_u16(s).unwrap()), "{s}");
+    let none = HeaderMap::new();
+    let mut retry = HeaderMap::new();
+    retry.insert("retry-after", "5".parse().unwrap());
+    assert!(p.needs_body(StatusCode::BAD_REQUEST, &none));
+    // SPEC §11.3: a spend cap is a 429 without a retry value; only its body tells.
+    assert!(p.needs_body(StatusCode::TOO_MANY_REQUESTS, &none));
+    assert!(!p.needs_body(StatusCode::TOO_MANY_REQUESTS, &retry));
+    for s in [200, 401, 402, 403, 404, 500, 529] {
+        assert!(!p.needs_body(StatusCode::from_u16(s).unwrap(), &none), "{s}");
     }
     let mut q = Policy::default();
     q.disable_on_billing = false;
-    assert!(!q.needs_body(StatusCode::BAD_REQUEST));
+    assert!(!q.needs_body(StatusCode::BAD_REQUEST, &none));
 }
 
 #[test]

@@ -49,7 +49,7 @@ impl Provider for Chat {
     fn credential_help(&self) -> &'static str {
         "Authorization: Bearer"
     }
-    fn needs_body(&self, _policy: &Policy, status: StatusCode) -> bool {
+    fn needs_body(&self, _policy: &Policy, status: StatusCode, _headers: &HeaderMap) -> bool {
         status == StatusCode::TOO_MANY_REQUESTS
     }
     fn classify(

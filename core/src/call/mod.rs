@@ -38,9 +38,9 @@ use http::{HeaderMap, Method, StatusCode};
 
 pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
 
-use crate::mark::{Change, Mark};
+use crate::mark::{Change, Family, Mark, Target};
 use crate::policy::{MAX_CLASSIFY_BODY, Policy, Verdict};
-use crate::pool::{KeyId, Pool, Transition};
+use crate::pool::{CoolReason, DisableReason, KeyId, Pool, Transition};
 use crate::profile::{EventRole, Profile};
 use crate::secret::Secret;
 use crate::sse::{Framer, Limits, Parser, RawEvent};
@@ -199,13 +199,14 @@ impl CallConfig {
         self.profile = profile;
         self
     }
-    /// The profile's [`needs_body`](crate::profile::Provider::needs_body) under this policy.
-    fn needs_body(&self, status: StatusCode) -> bool {
-        self.profile.needs_body(&self.policy, status)
+    /// Whether classifying `status` needs the error body: the profile's table, or a policy rule.
+    fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.policy.needs_body_with(&*self.profile, status, headers)
     }
-    /// The profile's [`classify`](crate::profile::Provider::classify) under this policy.
+    /// The operator's rules, then the profile's table.
     fn classify(&self, status: StatusCode, headers: &HeaderMap, body: &[u8], wall: SystemTime) -> Verdict {
-        self.profile.classify(&self.policy, status, headers, body, wall)
+        self.policy
+            .classify_with(&*self.profile, status, headers, body, wall)
     }
 }
 
@@ -377,6 +378,9 @@ pub struct Call {
     credential: Credential,
     config: CallConfig,
     walker: Option<Walker>,
+    /// The request's model family (SPEC §11.2), once read: `Some(None)` for a request without
+    /// a model.
+    family: Option<Option<Family>>,
     method: Method,
     path_and_query: PathAndQuery,
     headers: HeaderMap,
@@ -407,14 +411,23 @@ impl Call {
             Credential::Passthrough => &[],
             Credential::Pool(_) | Credential::Key(_) => config.profile.credential_headers(),
         };
+        // The request's model family matters to a walk only once the pool has family state;
+        // until then it is read on the first rate limit, when a mark needs it.
+        let family = match &credential {
+            Credential::Pool(pool) if pool.extras() != 0 => {
+                Some(request_family(&config.profile, &request.body))
+            }
+            _ => None,
+        };
         let walker = match &credential {
-            Credential::Pool(pool) => Some(pool.walk()),
+            Credential::Pool(pool) => Some(pool.walk_for(family.flatten())),
             Credential::Key(_) | Credential::Passthrough => None,
         };
         let mut call = Self {
             credential,
             config: config.clone(),
             walker,
+            family,
             method: request.method,
             path_and_query: request.path_and_query,
             headers: headers::outbound(request.headers, strip),
@@ -481,6 +494,52 @@ impl Call {
         }
     }
 
+    /// The request's model family, read from its body the first time it is needed.
+    fn family(&mut self) -> Option<Family> {
+        if let Some(family) = self.family {
+            return family;
+        }
+        let family = request_family(&self.config.profile, &self.body);
+        self.family = Some(family);
+        if let Some(walker) = &mut self.walker {
+            walker.set_family(family);
+        }
+        family
+    }
+
+    /// Learns the key's organisation from an answer (SPEC §11.1) and, from a success's
+    /// rate-limit headers, makes it (and its organisation's keys for this family) less preferred
+    /// until the exhausted dimension resets (SPEC §11.4).
+    fn learn(&mut self, status: StatusCode, headers: &HeaderMap, now: Instant, wall: SystemTime) {
+        let (Credential::Pool(pool), Some(key)) = (&self.credential, self.key) else {
+            return;
+        };
+        if pool.scope(key).is_none()
+            && let Some((organisation, workspace)) = self.config.profile.scope(headers)
+        {
+            pool.learn_scope(key, organisation, workspace);
+        }
+        if !status.is_success() || !self.config.policy.hints {
+            return;
+        }
+        let Some(reset) = self.config.profile.exhaustion_hint(headers, wall) else {
+            return;
+        };
+        let pool = pool.clone();
+        let family = self.family();
+        let Some(until) = now.checked_add(reset) else {
+            return;
+        };
+        let keys = if family.is_some() {
+            pool.same_scope(key)
+        } else {
+            vec![key]
+        };
+        for k in keys {
+            let _ = pool.hint(k, family, until, now);
+        }
+    }
+
     /// The wall-clock time at `now`, from the clocks read at the latest head.
     fn wall_at(&self, now: Instant) -> SystemTime {
         let (then, wall) = self.clocks;
@@ -514,7 +573,8 @@ impl Call {
         if !matches!(self.credential, Credential::Pool(_)) {
             return self.deliver(status, headers, now);
         }
-        if self.config.needs_body(status) {
+        self.learn(status, &headers, now, wall);
+        if self.config.needs_body(status, &headers) {
             self.state = State::Classify {
                 status,
                 headers,
@@ -697,31 +757,72 @@ impl Call {
         }));
     }
 
-    /// Marks the current key per `verdict` and moves on (or, for BYOK, delivers instead).
+    /// Marks the current key per `verdict` — and, when the answer speaks for its organisation
+    /// (SPEC §11), every key known to share it — then moves on (BYOK never gets here).
+    ///
+    /// - a rate limit on a key whose organisation is known cools every key of the same
+    ///   organisation and workspace for the request's model family (key-wide for a request
+    ///   without a model); a key whose organisation is unknown cools alone, key-wide;
+    /// - a spend cap and a billing disable are the organisation's: every key of it;
+    /// - everything else marks the key alone.
     fn fail_over(&mut self, status: StatusCode, verdict: Verdict, now: Instant) {
         let (Credential::Pool(pool), Some(key)) = (&self.credential, self.key) else {
             return;
         };
+        let pool = pool.clone();
         let wall = self.wall_at(now);
-        let change = match verdict {
+        let (change, family, keys) = match verdict {
             Verdict::Deliver => return,
-            Verdict::CoolDown { duration, reason } => pool.cool_mark(key, wall, duration, reason).change,
-            Verdict::Disable { reason } => Change::Disable { reason },
+            Verdict::CoolDown {
+                duration,
+                reason: reason @ CoolReason::RateLimited,
+            } if pool.scope(key).is_some() => {
+                let change = pool.cool_mark(key, wall, duration, reason).change;
+                (change, self.family(), pool.same_scope(key))
+            }
+            Verdict::CoolDown {
+                duration,
+                reason: reason @ CoolReason::SpendCapped,
+            } => (
+                pool.cool_mark(key, wall, duration, reason).change,
+                None,
+                pool.same_organisation(key),
+            ),
+            Verdict::Disable {
+                reason: reason @ DisableReason::Billing,
+            } => (Change::Disable { reason }, None, pool.same_organisation(key)),
+            Verdict::CoolDown { duration, reason } => (
+                pool.cool_mark(key, wall, duration, reason).change,
+                None,
+                vec![key],
+            ),
+            Verdict::Disable { reason } => (Change::Disable { reason }, None, vec![key]),
         };
-        let mark = Mark {
-            change,
-            status: Some(status.as_u16()),
-            generation: self.key_generation,
-            ..pool.mark_for(key, change)
-        };
-        let transition = pool.apply(&mark, now, wall);
-        self.outputs.push_back(Output::Mark(KeyMark {
-            key,
-            mark,
-            status,
-            verdict,
-            transition,
-        }));
+        for k in keys {
+            let mut mark = Mark {
+                change,
+                status: Some(status.as_u16()),
+                // The key of this attempt at the generation its request was sent with; the
+                // others as they are now.
+                generation: if k == key {
+                    self.key_generation
+                } else {
+                    pool.generation(k)
+                },
+                ..pool.mark_for(k, change)
+            };
+            if let Some(family) = family {
+                mark.target = Target::KeyFamily(mark.key(), family);
+            }
+            let transition = pool.apply(&mark, now, wall);
+            self.outputs.push_back(Output::Mark(KeyMark {
+                key: k,
+                mark,
+                status,
+                verdict,
+                transition,
+            }));
+        }
         self.next_attempt(now);
     }
 
@@ -1039,6 +1140,22 @@ fn is_blank_frame(bytes: &[u8]) -> bool {
     bytes
         .split(|&b| b == b'\n' || b == b'\r')
         .all(|line| line.is_empty() || line[0] == b':')
+}
+
+/// The model family of a request (SPEC §11.2): its JSON body's top-level `model`, named by the
+/// profile. `None` for a request without one (e.g. `GET /v1/models`) or a body that is not a
+/// JSON object.
+fn request_family(profile: &Profile, body: &[u8]) -> Option<Family> {
+    #[derive(serde::Deserialize)]
+    struct Model<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let model = serde_json::from_slice::<Model<'_>>(body).ok()?.model?;
+    Some(Family::of(profile.model_family(&model)))
 }
 
 /// The data of one raw event (rare path: in-band errors before commit).

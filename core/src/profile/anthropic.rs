@@ -85,8 +85,14 @@ impl Provider for Anthropic {
         "x-api-key or Authorization: Bearer"
     }
 
-    fn needs_body(&self, policy: &Policy, status: StatusCode) -> bool {
-        status == StatusCode::BAD_REQUEST && policy.disable_on_billing
+    /// The credit-balance and spend-limit 400s, and a 429 without a retry value (a spend cap
+    /// carries none, SPEC §11.3).
+    fn needs_body(&self, policy: &Policy, status: StatusCode, headers: &HeaderMap) -> bool {
+        match status.as_u16() {
+            400 => policy.disable_on_billing,
+            429 => !has_retry_value(headers),
+            _ => false,
+        }
     }
 
     /// The table of SPEC §4: 429 cools (retry delay), 401 and 403 per the policy, 402 and the
@@ -100,6 +106,11 @@ impl Provider for Anthropic {
         wall: SystemTime,
     ) -> Verdict {
         match status.as_u16() {
+            429 if !has_retry_value(headers)
+                && error_detail_code(body).as_deref() == Some(SPEND_LIMIT_CODE) =>
+            {
+                spend_capped_until(crate::civil::first_of_next_month(wall), wall)
+            }
             429 => Verdict::CoolDown {
                 duration: self.retry_delay(policy, headers, body, wall),
                 reason: CoolReason::RateLimited,
@@ -124,6 +135,10 @@ impl Provider for Anthropic {
             },
             400 if policy.disable_on_billing && is_credit_balance_error(body) => Verdict::Disable {
                 reason: DisableReason::Billing,
+            },
+            400 if policy.disable_on_billing => match usage_limit_until(body) {
+                Some(until) => spend_capped_until(until, wall),
+                None => Verdict::Deliver,
             },
             529 => match policy.cool_on_overloaded {
                 Some(duration) => Verdict::CoolDown {
@@ -180,6 +195,77 @@ impl Provider for Anthropic {
         HeaderName::from_static("request-id")
     }
 
+    /// `claude-opus-*` → `opus`, `claude-sonnet-*` → `sonnet`, `claude-haiku-*` → `haiku` (also
+    /// the older `claude-3-5-sonnet-…` naming); other ids without their date suffix.
+    fn model_family<'m>(&self, model: &'m str) -> &'m str {
+        if let Some(rest) = model.strip_prefix("claude-") {
+            for family in ["opus", "sonnet", "haiku"] {
+                if rest.split('-').any(|part| part == family) {
+                    // `family` is one of three static names; return the slice of `model` that
+                    // spells it, so the lifetime is the model's.
+                    if let Some(at) = model.find(family) {
+                        return &model[at..at + family.len()];
+                    }
+                }
+            }
+        }
+        super::strip_date_suffix(model)
+    }
+
+    fn scope<'h>(&self, headers: &'h HeaderMap) -> Option<(&'h str, Option<&'h str>)> {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        Some((text(ORGANIZATION_HEADER)?, text(WORKSPACE_HEADER)))
+    }
+
+    /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-remaining: 0` → the
+    /// matching `-reset` (RFC 3339), measured from the answer's `date` (else `wall`).
+    fn exhaustion_hint(&self, headers: &HeaderMap, wall: SystemTime) -> Option<Duration> {
+        let base = headers
+            .get(http::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+            .unwrap_or(wall);
+        RATE_LIMIT_DIMENSIONS
+            .iter()
+            .filter(|(remaining, _)| {
+                headers
+                    .get(*remaining)
+                    .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
+            })
+            .filter_map(|(_, reset)| {
+                let at = crate::civil::parse_rfc3339(headers.get(*reset)?.to_str().ok()?)?;
+                at.duration_since(base).ok().filter(|d| !d.is_zero())
+            })
+            .max()
+    }
+
+    /// `error.type` and `error.details.error_code`.
+    fn error_code(&self, body: &[u8]) -> (Option<String>, Option<String>) {
+        let v: serde_json::Value = match serde_json::from_slice(&body[..body.len().min(MAX_CLASSIFY_BODY)]) {
+            Ok(v) => v,
+            Err(_) => return (None, None),
+        };
+        let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+        (
+            text(&v["error"]["type"]),
+            text(&v["error"]["details"]["error_code"]),
+        )
+    }
+
+    fn identity_headers(&self) -> &'static [HeaderName] {
+        static HEADERS: [HeaderName; 2] = [
+            HeaderName::from_static(ORGANIZATION_HEADER),
+            HeaderName::from_static(WORKSPACE_HEADER),
+        ];
+        &HEADERS
+    }
+
     fn exhaustion_headers(&self, exhausted: Exhausted, headers: &mut HeaderMap) {
         match exhausted {
             Exhausted::RateLimited { retry_after } => {
@@ -193,6 +279,66 @@ impl Provider for Anthropic {
             }
         }
     }
+}
+
+/// The header that names a key's organisation.
+const ORGANIZATION_HEADER: &str = "anthropic-organization-id";
+/// The header that names a key's workspace.
+const WORKSPACE_HEADER: &str = "anthropic-workspace-id";
+/// `error.details.error_code` of a 429 that is a spend cap, not a rate limit (SPEC §11.3).
+const SPEND_LIMIT_CODE: &str = "enforced_spend_limit_reached";
+/// The rate-limit dimensions: `(remaining header, reset header)`.
+const RATE_LIMIT_DIMENSIONS: [(&str, &str); 4] = [
+    (
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ),
+    (
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-reset",
+    ),
+    (
+        "anthropic-ratelimit-output-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-reset",
+    ),
+];
+
+/// Whether a 429 says when to retry (then it is a rate limit, whatever its body).
+fn has_retry_value(headers: &HeaderMap) -> bool {
+    headers.contains_key("retry-after-ms") || headers.contains_key(http::header::RETRY_AFTER)
+}
+
+/// `error.details.error_code` of an error body.
+fn error_detail_code(body: &[u8]) -> Option<String> {
+    Anthropic.error_code(body).1
+}
+
+/// The spend-cap verdict: the key (and its organisation) rests until `until`, however far away
+/// (not capped by the policy's maximum cooldown: the upstream will not serve it before).
+fn spend_capped_until(until: SystemTime, wall: SystemTime) -> Verdict {
+    Verdict::CoolDown {
+        duration: until
+            .duration_since(wall)
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+        reason: CoolReason::SpendCapped,
+    }
+}
+
+/// The date of a 400 "You have reached your specified … API usage limits … You will regain
+/// access on DATE" (SPEC §11.3).
+fn usage_limit_until(body: &[u8]) -> Option<SystemTime> {
+    let v: serde_json::Value = serde_json::from_slice(&body[..body.len().min(MAX_CLASSIFY_BODY)]).ok()?;
+    let message = v["error"]["message"].as_str()?;
+    let lower = message.to_ascii_lowercase();
+    if !(lower.contains("usage limits") && lower.contains("regain access")) {
+        return None;
+    }
+    crate::civil::find_date(message)
 }
 
 /// Whether a 400 body is Anthropic's "credit balance is too low" error.

@@ -71,9 +71,9 @@ pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// Where a client puts its credential, for messages: `x-api-key or Authorization: Bearer`.
     fn credential_help(&self) -> &'static str;
 
-    /// Whether classifying `status` needs the (first 64 KiB of the) error body. When `false`,
-    /// [`classify`](Self::classify) ignores its `body` argument.
-    fn needs_body(&self, policy: &Policy, status: StatusCode) -> bool;
+    /// Whether classifying `status` with these headers needs the (first 64 KiB of the) error
+    /// body. When `false`, [`classify`](Self::classify) ignores its `body` argument.
+    fn needs_body(&self, policy: &Policy, status: StatusCode, headers: &HeaderMap) -> bool;
 
     /// Classifies one upstream answer (SPEC §4). `body` is a prefix of the error body, at most
     /// [`MAX_CLASSIFY_BODY`](crate::policy::MAX_CLASSIFY_BODY) bytes of it are read; `wall` is
@@ -118,6 +118,71 @@ pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// Adds the headers of an exhaustion response (SPEC §6: `retry-after`, `retry-after-ms`,
     /// `x-should-retry`).
     fn exhaustion_headers(&self, exhausted: Exhausted, headers: &mut HeaderMap);
+
+    /// The model family of a request for `model` (SPEC §11.2): rate limits apply per family.
+    /// Default: the model id without a date suffix ([`strip_date_suffix`]).
+    fn model_family<'m>(&self, model: &'m str) -> &'m str {
+        strip_date_suffix(model)
+    }
+
+    /// The organisation (and workspace) an answer names in its headers (SPEC §11.1). Default:
+    /// none.
+    fn scope<'h>(&self, headers: &'h HeaderMap) -> Option<(&'h str, Option<&'h str>)> {
+        let _ = headers;
+        None
+    }
+
+    /// From a successful answer's rate-limit headers: when a dimension is exhausted (its
+    /// `remaining` is 0), how long until it resets (SPEC §11.4), the longest if several are.
+    /// Default: none.
+    fn exhaustion_hint(&self, headers: &HeaderMap, wall: SystemTime) -> Option<Duration> {
+        let _ = (headers, wall);
+        None
+    }
+
+    /// The error type and code of an error body, for the operator's policy rules (SPEC §11.6).
+    /// Default: neither.
+    fn error_code(&self, body: &[u8]) -> (Option<String>, Option<String>) {
+        let _ = body;
+        (None, None)
+    }
+
+    /// Answer headers that identify the pool's owner (organisation, workspace); removed from
+    /// responses to clients by default (SPEC §13). Default: none.
+    fn identity_headers(&self) -> &'static [HeaderName] {
+        &[]
+    }
+
+    /// Path and query of the probe that tests a disabled key without spending tokens
+    /// (SPEC §11.5), sent with `GET`.
+    fn probe_path(&self) -> &'static str {
+        "/v1/models?limit=1"
+    }
+}
+
+/// A model id without a trailing date: `claude-3-5-sonnet-20241022` → `claude-3-5-sonnet`,
+/// `gpt-4o-2024-08-06` → `gpt-4o`; ids without one are returned as they are.
+pub fn strip_date_suffix(model: &str) -> &str {
+    let b = model.as_bytes();
+    let all_digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    // `-YYYYMMDD`
+    if b.len() > 9 && b[b.len() - 9] == b'-' && all_digits(&b[b.len() - 8..]) {
+        return &model[..b.len() - 9];
+    }
+    // `-YYYY-MM-DD`
+    if b.len() > 11 {
+        let t = &b[b.len() - 11..];
+        if t[0] == b'-'
+            && t[5] == b'-'
+            && t[8] == b'-'
+            && all_digits(&t[1..5])
+            && all_digits(&t[6..8])
+            && all_digits(&t[9..])
+        {
+            return &model[..b.len() - 11];
+        }
+    }
+    model
 }
 
 /// A provider profile: one cheap, shareable value. `Profile::default()` is
