@@ -98,6 +98,7 @@ pub mod client;
 pub mod mark;
 pub mod policy;
 pub mod pool;
+pub mod probe;
 pub mod profile;
 pub mod secret;
 pub mod sse;

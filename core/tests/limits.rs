@@ -366,3 +366,47 @@ fn policy_rules_come_before_the_provider_table() {
     }];
     assert!(bad.validate().unwrap_err().to_string().contains("rule #1"));
 }
+
+#[test]
+fn a_disabled_key_comes_back_after_a_successful_probe() {
+    use keypool_core::probe::{ProbeConfig, ProbeResult, Prober};
+    let mut sim = Sim::new(2);
+    sim.script(0, vec![status(401)]);
+    assert_eq!(run(&mut sim, ask(SONNET)).0, vec![Some(0), Some(1)]);
+    let k0 = sim.pool.key_at(0).unwrap();
+    assert!(sim.pool.state(k0, sim.now).is_disabled());
+    let mut prober = Prober::new(ProbeConfig::default());
+    prober.handle_pool(&sim.pool, sim.now);
+    let profile = keypool_core::Profile::anthropic();
+    // First probe after 10 minutes (0 ms of real time): the key is still revoked.
+    let at = prober.poll_timeout().unwrap();
+    assert_eq!(at - sim.now, Duration::from_secs(600));
+    sim.now = at;
+    let probe = prober.poll_probe(&sim.pool, &profile, sim.now).unwrap();
+    assert_eq!(probe.key, k0);
+    assert_eq!(
+        probe.attempt.headers.get("x-api-key").map(|v| v.as_bytes()),
+        Some(sim.pool.secret(k0).expose().as_bytes())
+    );
+    let r = prober.handle_result(
+        &sim.pool,
+        &probe,
+        Some(http::StatusCode::UNAUTHORIZED),
+        sim.now,
+        sim.wall,
+    );
+    assert!(matches!(r, ProbeResult::Failed { next } if next - sim.now == Duration::from_secs(1200)));
+    assert_eq!(run(&mut sim, ask(SONNET)).0, vec![Some(1)]);
+    // Twenty minutes later the operator has restored the key upstream: the probe enables it.
+    sim.now = prober.poll_timeout().unwrap();
+    let probe = prober.poll_probe(&sim.pool, &profile, sim.now).unwrap();
+    let r = prober.handle_result(&sim.pool, &probe, Some(http::StatusCode::OK), sim.now, sim.wall);
+    let ProbeResult::Enabled { mark, transition } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(transition, keypool_core::Transition::Entered);
+    assert_eq!(mark.change, keypool_core::Change::Enable);
+    assert_eq!(run(&mut sim, ask(SONNET)).0, vec![Some(0)]);
+    prober.handle_pool(&sim.pool, sim.now);
+    assert_eq!(prober.poll_timeout(), None);
+}
