@@ -178,6 +178,10 @@ enum Op {
         retry: Option<Retry>,
         date: Option<i32>,
         content_type: ContentType,
+        /// The organisation (one of three) and workspace (one of two) the answer names.
+        org: Option<(u8, Option<bool>)>,
+        /// A rate-limit dimension at 0, resetting this many seconds later (SPEC §11.4).
+        exhausted: Option<u8>,
     },
     /// Body bytes, in two chunks cut at `split`.
     Body {
@@ -355,7 +359,16 @@ impl World {
             _ => Credential::Pool(self.pool.clone()),
         };
         let byok = !matches!(credential, Credential::Pool(_));
-        let request = Request::post_json("/v1/messages", "{\"model\":\"claude\",\"stream\":true}");
+        // Three model families, and requests without a model (SPEC §11.2).
+        let request = match self.next_id % 4 {
+            0 => Request::post_json(
+                "/v1/messages",
+                "{\"model\":\"claude-sonnet-4-5\",\"stream\":true}",
+            ),
+            1 => Request::post_json("/v1/messages", "{\"model\":\"claude-haiku-4-5\",\"stream\":true}"),
+            2 => Request::post_json("/v1/messages", "{\"model\":\"claude\",\"stream\":true}"),
+            _ => Request::post_json("/v1/models", ""),
+        };
         self.next_id += 1;
         let call = Call::new(
             request,
@@ -423,7 +436,24 @@ impl World {
                 // §8.5: only key failures mark, and only the key of the current attempt.
                 Output::Mark(mark) => {
                     assert!(!t.byok, "a BYOK call marked {mark:?}");
-                    assert_eq!(t.keys.last(), Some(&mark.key), "mark of a key not in use");
+                    let Some(&current) = t.keys.last() else {
+                        panic!("a mark before any attempt: {mark:?}");
+                    };
+                    if mark.key == current {
+                        assert!(!t.marked, "two marks for one attempt's key");
+                        t.marked = true;
+                    } else {
+                        // SPEC §11: an answer that speaks for the organisation marks the other
+                        // keys known to belong to it, never a key of another one.
+                        let Some(scope) = pool.scope(current) else {
+                            panic!("a mark of another key while the organisation is unknown: {mark:?}");
+                        };
+                        assert_eq!(
+                            pool.scope(mark.key).map(|s| &s.organisation),
+                            Some(&scope.organisation),
+                            "a mark of a key of another organisation"
+                        );
+                    }
                     assert!(
                         mark.verdict.is_failover(),
                         "a mark that is not a key failure: {mark:?}"
@@ -436,9 +466,16 @@ impl World {
                         "mark status {} for a {head} head",
                         mark.status
                     );
-                    assert!(!t.marked, "two marks for one attempt");
-                    t.marked = true;
-                    marks.push((mark.key, mark.transition));
+                    match mark.mark.family() {
+                        None => marks.push((mark.key, mark.transition)),
+                        // A family mark leaves the key-wide state alone; a change shows for the
+                        // family.
+                        Some(family) => {
+                            if mark.transition != Transition::Unchanged {
+                                assert!(pool.family_state(mark.key, family, now).is_cooling());
+                            }
+                        }
+                    }
                     // The mark is a portable value naming the same key, at the attempt's generation.
                     assert_eq!(mark.mark.key(), pool.fingerprint(mark.key));
                 }
@@ -524,6 +561,8 @@ impl World {
                 retry,
                 date,
                 content_type,
+                org,
+                exhausted,
             } => {
                 let status = status.code();
                 let mut headers = HeaderMap::new();
@@ -563,6 +602,28 @@ impl World {
                 }
                 if let Some(offset) = date {
                     put("date", date_of(offset));
+                }
+                if let Some((o, ws)) = org {
+                    put(
+                        "anthropic-organization-id",
+                        HeaderValue::from_str(&format!("org-{}", o % 3)),
+                    );
+                    if let Some(ws) = ws {
+                        put(
+                            "anthropic-workspace-id",
+                            HeaderValue::from_str(&format!("ws-{}", u8::from(ws))),
+                        );
+                    }
+                }
+                if let Some(secs) = exhausted {
+                    put("anthropic-ratelimit-tokens-remaining", HeaderValue::from_str("0"));
+                    let at = wall
+                        .checked_add(Duration::from_secs(u64::from(secs)))
+                        .unwrap_or(wall);
+                    put(
+                        "anthropic-ratelimit-tokens-reset",
+                        HeaderValue::from_str(&rfc3339(at)),
+                    );
                 }
                 let ct = match content_type {
                     ContentType::EventStream => Some(HeaderValue::from_static("text/event-stream")),
@@ -639,6 +700,30 @@ impl World {
             );
         }
     }
+}
+
+/// An RFC 3339 UTC timestamp, for `anthropic-ratelimit-*-reset`.
+fn rfc3339(t: SystemTime) -> String {
+    let s = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (s / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let r = s % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        r / 3600,
+        r % 3600 / 60,
+        r % 60
+    )
 }
 
 /// Feeds `bytes` to the call in two chunks, recording them as the current attempt's body.

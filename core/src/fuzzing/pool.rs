@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arbitrary::{Arbitrary, Unstructured};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
-use crate::mark::{Change, Mark, WallTime};
+use crate::mark::{Change, Family, Mark, WallTime};
 use crate::policy::{OnForbidden, OnUnauthorized, Policy, Verdict};
 use crate::pool::{CoolReason, DisableReason, KeyId, KeyState, Order, Pool, Transition};
 use crate::walk::{Exhausted, MIN_RETRY_AFTER, Walker};
@@ -54,7 +54,23 @@ fn wall_at(offset_secs: i32) -> SystemTime {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    NewWalk,
+    /// A new walk, for a request of one of three model families or of none.
+    NewWalk {
+        family: Option<u8>,
+    },
+    /// A family-scoped cooldown (SPEC §11.2).
+    FamilyCool {
+        key: u8,
+        family: u8,
+        millis: u32,
+        generation: Option<u8>,
+    },
+    /// A soft hint (SPEC §11.4), key-wide or for a family.
+    Hint {
+        key: u8,
+        family: Option<u8>,
+        millis: u32,
+    },
     Pick {
         walker: u8,
     },
@@ -147,8 +163,15 @@ const FRESH: MKey = MKey::Timed {
     reason: CoolReason::RateLimited,
 };
 
+/// The model's families (the fuzz input picks among them).
+const FAMILIES: [&str; 3] = ["opus", "sonnet", "haiku"];
+
 struct Model {
     keys: Vec<MKey>,
+    /// Family deadlines per key (0 = never), in the pool's time base.
+    fam: Vec<[u64; 3]>,
+    /// Hint deadlines per key: key-wide, then one per family.
+    hints: Vec<[u64; 4]>,
     /// Generations: raised by enables, and by marks of a newer generation (which clear first).
     gens: Vec<u64>,
     cursor: usize,
@@ -228,6 +251,7 @@ impl Model {
         if generation > self.gens[i] {
             self.gens[i] = generation;
             self.keys[i] = FRESH;
+            self.fam[i] = [0; 3];
         }
         if let Some(reason) = disable {
             let _ = self.disable(i, reason);
@@ -252,9 +276,60 @@ impl Model {
         }
     }
 
+    /// A family cooldown of generation `generation` until `deadline`.
+    fn family_cool(&mut self, i: usize, f: usize, generation: u64, deadline: u64, now: u64) -> Transition {
+        if generation < self.gens[i] {
+            return Transition::Unchanged;
+        }
+        let prev = self.fam[i][f];
+        if generation > self.gens[i] {
+            self.gens[i] = generation;
+            self.keys[i] = FRESH;
+            self.fam[i] = [0; 3];
+        }
+        if deadline > now {
+            self.fam[i][f] = self.fam[i][f].max(deadline);
+        }
+        let next = self.fam[i][f];
+        match (prev > now, next > now) {
+            (true, true) if next > prev => Transition::Extended,
+            (true, true) if next < prev => Transition::Entered,
+            (false, false) | (true, true) => Transition::Unchanged,
+            _ => Transition::Entered,
+        }
+    }
+
+    /// A hint until `until` on slot `slot` (0 key-wide, 1.. a family).
+    fn hint(&mut self, i: usize, slot: usize, until: u64, now: u64) -> bool {
+        // The pool's time base ends about 146 years after its origin.
+        let (until, now) = (until.min(MAX_DEADLINE_NS), now.min(MAX_DEADLINE_NS));
+        if until <= now {
+            return false;
+        }
+        let current = self.hints[i][slot];
+        if current > now && until < current.saturating_add(2_000_000_000) {
+            return false;
+        }
+        self.hints[i][slot] = current.max(until);
+        current < until
+    }
+
+    /// Key `i` as a walk for `family` sees it: free, or its effective deadline (`None` when
+    /// disabled).
+    fn effective(&self, i: usize, family: Option<usize>, now: u64) -> Result<(), Option<u64>> {
+        match self.keys[i] {
+            MKey::Disabled(_) => Err(None),
+            MKey::Timed { until, .. } => {
+                let d = until.max(family.map_or(0, |f| self.fam[i][f]));
+                if d <= now { Ok(()) } else { Err(Some(d)) }
+            }
+        }
+    }
+
     fn enable(&mut self, i: usize, now: u64) -> Transition {
         let was_free = self.is_free(i, now);
         self.keys[i] = FRESH;
+        self.fam[i] = [0; 3];
         self.gens[i] += 1;
         if was_free {
             Transition::Unchanged
@@ -274,13 +349,23 @@ impl Model {
         }
     }
 
-    fn next_key(&self, start: usize, tried: &mut [bool], now: u64) -> Result<usize, Exhausted> {
+    fn next_key(
+        &self,
+        start: usize,
+        tried: &mut [bool],
+        now: u64,
+        family: Option<usize>,
+    ) -> Result<usize, Exhausted> {
         let n = self.keys.len();
-        for step in 0..n {
-            let i = (start + step) % n;
-            if !tried[i] && self.is_free(i, now) {
-                tried[i] = true;
-                return Ok(i);
+        let hinted = |i: usize| self.hints[i][0] > now || family.is_some_and(|f| self.hints[i][f + 1] > now);
+        // Keys without a hint first (SPEC §11.4), then any.
+        for preferred in [true, false] {
+            for step in 0..n {
+                let i = (start + step) % n;
+                if !tried[i] && self.effective(i, family, now).is_ok() && !(preferred && hinted(i)) {
+                    tried[i] = true;
+                    return Ok(i);
+                }
             }
         }
         if self.keys.iter().all(|k| matches!(k, MKey::Disabled(_))) {
@@ -288,10 +373,10 @@ impl Model {
         }
         let mut soonest: Option<Duration> = None;
         for i in 0..n {
-            let d = match self.state(i, now) {
-                Some((until, _)) => Duration::from_nanos(until - now),
-                None if self.is_free(i, now) => MIN_RETRY_AFTER,
-                None => continue,
+            let d = match self.effective(i, family, now) {
+                Err(Some(until)) => Duration::from_nanos(until - now),
+                Ok(()) => MIN_RETRY_AFTER,
+                Err(None) => continue,
             };
             soonest = Some(soonest.map_or(d, |s| s.min(d)));
         }
@@ -303,6 +388,7 @@ impl Model {
 
 struct Walk {
     real: Walker,
+    family: Option<usize>,
     start: usize,
     tried: Vec<bool>,
     yielded: Vec<usize>,
@@ -378,6 +464,8 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
     let ids: Vec<KeyId> = pool.ids().collect();
     let mut model = Model {
         keys: vec![FRESH; n],
+        fam: vec![[0; 3]; n],
+        hints: vec![[0; 4]; n],
         gens: vec![0; n],
         cursor: 0,
         order,
@@ -395,12 +483,14 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
         let before: Vec<MKey> = ids.iter().map(|&id| raw(&pool, id)).collect();
         let mut enabled = None;
         match op {
-            Op::NewWalk => {
+            Op::NewWalk { family } => {
                 if walks.len() == 8 {
                     walks.remove(0);
                 }
+                let family = family.map(|f| usize::from(f) % 3);
                 walks.push(Walk {
-                    real: pool.walk(),
+                    real: pool.walk_for(family.map(|f| Family::of(FAMILIES[f]))),
+                    family,
                     start: model.walk_start(),
                     tried: vec![false; n],
                     yielded: Vec::new(),
@@ -413,7 +503,7 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                 let len = walks.len();
                 let w = &mut walks[usize::from(walker) % len];
                 let got = w.real.next_key(&pool, now);
-                let want = model.next_key(w.start, &mut w.tried, now_ns);
+                let want = model.next_key(w.start, &mut w.tried, now_ns, w.family);
                 assert_eq!(got.map(KeyId::index), want, "walker disagrees with the model");
                 match got {
                     Ok(k) => {
@@ -523,6 +613,37 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                     model.enable(k, now_ns)
                 );
             }
+            Op::FamilyCool {
+                key,
+                family,
+                millis,
+                generation,
+            } => {
+                let k = usize::from(key) % n;
+                let f = usize::from(family) % 3;
+                let wall = wall_at(0) + elapsed;
+                let d = Duration::from_millis(u64::from(millis % 200_000));
+                let mut mark =
+                    pool.family_cool_mark(ids[k], Family::of(FAMILIES[f]), wall, d, CoolReason::RateLimited);
+                if let Some(g) = generation {
+                    mark.generation = u64::from(g % 4);
+                }
+                if mark.generation > model.gens[k] {
+                    enabled = Some(k); // a newer generation clears first: an enable
+                }
+                log.push((mark, now, wall));
+                let deadline = now_ns.saturating_add(ns(d)).min(MAX_DEADLINE_NS);
+                let want = model.family_cool(k, f, mark.generation, deadline, now_ns);
+                assert_eq!(pool.apply(&mark, now, wall), want, "{mark:?}");
+            }
+            Op::Hint { key, family, millis } => {
+                let k = usize::from(key) % n;
+                let f = family.map(|f| usize::from(f) % 3);
+                let until = now + Duration::from_millis(u64::from(millis % 100_000));
+                let got = pool.hint(ids[k], f.map(|f| Family::of(FAMILIES[f])), until, now);
+                let want = model.hint(k, f.map_or(0, |f| f + 1), now_ns + ns(until - now), now_ns);
+                assert_eq!(got, want, "hint");
+            }
             Op::Portable {
                 key,
                 kind,
@@ -614,6 +735,11 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
             "key {id:?} differs after a reverse replay"
         );
         assert_eq!(replay.generation(id), pool.generation(id));
+        let mut a = replay.family_cooldowns(id, origin);
+        let mut b = pool.family_cooldowns(id, origin);
+        a.sort_by_key(|(f, ..)| *f);
+        b.sort_by_key(|(f, ..)| *f);
+        assert_eq!(a, b, "key {id:?}: family cooldowns differ after a reverse replay");
     }
 }
 
