@@ -83,7 +83,11 @@ fn main() {
                     call.handle_body(Bytes::from_static(b"{}"), now);
                     call.handle_body_end(now);
                 }
-                Output::Head(head) => result = head.status.to_string(),
+                // The body follows from `poll_body`; this example only shows the answer.
+                Output::Head(head) => {
+                    result = head.status.to_string();
+                    break;
+                }
                 Output::Fail(failure) => {
                     let retry = failure
                         .response
@@ -96,6 +100,7 @@ fn main() {
                         retry.unwrap_or("-".into())
                     );
                     said = Some(failure.error.to_string());
+                    break;
                 }
                 Output::Mark(mark) => println!(
                     "    key {} answered {}: {:?} ({:?})",
@@ -104,8 +109,8 @@ fn main() {
                     mark.verdict,
                     mark.transition
                 ),
-                Output::Body(_) | Output::Abort(_) | Output::Wait(_) => {}
-                Output::Done => break,
+                // The script answers every attempt as it is sent: nothing to wait for.
+                Output::Wait(_) => break,
             }
         }
         let states: Vec<String> = pool

@@ -11,43 +11,62 @@
 //! ## The run loop
 //!
 //! An adapter drives one [`call::Call`] per upstream call: feed it what happened, drain what to
-//! do. This is the whole loop, for a blocking client (the IO functions are the adapter's own):
+//! do — [`call::Call::poll_output`] until the response head (or keypool's own answer), then
+//! [`call::Call::poll_body`] until the body is over. This is the whole loop, for a blocking
+//! client (the IO functions are the adapter's own; [`client::ClientCall`] is this loop, written
+//! once for every client adapter):
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use std::time::{Instant, SystemTime};
 //! use bytes::Bytes;
 //! use http::{HeaderMap, StatusCode};
-//! use keypool_core::call::{Attempt, Call, CallConfig, Credential, Output, Request, TransportError};
+//! use keypool_core::call::{Attempt, BodyOutput, Call, CallConfig, Credential, Output, Request, TransportError};
 //! use keypool_core::{Order, Pool};
 //!
 //! /// What the adapter's HTTP client reports for the current exchange.
 //! enum Io { Head(StatusCode, HeaderMap), Chunk(Bytes), End, Error(TransportError), TimedOut }
 //! fn start_request(_attempt: Attempt) { /* open the upstream request */ }
 //! fn next_io(_deadline: Option<Instant>) -> Io { unimplemented!("read head or body, until the deadline") }
-//! fn to_caller(_output: &Output) { /* head, body bytes, error response, abort */ }
+//! fn to_caller(_what: &dyn std::fmt::Debug) { /* head, body bytes, error response, abort */ }
 //!
-//! let (now, wall) = (Instant::now, SystemTime::now); // the adapter's clocks
-//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), now())?);
+//! /// Hands what happened to the call, with the adapter's clocks.
+//! fn feed(call: &mut Call, io: Io) {
+//!     let now = Instant::now();
+//!     match io {
+//!         Io::Head(status, headers) => call.handle_response_head(status, headers, now, SystemTime::now()),
+//!         Io::Chunk(bytes) => call.handle_body(bytes, now),
+//!         Io::End => call.handle_body_end(now),
+//!         Io::Error(e) => call.handle_transport_error(e, now),
+//!         Io::TimedOut => call.handle_timeout(now),
+//!     }
+//! }
+//!
+//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), Instant::now())?);
 //! let config = CallConfig::default();
 //! let request = Request::post_json("/v1/messages", r#"{"model":"claude-sonnet-4-5","max_tokens":64}"#);
-//! let mut call = Call::new(request, Credential::Pool(pool), &config, "req_01", now());
+//! let mut call = Call::new(request, Credential::Pool(pool), &config, "req_01", Instant::now());
+//! // Before the head: attempts, marks, and the answer.
 //! loop {
 //!     match call.poll_output() {
 //!         Output::Send(attempt) => start_request(attempt),
-//!         Output::Wait(deadline) => match next_io(deadline) {
-//!             Io::Head(status, headers) => call.handle_response_head(status, headers, now(), wall()),
-//!             Io::Chunk(bytes) => call.handle_body(bytes, now()),
-//!             Io::End => call.handle_body_end(now()),
-//!             Io::Error(e) => call.handle_transport_error(e, now()),
-//!             Io::TimedOut => call.handle_timeout(now()),
-//!         },
+//!         Output::Wait(deadline) => feed(&mut call, next_io(deadline)),
 //!         // Already applied to the pool; a state backend would publish `mark.mark`.
 //!         Output::Mark(mark) => eprintln!("key {:?}: {:?} ({:?})", mark.key, mark.verdict, mark.transition),
-//!         Output::Done => break,
-//!         other => to_caller(&other), // Head, Body, Fail, Abort
+//!         Output::Head(head) => break to_caller(&head),
+//!         Output::Fail(failure) => break to_caller(&failure),
 //!     }
 //! }
+//! // After the head: the body. (After a failure the call is over: `poll_body` says `Done`.)
+//! loop {
+//!     match call.poll_body() {
+//!         BodyOutput::Body(bytes) => to_caller(&bytes),
+//!         BodyOutput::Wait(deadline) => feed(&mut call, next_io(deadline)),
+//!         BodyOutput::Abort(abort) => break to_caller(&abort),
+//!         BodyOutput::Done => break,
+//!     }
+//! }
+//! eprintln!("the call ended: {:?}", call.outcome());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

@@ -470,7 +470,12 @@ fn caller_gone_marks_nothing() {
     );
     assert!(matches!(call.poll_output(), keypool_core::call::Output::Send(_)));
     call.handle_caller_gone();
-    assert!(matches!(call.poll_output(), keypool_core::call::Output::Done));
+    assert!(call.is_done());
+    assert_eq!(call.outcome(), Some(keypool_core::call::Outcome::ClientGone));
+    assert!(matches!(
+        call.poll_output(),
+        keypool_core::call::Output::Wait(None)
+    ));
     assert!(
         sim.pool
             .ids()
@@ -610,7 +615,7 @@ fn summary_reports_attempts_and_key_and_marks_come_out_once_each() {
         assert_eq!(m.mark.status, Some(m.status.as_u16()));
         assert_eq!(m.mark.generation, 0);
     }
-    assert!(matches!(call.poll_output(), keypool_core::call::Output::Done));
+    assert!(matches!(call.poll_body(), keypool_core::call::BodyOutput::Done));
 }
 
 #[test]

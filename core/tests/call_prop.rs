@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use keypool_core::call::{
-    Abort, Call, CallConfig, CallError, CommitPoint, Credential, Failure, Head, KeyMark, Output, StreamBreak,
-    TransportError,
+    Abort, Attempt, BodyOutput, Call, CallConfig, CallError, CommitPoint, Credential, Failure, Head, KeyMark,
+    Outcome, Output, StreamBreak, TransportError,
 };
 use keypool_core::{CoolReason, DisableReason, KeyId, KeyState, Policy, Pool, Secret, Verdict};
 use proptest::prelude::*;
@@ -467,6 +467,19 @@ struct Trace {
     body: Vec<u8>,
     fail: Option<Failure>,
     abort: Option<Abort>,
+    /// How the call said it ended.
+    outcome: Option<Outcome>,
+}
+
+/// One output of either phase, as this driver sees it.
+enum Seen {
+    Send(Attempt),
+    Head(Head),
+    Fail(Failure),
+    Body(Bytes),
+    Abort(Abort),
+    Wait(Option<Instant>),
+    Done,
 }
 
 /// Drives one call to its end like an adapter, checking the output order, that every Send goes
@@ -477,20 +490,37 @@ fn drive(sim: &mut Sim, call: &mut Call, answer_for: &mut dyn FnMut(Option<KeyId
     let mut current: VecDeque<Step> = VecDeque::new();
     let mut before = raw(&sim.pool);
     let mut done = false;
-    let mut held: Option<Output> = None;
+    let mut held: Option<Seen> = None;
     for _ in 0..10_000 {
         // Marks made by the last input (they come out first), and the pool change they explain.
         let mut marks = Vec::new();
         if !done {
-            loop {
-                match call.poll_output() {
-                    Output::Mark(m) => marks.push(m),
-                    other => {
-                        held = Some(other);
-                        break;
+            held = Some(if t.fail.is_some() {
+                // A failure ends the call: each phase's method says there is nothing more.
+                assert!(matches!(call.poll_output(), Output::Wait(None)));
+                assert!(matches!(call.poll_body(), BodyOutput::Done));
+                Seen::Done
+            } else if t.head.is_none() {
+                loop {
+                    match call.poll_output() {
+                        Output::Mark(m) => marks.push(m),
+                        Output::Send(a) => break Seen::Send(a),
+                        Output::Head(h) => break Seen::Head(h),
+                        Output::Fail(f) => break Seen::Fail(f),
+                        Output::Wait(deadline) => break Seen::Wait(deadline),
                     }
                 }
-            }
+            } else {
+                match call.poll_body() {
+                    BodyOutput::Body(b) => Seen::Body(b),
+                    BodyOutput::Abort(a) => Seen::Abort(a),
+                    BodyOutput::Wait(deadline) => Seen::Wait(deadline),
+                    BodyOutput::Done => {
+                        assert!(matches!(call.poll_body(), BodyOutput::Done));
+                        Seen::Done
+                    }
+                }
+            });
         }
         let after = raw(&sim.pool);
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
@@ -516,8 +546,7 @@ fn drive(sim: &mut Sim, call: &mut Call, answer_for: &mut dyn FnMut(Option<KeyId
         }
         let Some(output) = held.take() else { break };
         match output {
-            Output::Mark(m) => unreachable!("marks are drained above: {m:?}"),
-            Output::Send(a) => {
+            Seen::Send(a) => {
                 assert!(
                     t.head.is_none() && t.fail.is_none(),
                     "attempt after the answer: {a:?}"
@@ -539,30 +568,31 @@ fn drive(sim: &mut Sim, call: &mut Call, answer_for: &mut dyn FnMut(Option<KeyId
                     sent_at: sim.now,
                 });
             }
-            Output::Head(h) => {
+            Seen::Head(h) => {
                 assert!(t.head.is_none() && t.fail.is_none(), "second answer");
                 t.head = Some(h);
             }
-            Output::Body(b) => {
+            Seen::Body(b) => {
                 assert!(t.head.is_some() && t.abort.is_none(), "body out of place");
                 assert!(!b.is_empty(), "empty body chunk");
                 t.body.extend_from_slice(&b);
             }
-            Output::Fail(f) => {
+            Seen::Fail(f) => {
                 assert!(t.head.is_none() && t.fail.is_none(), "fail after an answer");
                 t.fail = Some(f);
             }
-            Output::Abort(a) => {
+            Seen::Abort(a) => {
                 assert!(t.head.is_some() && t.abort.is_none(), "abort out of place");
                 t.abort = Some(a);
             }
-            Output::Done => {
+            Seen::Done => {
                 assert!(call.is_done());
-                assert!(matches!(call.poll_output(), Output::Done));
                 assert!(call.poll_timeout().is_none());
+                assert!(call.outcome().is_some(), "a call over without an outcome");
+                t.outcome = call.outcome();
                 done = true;
             }
-            Output::Wait(deadline) => match current.pop_front() {
+            Seen::Wait(deadline) => match current.pop_front() {
                 Some(Step::Head(code, hs)) => {
                     let mut map = HeaderMap::new();
                     for (k, v) in hs {
@@ -692,6 +722,21 @@ fn check_call(
             Verdict::Deliver => unreachable!(),
         }
     }
+    // The outcome is the core's account of how the call ended.
+    let expected = match (&t.fail, &t.abort) {
+        (Some(f), _) => Outcome::of_error(&f.error),
+        (None, Some(a)) => Outcome::of_error(&a.error),
+        (None, None) => t.outcome.unwrap_or(Outcome::ClientGone),
+    };
+    prop_assert_eq!(t.outcome, Some(expected));
+    prop_assert!(
+        matches!(
+            expected,
+            Outcome::Failed(_) | Outcome::UpstreamBroke(_) | Outcome::Timeout | Outcome::Complete
+        ) || (expected == Outcome::UpstreamError
+            && t.head.as_ref().map(|h| h.kind) == Some(keypool_core::call::BodyKind::EventStream)),
+        "outcome {expected:?}"
+    );
     // Failures are Anthropic-shaped.
     if let Some(f) = &t.fail {
         prop_assert!(

@@ -575,6 +575,30 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // Fuzz regressions (the bodies live in `keypool_core::fuzzing`, behind the `fuzzing` feature)
 
+/// The `call_ops` body over its committed seed corpus, and over arbitrary bytes: no invariant
+/// it checks (SPEC §8.1–8.6, outputs by phase, outcomes) may fail.
+#[cfg(feature = "fuzzing")]
+#[test]
+fn fuzz_call_ops_seed_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/call_ops");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let input = std::fs::read(entry.unwrap().path()).unwrap();
+        keypool_core::fuzzing::call::call_ops(&input, Instant::now());
+        seeds += 1;
+    }
+    assert!(seeds > 0, "no seeds in {}", dir.display());
+}
+
+#[cfg(feature = "fuzzing")]
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn fuzz_call_ops_arbitrary_bytes(input in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        keypool_core::fuzzing::call::call_ops(&input, Instant::now());
+    }
+}
+
 /// `pool_ops` once panicked inside its own harness: an HTTP-date offset before 1970 made
 /// `httpdate::fmt_http_date` panic. The harness now keeps dates after the epoch.
 #[cfg(feature = "fuzzing")]

@@ -47,7 +47,6 @@
 //! a fresh one — inside the transport, before the call sees a head or an error, so no key is
 //! spent on a stale socket.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,12 +57,10 @@ use bytes::{Bytes, BytesMut};
 use futures_core::Stream;
 use futures_io::AsyncRead;
 use futures_lite::{AsyncReadExt, AsyncWriteExt, future};
-use http::{HeaderMap, Method, StatusCode};
-use keypool_core::call::{
-    Attempt, Call, CallConfig, Credential, Output, Request, StreamBreak, TransportError,
-};
+use http::Method;
+use keypool_core::call::{Attempt, CallConfig, Credential, Outcome, Request, TransportError};
 use keypool_core::client::{
-    ClientAdapter, ClientSettings, EventAssembler, Step as EventStep, is_event_stream_response, request_id,
+    AsyncBody, AsyncEvents, AsyncTransport, ClientAdapter, ClientCall, ClientSettings, Clocks, Io, Transport,
 };
 use keypool_core::sse::Event;
 use keypool_core::{KeyId, Pool, Secret};
@@ -172,134 +169,44 @@ impl Client {
     }
 
     async fn send_as(&self, request: Request, credential: Credential) -> Result<http::Response<Body>, Error> {
-        let mut driver = Box::new(Driver::new(self.inner.clone(), request, credential));
-        match driver.next_output().await {
-            Output::Head(head) => {
-                let key = driver.call.key();
-                let mut response = http::Response::new(Body {
-                    state: BodyState::Ready(driver),
-                    pending: Bytes::new(),
-                    key,
-                });
-                *response.status_mut() = head.status;
-                *response.headers_mut() = head.headers;
-                Ok(response)
-            }
-            Output::Fail(failure) => Err(Error::Call(Box::new(failure))),
-            other => Err(unexpected(&other)),
-        }
+        let mut call = Box::new(ClientCall::new(
+            Net(self.inner.clone()),
+            request,
+            credential,
+            &self.inner.config,
+        ));
+        let response = call.response().await?;
+        Ok(response.map(|()| Body(AsyncBody::new(call))))
     }
 
     async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential).await?;
-        if !is_event_stream_response(&response) {
-            let (parts, mut body) = response.into_parts();
-            let mut bytes = Vec::new();
-            body.read_to_end(&mut bytes).await?;
-            return Err(Error::Status(Box::new(http::Response::from_parts(
-                parts,
-                Bytes::from(bytes),
-            ))));
-        }
-        Ok(EventStream {
-            body: response.into_body(),
-            events: EventAssembler::new(),
-        })
+        let events = AsyncEvents::from_response(response.map(|body| body.0)).await?;
+        Ok(EventStream(events))
     }
-}
-
-/// One step of the loop, run by a [`Body`] that owns its driver while the step is in flight.
-type Step = Pin<Box<dyn Future<Output = (Box<Driver>, Output)> + Send>>;
-
-enum BodyState {
-    Ready(Box<Driver>),
-    Busy(Step),
-    Done,
 }
 
 /// A response body that streams from the upstream through the call state machine: a
 /// [`Stream`] of chunks, and an [`AsyncRead`] of bytes.
-pub struct Body {
-    state: BodyState,
-    pending: Bytes,
-    key: Option<KeyId>,
-}
-
-impl std::fmt::Debug for Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.state {
-            BodyState::Ready(driver) => format!("{driver:?}"),
-            BodyState::Busy(_) => "reading".to_owned(),
-            BodyState::Done => "done".to_owned(),
-        };
-        f.debug_struct("Body")
-            .field("state", &state)
-            .field("pending", &self.pending.len())
-            .field("key", &self.key)
-            .finish()
-    }
-}
+#[derive(Debug)]
+pub struct Body(AsyncBody<Net>);
 
 impl Body {
     /// The next chunk of the body: `Ok(None)` at its end. A stream that broke after commit
     /// yields `Err` with keypool's synthesized `error` event and the [`CallError`].
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
-        future::poll_fn(|cx| self.poll_chunk(cx)).await.transpose()
+        self.0.next_chunk().await
     }
 
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
-        self.key
+        self.0.key()
     }
 
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        if !self.pending.is_empty() {
-            return Poll::Ready(Some(Ok(std::mem::take(&mut self.pending))));
-        }
-        loop {
-            match std::mem::replace(&mut self.state, BodyState::Done) {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Ready(mut driver) => {
-                    self.state = BodyState::Busy(Box::pin(async move {
-                        let output = driver.next_output().await;
-                        (driver, output)
-                    }));
-                }
-                BodyState::Busy(mut step) => {
-                    let Poll::Ready((driver, output)) = step.as_mut().poll(cx) else {
-                        self.state = BodyState::Busy(step);
-                        return Poll::Pending;
-                    };
-                    match output {
-                        Output::Body(bytes) if bytes.is_empty() => self.state = BodyState::Ready(driver),
-                        Output::Body(bytes) => {
-                            self.state = BodyState::Ready(driver);
-                            return Poll::Ready(Some(Ok(bytes)));
-                        }
-                        Output::Abort(abort) => {
-                            return Poll::Ready(Some(Err(BodyError {
-                                error: abort.error,
-                                event: abort.event,
-                            })));
-                        }
-                        Output::Done => return Poll::Ready(None),
-                        // A second head or a failure cannot follow a delivered head; treat it as a broken body.
-                        Output::Head(_)
-                        | Output::Fail(_)
-                        | Output::Send(_)
-                        | Output::Mark(_)
-                        | Output::Wait(_) => {
-                            return Poll::Ready(Some(Err(BodyError {
-                                error: CallError::BodyBroken(StreamBreak::Transport(
-                                    TransportError::Protocol,
-                                )),
-                                event: None,
-                            })));
-                        }
-                    }
-                }
-            }
-        }
+    /// How the call ended: `None` while it runs. A body dropped before then ends its call as
+    /// [`Outcome::ClientGone`].
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.0.outcome()
     }
 }
 
@@ -307,7 +214,7 @@ impl Stream for Body {
     type Item = Result<Bytes, BodyError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_chunk(cx)
+        self.get_mut().0.poll_chunk(cx).map(Result::transpose)
     }
 }
 
@@ -315,37 +222,19 @@ impl AsyncRead for Body {
     /// Bytes as the caller would forward them: an event stream that broke ends with keypool's
     /// `error` event; a plain body that broke fails with an `io::Error` wrapping [`BodyError`].
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.pending.is_empty() {
-            match this.poll_chunk(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return Poll::Ready(Ok(0)),
-                Poll::Ready(Some(Ok(bytes))) => this.pending = bytes,
-                Poll::Ready(Some(Err(e))) => match e.event {
-                    Some(event) => this.pending = event,
-                    None => return Poll::Ready(Err(io::Error::other(e))),
-                },
-            }
-        }
-        let n = buf.len().min(this.pending.len());
-        buf[..n].copy_from_slice(&this.pending[..n]);
-        let _ = this.pending.split_to(n);
-        Poll::Ready(Ok(n))
+        self.get_mut().0.poll_read(cx, buf)
     }
 }
 
 /// The parsed events of a streaming call: a [`Stream`] that ends after `message_stop`, or with
 /// one `Err(StreamError)` when the stream broke after commit.
 #[derive(Debug)]
-pub struct EventStream {
-    body: Body,
-    events: EventAssembler,
-}
+pub struct EventStream(AsyncEvents<Net>);
 
 impl EventStream {
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
-        self.body.key
+        self.0.key()
     }
 }
 
@@ -353,116 +242,45 @@ impl Stream for EventStream {
     type Item = Result<Event, StreamError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        loop {
-            match this.events.step() {
-                EventStep::Item(item) => return Poll::Ready(Some(item)),
-                EventStep::End => return Poll::Ready(None),
-                EventStep::NeedBody => match this.body.poll_chunk(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(read) => this.events.handle_body(read.transpose()),
-                },
-            }
-        }
+        self.get_mut().0.poll_event(cx)
     }
 }
 
-/// What the current exchange produced.
-enum Io {
-    Head(StatusCode, HeaderMap),
-    Chunk(Bytes),
-    End,
-    Error(TransportError),
+/// Starts exchanges on the client's connections and reads them under the call's deadline.
+struct Net(Arc<Inner>);
+
+impl Transport for Net {
+    type Exchange = Exchange;
+
+    /// Encodes the request; its IO happens in `next_io`, under the call's deadline.
+    fn start(&mut self, attempt: Attempt) -> Exchange {
+        let bytes = h1::encode_request(&attempt, &self.0.host_header, &self.0.prefix);
+        Exchange::new(bytes, attempt.method == Method::HEAD)
+    }
+
+    fn release(&mut self, mut exchange: Exchange) {
+        exchange.release(&self.0.connector);
+    }
+
+    const CLOCKS: Clocks = Clocks {
+        now: Instant::now,
+        wall: SystemTime::now,
+    };
 }
 
-/// The loop: runs the call until it has something for the caller.
-struct Driver {
-    inner: Arc<Inner>,
-    call: Call,
-    exchange: Option<Exchange>,
-}
-
-impl Driver {
-    fn new(inner: Arc<Inner>, request: Request, credential: Credential) -> Self {
-        let call = Call::new(
-            request,
-            credential,
-            &inner.config,
-            request_id(SystemTime::now()),
-            Instant::now(),
-        );
-        Self {
-            inner,
-            call,
-            exchange: None,
-        }
-    }
-
-    async fn next_output(&mut self) -> Output {
-        loop {
-            match self.call.poll_output() {
-                Output::Send(attempt) => self.send(&attempt),
-                Output::Mark(mark) => self.call.report(&mark),
-                Output::Wait(deadline) => self.read(deadline).await,
-                Output::Done => {
-                    self.exchange = None;
-                    return Output::Done;
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Starts an exchange; its IO happens in [`read`](Self::read), under the call's deadline.
-    fn send(&mut self, attempt: &Attempt) {
-        let bytes = h1::encode_request(attempt, &self.inner.host_header, &self.inner.prefix);
-        self.exchange = Some(Exchange::new(bytes, attempt.method == Method::HEAD));
-    }
-
-    async fn read(&mut self, deadline: Option<Instant>) {
-        let Some(exchange) = self.exchange.as_mut() else {
-            return self
-                .call
-                .handle_transport_error(TransportError::Eof, Instant::now());
-        };
-        let connector = &self.inner.connector;
-        let io = match deadline {
-            None => Some(exchange.next(connector).await),
+impl AsyncTransport for Net {
+    /// The next read races an `async_io::Timer` for the deadline.
+    async fn next_io(&mut self, exchange: &mut Exchange, deadline: Option<Instant>) -> Io {
+        let connector = &self.0.connector;
+        match deadline {
+            None => exchange.next(connector).await,
             Some(at) => {
-                future::or(async { Some(exchange.next(connector).await) }, async {
+                future::or(exchange.next(connector), async {
                     async_io::Timer::at(at).await;
-                    None
+                    Io::TimedOut
                 })
                 .await
             }
-        };
-        let now = Instant::now();
-        match io {
-            None => self.call.handle_timeout(now),
-            Some(Io::Head(status, headers)) => {
-                self.call
-                    .handle_response_head(status, headers, now, SystemTime::now())
-            }
-            Some(Io::Chunk(bytes)) => self.call.handle_body(bytes, now),
-            Some(Io::End) => self.call.handle_body_end(now),
-            Some(Io::Error(e)) => self.call.handle_transport_error(e, now),
-        }
-    }
-}
-
-impl std::fmt::Debug for Driver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver")
-            .field("call", &self.call)
-            .field("exchanging", &self.exchange.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if !self.call.is_done() {
-            self.call.handle_caller_gone();
         }
     }
 }
@@ -553,7 +371,7 @@ impl Exchange {
                         }
                         Ok(0) => return self.fail(TransportError::Eof),
                         Ok(n) => buf.extend_from_slice(&self.scratch[..n]),
-                        Err(e) => return self.fail(io_transport_error(&e)),
+                        Err(e) => return self.fail(e.kind().into()),
                     }
                 }
                 Phase::Body {
@@ -562,16 +380,7 @@ impl Exchange {
                     match decoder.decode(buf) {
                         Ok(Decoded::Data(bytes)) => return Io::Chunk(bytes),
                         Ok(Decoded::End) => {
-                            if let Phase::Body {
-                                conn,
-                                buf,
-                                keep_alive: true,
-                                ..
-                            } = std::mem::replace(&mut self.phase, Phase::Over)
-                                && buf.is_empty()
-                            {
-                                connector.release(conn);
-                            }
+                            self.body_read(connector);
                             return Io::End;
                         }
                         Ok(Decoded::NeedMore) => {}
@@ -588,7 +397,7 @@ impl Exchange {
                             };
                         }
                         Ok(n) => buf.extend_from_slice(&self.scratch[..n]),
-                        Err(e) => return self.fail(io_transport_error(&e)),
+                        Err(e) => return self.fail(e.kind().into()),
                     }
                 }
                 Phase::Over => return Io::Error(TransportError::Eof),
@@ -599,6 +408,31 @@ impl Exchange {
     fn fail(&mut self, error: TransportError) -> Io {
         self.phase = Phase::Over;
         Io::Error(error)
+    }
+
+    /// The call completed: a body already read to its framing's end gives its connection back
+    /// to the pool (a content-length body is complete before its end is decoded).
+    fn release(&mut self, connector: &Connector) {
+        if let Phase::Body { buf, decoder, .. } = &mut self.phase
+            && decoder.decode(buf) == Ok(Decoded::End)
+        {
+            self.body_read(connector);
+        }
+    }
+
+    /// The body was read to its end: the exchange is over, and a connection that may carry
+    /// another request (and holds no bytes beyond the body) goes back to the pool.
+    fn body_read(&mut self, connector: &Connector) {
+        if let Phase::Body {
+            conn,
+            buf,
+            keep_alive: true,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Over)
+            && buf.is_empty()
+        {
+            connector.release(conn);
+        }
     }
 }
 
@@ -618,28 +452,11 @@ async fn open(
     let mut conn = connector.connect().await?;
     write(&mut conn, request)
         .await
-        .map_err(|e| io_transport_error(&e))?;
+        .map_err(|e| TransportError::from(e.kind()))?;
     Ok((conn, false))
 }
 
 async fn write(conn: &mut Conn, bytes: &[u8]) -> io::Result<()> {
     conn.write_all(bytes).await?;
     conn.flush().await
-}
-
-fn unexpected(output: &Output) -> Error {
-    Error::Config(format!("internal: unexpected call output {output:?}"))
-}
-
-fn io_transport_error(e: &io::Error) -> TransportError {
-    match e.kind() {
-        io::ErrorKind::TimedOut => TransportError::Timeout,
-        io::ErrorKind::ConnectionRefused => TransportError::Connect,
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-            TransportError::Reset
-        }
-        io::ErrorKind::UnexpectedEof => TransportError::Eof,
-        io::ErrorKind::InvalidData => TransportError::Protocol,
-        _ => TransportError::Reset,
-    }
 }

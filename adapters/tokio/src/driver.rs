@@ -1,4 +1,5 @@
-//! The loop: one [`Call`] driven over one upstream exchange at a time.
+//! The tokio transport under [`ClientCall`]: one upstream exchange at a time, raced against
+//! the call's deadline on one lazily armed runtime timer.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -8,11 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
-use http::{HeaderMap, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
-use keypool_core::call::{Attempt, Call, CallConfig, Credential, Output, Request, TransportError};
+use keypool_core::call::{Attempt, CallConfig, Credential, Request, TransportError};
+use keypool_core::client::{AsyncTransport, ClientCall, Clocks, Io, Transport};
 
 /// A boxed error, as tower services and bodies produce them.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -29,32 +30,41 @@ pub(crate) trait Upstream: Send + 'static {
     fn start(&mut self, attempt: Attempt) -> Exchange;
 }
 
+/// A call driven on tokio. Dropping it cancels the upstream request.
+pub(crate) type Driver = ClientCall<Tokio>;
+
+/// Starts a call over `upstream`.
+pub(crate) fn driver(
+    upstream: Box<dyn Upstream>,
+    request: Request,
+    credential: Credential,
+    config: &CallConfig,
+) -> Box<Driver> {
+    let transport = Tokio {
+        upstream,
+        timer: Timer {
+            sleep: None,
+            armed: Instant::now(),
+            floor: config.timeouts.idle,
+        },
+    };
+    Box::new(ClientCall::new(transport, request, credential, config))
+}
+
 /// The current upstream exchange.
-enum Current {
-    /// No exchange (before the first `Send`, after `Done`, after a transport error).
-    Idle,
+pub(crate) enum Current {
     /// Sent, waiting for the head.
     Head(Exchange),
     /// Reading the body.
     Body(UpstreamBody),
+    /// The exchange failed before its head.
+    Failed,
 }
 
-/// What the current exchange produced next.
-enum Io {
-    Head(StatusCode, HeaderMap),
-    Chunk(Bytes),
-    End,
-    /// A frame that is not data (trailers): nothing to report.
-    Other,
-    Error(TransportError),
-    TimedOut,
-}
-
-/// Runs a call until it has something for the caller. Dropping it cancels the upstream request.
-pub(crate) struct Driver {
+/// Starts attempts with an [`Upstream`] and awaits the next head or body frame of the current
+/// exchange, or the call's deadline.
+pub(crate) struct Tokio {
     upstream: Box<dyn Upstream>,
-    pub(crate) call: Call,
-    current: Current,
     timer: Timer,
 }
 
@@ -75,74 +85,30 @@ struct Timer {
     floor: Duration,
 }
 
-impl Driver {
-    pub(crate) fn new(
-        upstream: Box<dyn Upstream>,
-        request: Request,
-        credential: Credential,
-        config: &CallConfig,
-    ) -> Self {
-        let call = Call::new(
-            request,
-            credential,
-            config,
-            keypool_core::client::request_id(SystemTime::now()),
-            Instant::now(),
-        );
-        Self {
-            upstream,
-            call,
-            current: Current::Idle,
-            timer: Timer {
-                sleep: None,
-                armed: Instant::now(),
-                floor: config.timeouts.idle,
-            },
-        }
+impl Transport for Tokio {
+    type Exchange = Current;
+
+    fn start(&mut self, attempt: Attempt) -> Current {
+        Current::Head(self.upstream.start(attempt))
     }
 
-    /// Drains the call; does the IO it asks for until it has an output for the caller.
-    pub(crate) async fn next_output(&mut self) -> Output {
-        loop {
-            match self.call.poll_output() {
-                Output::Send(attempt) => {
-                    // The previous exchange is over: dropping it closes its connection.
-                    self.current = Current::Idle;
-                    self.current = Current::Head(self.upstream.start(attempt));
-                }
-                Output::Mark(mark) => self.call.report(&mark),
-                Output::Wait(deadline) => self.wait(deadline).await,
-                Output::Done => {
-                    self.current = Current::Idle;
-                    return Output::Done;
-                }
-                other => return other,
-            }
-        }
-    }
+    const CLOCKS: Clocks = Clocks {
+        now: Instant::now,
+        wall: SystemTime::now,
+    };
+}
 
-    async fn wait(&mut self, deadline: Option<Instant>) {
-        let io = match deadline {
-            None => self.current.next_io().await,
+impl AsyncTransport for Tokio {
+    async fn next_io(&mut self, current: &mut Current, deadline: Option<Instant>) -> Io {
+        match deadline {
+            None => current.next_io().await,
             Some(deadline) => {
                 let sleep = self.timer.arm(deadline);
                 tokio::select! {
-                    io = self.current.next_io() => io,
+                    io = current.next_io() => io,
                     () = sleep => Io::TimedOut,
                 }
             }
-        };
-        let now = Instant::now();
-        match io {
-            Io::Head(status, headers) => {
-                self.call
-                    .handle_response_head(status, headers, now, SystemTime::now());
-            }
-            Io::Chunk(bytes) => self.call.handle_body(bytes, now),
-            Io::End => self.call.handle_body_end(now),
-            Io::Other => {}
-            Io::Error(e) => self.call.handle_transport_error(e, now),
-            Io::TimedOut => self.call.handle_timeout(now),
         }
     }
 }
@@ -150,31 +116,38 @@ impl Driver {
 impl Current {
     /// The next head or body frame. Cancel safe: an unfinished head future stays in place.
     async fn next_io(&mut self) -> Io {
-        match self {
-            Self::Idle => Io::Error(TransportError::Eof),
+        let body = match self {
+            Self::Failed => return Io::Error(TransportError::Eof),
             Self::Head(exchange) => match exchange.await {
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
                     *self = Self::Body(body);
-                    Io::Head(parts.status, parts.headers)
+                    return Io::Head(parts.status, parts.headers);
                 }
                 Err(e) => {
-                    *self = Self::Idle;
-                    Io::Error(transport_error(&*e))
+                    *self = Self::Failed;
+                    return Io::Error(transport_error(&*e));
                 }
             },
+            Self::Body(body) => body,
+        };
+        loop {
             // A body that knows it is complete (all of its content-length read) ends here: one
-            // more poll would only ask the connection task for data that cannot come, waking
-            // it for nothing.
-            Self::Body(body) if body.is_end_stream() => Io::End,
-            Self::Body(body) => match body.frame().await {
-                None => Io::End,
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(bytes) => Io::Chunk(bytes),
-                    Err(_) => Io::Other,
-                },
-                Some(Err(e)) => Io::Error(transport_error(&*e)),
-            },
+            // more poll would only ask the connection task for data that cannot come, waking it
+            // for nothing.
+            if body.is_end_stream() {
+                return Io::End;
+            }
+            match body.frame().await {
+                None => return Io::End,
+                Some(Ok(frame)) => {
+                    // A frame that is not data (trailers) has nothing to report: read on.
+                    if let Ok(bytes) = frame.into_data() {
+                        return Io::Chunk(bytes);
+                    }
+                }
+                Some(Err(e)) => return Io::Error(transport_error(&*e)),
+            }
         }
     }
 }
@@ -213,28 +186,6 @@ impl Timer {
     }
 }
 
-impl std::fmt::Debug for Driver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let current = match self.current {
-            Current::Idle => "idle",
-            Current::Head(_) => "awaiting head",
-            Current::Body(_) => "reading body",
-        };
-        f.debug_struct("Driver")
-            .field("call", &self.call)
-            .field("current", &current)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if !self.call.is_done() {
-            self.call.handle_caller_gone();
-        }
-    }
-}
-
 /// Maps a hyper, hyper-util, rustls or IO error (anywhere in the source chain) to what the
 /// call needs to know.
 pub(crate) fn transport_error(error: &(dyn StdError + 'static)) -> TransportError {
@@ -258,12 +209,12 @@ pub(crate) fn transport_error(error: &(dyn StdError + 'static)) -> TransportErro
             if let Some(inner) = e.get_ref() {
                 next = Some(inner);
                 if found.is_none() && !matches!(e.kind(), io::ErrorKind::Other) {
-                    found = Some(io_kind(e.kind()));
+                    found = Some(e.kind().into());
                 }
                 continue;
             }
             if found.is_none() {
-                found = Some(io_kind(e.kind()));
+                found = Some(e.kind().into());
             }
         }
         next = e.source();
@@ -283,16 +234,6 @@ fn hyper_kind(e: &hyper::Error) -> Option<TransportError> {
         Some(TransportError::Protocol)
     } else {
         None
-    }
-}
-
-fn io_kind(kind: io::ErrorKind) -> TransportError {
-    match kind {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => TransportError::Timeout,
-        io::ErrorKind::ConnectionRefused => TransportError::Connect,
-        io::ErrorKind::UnexpectedEof => TransportError::Eof,
-        io::ErrorKind::InvalidData => TransportError::Protocol,
-        _ => TransportError::Reset,
     }
 }
 

@@ -12,7 +12,7 @@ use keypool_core::call::{Attempt, CallConfig, Credential, Request};
 use keypool_core::{Pool, Secret};
 use tower::{Layer, Service};
 
-use crate::driver::{BoxError, Driver, Exchange, Upstream};
+use crate::driver::{BoxError, Exchange, Upstream, driver};
 use crate::{Body, Error, respond};
 
 /// Adds key failover over a shared [`Pool`] to an HTTP service.
@@ -127,13 +127,7 @@ where
                 scheme: parts.uri.scheme().cloned(),
                 authority: parts.uri.authority().cloned(),
             };
-            respond(Box::new(Driver::new(
-                Box::new(upstream),
-                request,
-                credential,
-                &config,
-            )))
-            .await
+            respond(driver(Box::new(upstream), request, credential, &config)).await
         })
     }
 }

@@ -74,10 +74,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use keypool_core::call::{Attempt, CallConfig, Output, Request};
-use keypool_core::client::{
-    ClientAdapter, ClientSettings, Upstream as UpstreamUrl, is_event_stream_response,
-};
+use keypool_core::call::{Attempt, CallConfig, Request};
+use keypool_core::client::{AsyncEvents, ClientAdapter, ClientSettings, Upstream as UpstreamUrl};
 use keypool_core::{Pool, Secret};
 
 mod body;
@@ -87,13 +85,13 @@ mod transport;
 
 pub use body::{Body, EventStream};
 pub use driver::BoxError;
-pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
+pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Outcome, Timeouts};
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;
 
-use driver::{Driver, Exchange, Upstream};
+use driver::{Driver, Exchange, Upstream, driver};
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
@@ -246,40 +244,20 @@ impl Client {
         self.send_as(request, credential).await
     }
 
-    fn driver(&self, request: Request, credential: Credential) -> Box<Driver> {
-        let upstream = Box::new(ClientUpstream(self.inner.clone()));
-        Box::new(Driver::new(upstream, request, credential, &self.inner.config))
-    }
-
     async fn send_as(&self, request: Request, credential: Credential) -> Result<http::Response<Body>, Error> {
-        respond(self.driver(request, credential)).await
+        let upstream = Box::new(ClientUpstream(self.inner.clone()));
+        respond(driver(upstream, request, credential, &self.inner.config)).await
     }
 
     async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential).await?;
-        if !is_event_stream_response(&response) {
-            let (parts, mut body) = response.into_parts();
-            let bytes = body.collect_bytes().await?;
-            return Err(Error::Status(Box::new(http::Response::from_parts(parts, bytes))));
-        }
-        Ok(EventStream::new(response.into_body()))
+        let events = AsyncEvents::from_response(response.map(|body| body.0)).await?;
+        Ok(EventStream::new(events))
     }
 }
 
-/// Runs the call to its first output for the caller: a head (the response) or a failure.
+/// Runs the call to its answer: the response, whose body streams on, or keypool's own error.
 async fn respond(mut driver: Box<Driver>) -> Result<http::Response<Body>, Error> {
-    match driver.next_output().await {
-        Output::Head(head) => {
-            let summary = driver.call.summary();
-            let mut response = http::Response::new(Body::new(driver));
-            *response.status_mut() = head.status;
-            *response.headers_mut() = head.headers;
-            response.extensions_mut().insert(summary);
-            Ok(response)
-        }
-        Output::Fail(failure) => Err(Error::Call(Box::new(failure))),
-        other => Err(Error::Config(format!(
-            "internal: unexpected call output {other:?}"
-        ))),
-    }
+    let response = driver.response().await?;
+    Ok(response.map(|()| Body::new(driver)))
 }

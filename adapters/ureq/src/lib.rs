@@ -25,8 +25,9 @@
 //! ```
 //!
 //! Timeouts come from [`Timeouts`]: `connect` for the TCP and TLS connect, `first_byte` for the
-//! response head, `idle` for each read of the body (ureq's per-read timeout). The first-content
-//! hold timer of [`CommitPoint::FirstContent`] is checked between reads.
+//! response head, `idle` for each read of the body (ureq's per-read timeout: a stalled body ends
+//! as the call's idle timeout, [`StreamBreak::Idle`](keypool_core::call::StreamBreak::Idle)).
+//! The first-content hold timer of [`CommitPoint::FirstContent`] is checked between reads.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -34,14 +35,15 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::Method;
-use keypool_core::call::{Attempt, Call, CallConfig, Output, Request, StreamBreak, TransportError};
+use keypool_core::call::{Attempt, CallConfig, Request, TransportError};
 use keypool_core::client::{
-    ClientAdapter, ClientSettings, EventAssembler, Step, Upstream, is_event_stream_response, request_id,
+    BlockingBody, BlockingEvents, BlockingTransport, ClientAdapter, ClientCall, ClientSettings, Clocks, Io,
+    Transport, Upstream,
 };
 use keypool_core::sse::Event;
 use keypool_core::{Pool, Secret};
 
-pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Timeouts};
+pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Outcome, Timeouts};
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
 pub use keypool_core::{Policy, sse};
 
@@ -146,118 +148,56 @@ impl Client {
     }
 
     fn send_as(&self, request: Request, credential: Credential) -> Result<http::Response<Body>, Error> {
-        let mut driver = Driver::new(self.inner.clone(), request, credential);
-        match driver.next_output() {
-            Output::Head(head) => {
-                let summary = driver.call.summary();
-                let mut response = http::Response::new(Body {
-                    driver,
-                    pending: Bytes::new(),
-                    done: false,
-                });
-                *response.status_mut() = head.status;
-                *response.headers_mut() = head.headers;
-                response.extensions_mut().insert(summary);
-                Ok(response)
-            }
-            Output::Fail(failure) => Err(Error::Call(Box::new(failure))),
-            other => Err(unexpected(&other)),
-        }
+        let transport = Ureq {
+            inner: self.inner.clone(),
+            buf: vec![0; 16 * 1024],
+        };
+        let mut call = ClientCall::new(transport, request, credential, &self.inner.config);
+        let response = call.response_blocking()?;
+        Ok(response.map(|()| Body(BlockingBody::new(call))))
     }
 
     fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
         let response = self.send_as(request, credential)?;
-        if !is_event_stream_response(&response) {
-            let (parts, mut body) = response.into_parts();
-            let mut bytes = Vec::new();
-            body.read_to_end(&mut bytes)?;
-            return Err(Error::Status(Box::new(http::Response::from_parts(
-                parts,
-                Bytes::from(bytes),
-            ))));
-        }
-        Ok(EventStream {
-            body: response.into_body(),
-            events: EventAssembler::new(),
-        })
+        BlockingEvents::from_response(response.map(|body| body.0)).map(EventStream)
     }
 }
 
 /// A response body that streams from the upstream through the call state machine.
 #[derive(Debug)]
-pub struct Body {
-    driver: Driver,
-    pending: Bytes,
-    done: bool,
-}
+pub struct Body(BlockingBody<Ureq>);
 
 impl Body {
     /// The next chunk of the body: `Ok(None)` at its end. A stream that broke after commit
     /// yields its synthesized `error` event and then `Err` with the [`StreamError`].
     pub fn next_chunk(&mut self) -> Result<Option<Bytes>, BodyError> {
-        if !self.pending.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.pending)));
-        }
-        loop {
-            if self.done {
-                return Ok(None);
-            }
-            match self.driver.next_output() {
-                Output::Body(bytes) if bytes.is_empty() => {}
-                Output::Body(bytes) => return Ok(Some(bytes)),
-                Output::Abort(abort) => {
-                    self.done = true;
-                    return Err(BodyError {
-                        error: abort.error,
-                        event: abort.event,
-                    });
-                }
-                Output::Done => self.done = true,
-                // A second head or a failure cannot follow a delivered head; treat it as a broken body.
-                Output::Head(_) | Output::Fail(_) | Output::Send(_) | Output::Mark(_) | Output::Wait(_) => {
-                    self.done = true;
-                    return Err(BodyError {
-                        error: CallError::BodyBroken(StreamBreak::Transport(TransportError::Protocol)),
-                        event: None,
-                    });
-                }
-            }
-        }
+        self.0.next_chunk()
+    }
+
+    /// How the call ended: `None` while it runs. A body dropped before then ends its call as
+    /// [`Outcome::ClientGone`].
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.0.outcome()
     }
 }
 
 impl Read for Body {
+    /// Bytes as the caller would forward them: an event stream that broke ends with keypool's
+    /// `error` event; a plain body that broke fails with an `io::Error` wrapping [`BodyError`].
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            match self.next_chunk() {
-                Ok(Some(bytes)) => self.pending = bytes,
-                Ok(None) => return Ok(0),
-                Err(e) => match e.event {
-                    // An event stream read as bytes ends with keypool's error event.
-                    Some(event) => self.pending = event,
-                    None => return Err(io::Error::other(e)),
-                },
-            }
-        }
-        let n = buf.len().min(self.pending.len());
-        buf[..n].copy_from_slice(&self.pending[..n]);
-        let _ = self.pending.split_to(n);
-        Ok(n)
+        self.0.read(buf)
     }
 }
 
 /// The parsed events of a streaming call. Ends after `message_stop`, or with one
 /// `Err(StreamError)` when the stream broke after commit.
 #[derive(Debug)]
-pub struct EventStream {
-    body: Body,
-    events: EventAssembler,
-}
+pub struct EventStream(BlockingEvents<Ureq>);
 
 impl EventStream {
     /// The key pool id that answered.
     pub fn key(&self) -> Option<keypool_core::KeyId> {
-        self.body.driver.call.key()
+        self.0.key()
     }
 }
 
@@ -265,120 +205,88 @@ impl Iterator for EventStream {
     type Item = Result<Event, StreamError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            match self.events.step() {
-                Step::Item(item) => return Some(item),
-                Step::End => return None,
-                Step::NeedBody => self.events.handle_body(self.body.next_chunk()),
-            }
-        }
+        self.0.next()
     }
 }
 
-/// The loop: runs the call until it has something for the caller.
-struct Driver {
+/// Sends attempts with the client's agent and reads their bodies.
+struct Ureq {
     inner: Arc<Inner>,
-    call: Call,
-    reader: Option<ureq::BodyReader<'static>>,
     buf: Vec<u8>,
 }
 
-impl Driver {
-    fn new(inner: Arc<Inner>, request: Request, credential: Credential) -> Self {
-        let call = Call::new(
-            request,
-            credential,
-            &inner.config,
-            request_id(SystemTime::now()),
-            Instant::now(),
-        );
-        Self {
-            inner,
-            call,
-            reader: None,
-            buf: vec![0; 16 * 1024],
+/// One attempt: sent on the first read (ureq sends and reads the head in one blocking call),
+/// then its body.
+enum Exchange {
+    Unsent(Attempt),
+    Reading(ureq::BodyReader<'static>),
+}
+
+impl Transport for Ureq {
+    type Exchange = Exchange;
+
+    fn start(&mut self, attempt: Attempt) -> Exchange {
+        Exchange::Unsent(attempt)
+    }
+
+    fn release(&mut self, exchange: Exchange) {
+        // ureq gives a connection back to its pool on the read that finds the body complete
+        // (a body read to its content-length is; that read does no IO).
+        if let Exchange::Reading(mut reader) = exchange {
+            let _ = reader.read(&mut [0; 1]);
         }
     }
 
-    fn next_output(&mut self) -> Output {
-        loop {
-            match self.call.poll_output() {
-                Output::Send(attempt) => self.send(attempt),
-                Output::Mark(mark) => self.call.report(&mark),
-                Output::Wait(deadline) => self.read(deadline),
-                Output::Done => {
-                    self.reader = None;
-                    return Output::Done;
-                }
-                other => return other,
-            }
-        }
-    }
+    const CLOCKS: Clocks = Clocks {
+        now: Instant::now,
+        wall: SystemTime::now,
+    };
+}
 
-    fn send(&mut self, attempt: Attempt) {
-        self.reader = None;
-        let url = self.inner.upstream.url(&attempt.path_and_query);
-        let mut builder = http::Request::builder().method(attempt.method.clone()).uri(url);
-        if let Some(headers) = builder.headers_mut() {
-            *headers = attempt.headers;
-        }
-        let result = match builder.body(attempt.body.as_ref()) {
-            Ok(request) if attempt.method == Method::GET || attempt.method == Method::HEAD => {
-                let (parts, _) = request.into_parts();
-                self.inner.agent.run(http::Request::from_parts(parts, ()))
+impl BlockingTransport for Ureq {
+    fn next_io(&mut self, exchange: &mut Exchange, deadline: Option<Instant>) -> Io {
+        let reader = match exchange {
+            Exchange::Unsent(attempt) => {
+                let sent = send(&self.inner, attempt);
+                return match sent {
+                    Ok(response) => {
+                        let (parts, body) = response.into_parts();
+                        *exchange = Exchange::Reading(body.into_reader());
+                        Io::Head(parts.status, parts.headers)
+                    }
+                    Err(e) => Io::Error(transport_error(&e)),
+                };
             }
-            Ok(request) => self.inner.agent.run(request),
-            Err(_) => Err(ureq::Error::BadUri("invalid request".into())),
+            Exchange::Reading(reader) => reader,
         };
-        let now = Instant::now();
-        match result {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                self.reader = Some(body.into_reader());
-                self.call
-                    .handle_response_head(parts.status, parts.headers, now, SystemTime::now());
-            }
-            Err(e) => self.call.handle_transport_error(transport_error(&e), now),
+        // Between reads, a deadline that passed meanwhile (the caller took its time) fires
+        // first; a read itself is bounded by ureq's per-read timeout.
+        if deadline.is_some_and(|at| Instant::now() >= at) {
+            return Io::TimedOut;
         }
-    }
-
-    fn read(&mut self, deadline: Option<Instant>) {
-        let now = Instant::now();
-        if deadline.is_some_and(|at| now >= at) {
-            return self.call.handle_timeout(now);
-        }
-        let Some(reader) = self.reader.as_mut() else {
-            return self.call.handle_transport_error(TransportError::Eof, now);
-        };
-        let read = reader.read(&mut self.buf);
-        let now = Instant::now();
-        match read {
-            Ok(0) => self.call.handle_body_end(now),
-            Ok(n) => self.call.handle_body(Bytes::copy_from_slice(&self.buf[..n]), now),
-            Err(e) => self.call.handle_transport_error(io_transport_error(&e), now),
+        match reader.read(&mut self.buf) {
+            Ok(0) => Io::End,
+            Ok(n) => Io::Chunk(Bytes::copy_from_slice(&self.buf[..n])),
+            Err(e) => Io::Error(io_transport_error(&e)),
         }
     }
 }
 
-impl std::fmt::Debug for Driver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver")
-            .field("call", &self.call)
-            .field("reading", &self.reader.is_some())
-            .finish_non_exhaustive()
+/// Sends an attempt and reads its response head.
+fn send(inner: &Inner, attempt: &Attempt) -> Result<http::Response<ureq::Body>, ureq::Error> {
+    let url = inner.upstream.url(&attempt.path_and_query);
+    let mut builder = http::Request::builder().method(attempt.method.clone()).uri(url);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = attempt.headers.clone();
     }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        if !self.call.is_done() {
-            self.call.handle_caller_gone();
+    match builder.body(attempt.body.as_ref()) {
+        Ok(request) if attempt.method == Method::GET || attempt.method == Method::HEAD => {
+            let (parts, _) = request.into_parts();
+            inner.agent.run(http::Request::from_parts(parts, ()))
         }
+        Ok(request) => inner.agent.run(request),
+        Err(_) => Err(ureq::Error::BadUri("invalid request".into())),
     }
-}
-
-fn unexpected(output: &Output) -> Error {
-    Error::Config(format!("internal: unexpected call output {output:?}"))
 }
 
 fn transport_error(e: &ureq::Error) -> TransportError {
@@ -395,17 +303,8 @@ fn transport_error(e: &ureq::Error) -> TransportError {
 }
 
 fn io_transport_error(e: &io::Error) -> TransportError {
-    if let Some(inner) = e.get_ref().and_then(|x| x.downcast_ref::<ureq::Error>()) {
-        return transport_error(inner);
-    }
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => TransportError::Timeout,
-        io::ErrorKind::ConnectionRefused => TransportError::Connect,
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-            TransportError::Reset
-        }
-        io::ErrorKind::UnexpectedEof => TransportError::Eof,
-        io::ErrorKind::InvalidData => TransportError::Protocol,
-        _ => TransportError::Reset,
+    match e.get_ref().and_then(|x| x.downcast_ref::<ureq::Error>()) {
+        Some(inner) => transport_error(inner),
+        None => e.kind().into(),
     }
 }

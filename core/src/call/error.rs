@@ -21,10 +21,28 @@ pub enum TransportError {
     Reset,
     /// The connection closed before the response (head or body) was complete.
     Eof,
-    /// A timeout enforced by the adapter's IO layer (for example while connecting).
+    /// A timeout enforced by the adapter's IO layer. It stands for the call's own timer of the
+    /// phase it fires in: before a head the first-byte timeout, while a delivered body is read
+    /// the idle timeout ([`StreamBreak::Idle`]).
     Timeout,
     /// The upstream broke the HTTP protocol (a malformed head, a bad chunk).
     Protocol,
+}
+
+/// What an IO error of the adapter's transport means to the call (the one mapping every adapter
+/// uses for `std::io` errors).
+impl From<std::io::ErrorKind> for TransportError {
+    fn from(kind: std::io::ErrorKind) -> Self {
+        use std::io::ErrorKind;
+        match kind {
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => Self::Timeout,
+            ErrorKind::ConnectionRefused => Self::Connect,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => Self::Reset,
+            ErrorKind::UnexpectedEof => Self::Eof,
+            ErrorKind::InvalidData => Self::Protocol,
+            _ => Self::Reset,
+        }
+    }
 }
 
 impl TransportError {

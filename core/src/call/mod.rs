@@ -2,23 +2,38 @@
 //!
 //! A [`Call`] makes every decision; an adapter only moves bytes and reads clocks. The adapter
 //! feeds what happens through the `handle_*` methods and, after each of them (and once after
-//! [`Call::new`]), drains [`Call::poll_output`] until it returns [`Output::Wait`] or
-//! [`Output::Done`]:
+//! [`Call::new`]), drains the outputs of the call's phase.
+//!
+//! **Before a response head is delivered**, drain [`Call::poll_output`] until it returns
+//! [`Output::Wait`], [`Output::Head`] or [`Output::Fail`]:
 //!
 //! 1. [`Output::Send`] — start this attempt upstream. Any previous exchange is over: drop it
 //!    (or drain it in the background for connection reuse).
-//! 1. [`Output::Mark`] — the call marked a key (already applied to the pool): hand the portable
-//!    [`Mark`] to a state backend, log it, count it. It always comes before the `Send` of the
-//!    attempt that follows it.
-//! 2. [`Output::Head`] — give this response head to the caller; [`Output::Body`] chunks follow.
-//! 3. [`Output::Body`] — give these bytes to the caller. For an event stream they are always
-//!    whole events, every complete event of the upstream chunk at once.
-//! 4. [`Output::Fail`] — answer the caller with this error response instead of any head.
-//! 5. [`Output::Abort`] — the delivered body broke: write the event (if any), then end the body
-//!    (with an error for a plain body).
-//! 6. [`Output::Wait`] — read the next input of the current exchange (its head, then body
-//!    chunks), and call [`Call::handle_timeout`] if the given deadline passes first.
-//! 7. [`Output::Done`] — the call is over; stop reading the upstream.
+//! 2. [`Output::Mark`] — the call marked a key (already applied to the pool): hand the portable
+//!    [`Mark`] to a state backend, log it, count it ([`Call::report`]). It always comes before
+//!    the `Send` of the attempt that follows it.
+//! 3. [`Output::Head`] — give this response head to the caller. The body phase begins: from now
+//!    on drain [`Call::poll_body`] instead.
+//! 4. [`Output::Fail`] — answer the caller with this error response instead of any head. The
+//!    call is over; stop reading the upstream.
+//! 5. [`Output::Wait`] — read the next input of the current exchange (its head, or the start of
+//!    its body), and call [`Call::handle_timeout`] if the given deadline passes first.
+//!
+//! **After the head**, drain [`Call::poll_body`] until it returns [`BodyOutput::Wait`] or the
+//! call is over:
+//!
+//! 1. [`BodyOutput::Body`] — give these bytes (never empty) to the caller. For an event stream
+//!    they are always whole events, every complete event of the upstream chunk at once.
+//! 2. [`BodyOutput::Abort`] — the delivered body broke: write the event (if any), then end the
+//!    body (with an error for a plain body). The call is over.
+//! 3. [`BodyOutput::Wait`] — read the next body input of the exchange, and call
+//!    [`Call::handle_timeout`] if the given deadline passes first.
+//! 4. [`BodyOutput::Done`] — the body is complete; the call is over. Stop reading the upstream.
+//!
+//! Each method returns only what its phase can produce. Out of its phase a method has nothing
+//! for the caller: `poll_output` after a head or a failure says `Wait`, `poll_body` before a
+//! head says `Wait` and after a failure `Done`. Once the call is over, [`Call::outcome`] says
+//! how it ended.
 //!
 //! Key marks are made by the call itself, through [`Pool::apply`], the moment a verdict is known
 //! (so the very next pick, of this call or any other, sees them), and handed out once as
@@ -27,6 +42,7 @@
 
 mod error;
 pub(crate) mod headers;
+mod outcome;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -37,6 +53,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode};
 
 pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
+pub use outcome::{FailureKind, Outcome};
 
 use crate::mark::{Change, Family, Mark, Target};
 use crate::policy::{MAX_CLASSIFY_BODY, Policy, Verdict};
@@ -267,7 +284,8 @@ pub struct Failure {
     pub summary: CallSummary,
 }
 
-/// What the adapter must do next. See the [module docs](self) for the drain order.
+/// What the adapter must do before a response head is delivered. See the
+/// [module docs](self) for the drain order.
 #[derive(Debug)]
 #[must_use = "every output must be acted on"]
 pub enum Output {
@@ -275,17 +293,26 @@ pub enum Output {
     Send(Attempt),
     /// The call marked a key (already applied to the pool).
     Mark(KeyMark),
-    /// Deliver this response head.
+    /// Deliver this response head; the body's outputs follow from [`Call::poll_body`].
     Head(Head),
-    /// Deliver these body bytes.
-    Body(Bytes),
     /// Answer with this error response; the call is over.
     Fail(Failure),
-    /// End the delivered body early.
-    Abort(Abort),
     /// Wait for the next input of the current exchange, or until the deadline.
     Wait(Option<Instant>),
-    /// The call is over.
+}
+
+/// What the adapter must do after a response head is delivered. See the
+/// [module docs](self) for the drain order.
+#[derive(Debug)]
+#[must_use = "every output must be acted on"]
+pub enum BodyOutput {
+    /// Deliver these body bytes (never empty).
+    Body(Bytes),
+    /// End the delivered body early; the call is over.
+    Abort(Abort),
+    /// Wait for the next body input of the current exchange, or until the deadline.
+    Wait(Option<Instant>),
+    /// The body is complete; the call is over.
     Done,
 }
 
@@ -357,10 +384,13 @@ enum State {
     },
     /// An event stream before its commit point.
     Holding(Box<Holding>),
-    /// A delivered plain body.
-    Plain,
-    /// A committed event stream.
-    Streaming { framer: Box<Framer>, clean_end: bool },
+    /// A delivered plain body; `left`: the bytes its `content-length` still promises.
+    Plain { left: Option<u64> },
+    /// A committed event stream; `end`: the latest event after which the body may end cleanly.
+    Streaming {
+        framer: Box<Framer>,
+        end: Option<EndEvent>,
+    },
     /// Over.
     Finished,
 }
@@ -394,7 +424,12 @@ pub struct Call {
     /// Both clocks read together at the latest response head: `wall_at` derives the wall time
     /// of a later `now` from them.
     clocks: (Instant, SystemTime),
+    /// Outputs before the head ([`Call::poll_output`]).
     outputs: VecDeque<Output>,
+    /// Outputs after the head ([`Call::poll_body`]).
+    body_outputs: VecDeque<BodyOutput>,
+    /// How the call ended, once it has.
+    outcome: Option<Outcome>,
     request_id: String,
 }
 
@@ -439,6 +474,8 @@ impl Call {
             timers: Timers::default(),
             clocks: (now, SystemTime::UNIX_EPOCH),
             outputs: VecDeque::new(),
+            body_outputs: VecDeque::new(),
+            outcome: None,
             request_id: request_id.into(),
         };
         call.next_attempt(now);
@@ -455,6 +492,12 @@ impl Call {
         self.key
     }
 
+    /// How the call ended: `None` while it runs. Set the moment the call is over — its last
+    /// output queued, or the caller gone — and never changed after.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome
+    }
+
     /// Hands a mark from [`Output::Mark`] to the configured [`MarkSink`], if any: what a
     /// driver does with every mark.
     pub fn report(&self, mark: &KeyMark) {
@@ -468,19 +511,31 @@ impl Call {
         &self.request_id
     }
 
-    /// Whether the call is over.
+    /// Whether the call is over and every output has been drained.
     pub fn is_done(&self) -> bool {
-        matches!(self.state, State::Finished) && self.outputs.is_empty()
+        matches!(self.state, State::Finished) && self.outputs.is_empty() && self.body_outputs.is_empty()
     }
 
-    /// The next thing to do. Drain until [`Output::Wait`] or [`Output::Done`].
+    /// The next thing to do before a head is delivered. Drain until [`Output::Wait`],
+    /// [`Output::Head`] or [`Output::Fail`]; after those two, drain [`poll_body`](Self::poll_body)
+    /// (after a head) or stop (after a failure). Past its phase it says `Wait`.
     pub fn poll_output(&mut self) -> Output {
-        if let Some(out) = self.outputs.pop_front() {
+        match self.outputs.pop_front() {
+            Some(out) => out,
+            None => Output::Wait(self.poll_timeout()),
+        }
+    }
+
+    /// The next thing to do after the head: drain until [`BodyOutput::Wait`], or until
+    /// [`BodyOutput::Abort`] or [`BodyOutput::Done`] end the call. Before a head it says `Wait`;
+    /// once the call is over (a failure included), `Done`.
+    pub fn poll_body(&mut self) -> BodyOutput {
+        if let Some(out) = self.body_outputs.pop_front() {
             return out;
         }
         match self.state {
-            State::Finished => Output::Done,
-            _ => Output::Wait(self.timers.next()),
+            State::Finished => BodyOutput::Done,
+            _ => BodyOutput::Wait(self.poll_timeout()),
         }
     }
 
@@ -599,25 +654,25 @@ impl Call {
                     return;
                 }
             }
-            State::Plain => self.outputs.push_back(Output::Body(chunk)),
+            State::Plain { .. } => self.plain_bytes(chunk),
             State::Holding(h) => {
                 h.framer.feed(&chunk);
                 self.pump_holding(&chunk, now);
             }
-            State::Streaming { framer, clean_end } => {
+            State::Streaming { framer, end } => {
                 let mut out = Joiner::within(chunk.clone());
                 framer.feed(&chunk);
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
-                            if ends_stream(&self.config.profile, &frame) {
-                                *clean_end = true;
+                            if let Some(ends) = end_event(&self.config.profile, &frame) {
+                                *end = Some(ends);
                             }
                             out.push(frame.into_bytes());
                         }
                         Some(Err(_)) => {
                             if let Some(bytes) = out.finish() {
-                                self.outputs.push_back(Output::Body(bytes));
+                                self.body_outputs.push_back(BodyOutput::Body(bytes));
                             }
                             return self.abort(StreamBreak::EventTooLarge);
                         }
@@ -625,7 +680,7 @@ impl Call {
                     }
                 }
                 if let Some(bytes) = out.finish() {
-                    self.outputs.push_back(Output::Body(bytes));
+                    self.body_outputs.push_back(BodyOutput::Body(bytes));
                 }
             }
         }
@@ -639,10 +694,17 @@ impl Call {
         match &mut self.state {
             State::AwaitHead | State::Finished => {}
             State::Classify { .. } => self.classify_body(true, now),
-            State::Plain => self.finish(),
+            State::Plain { .. } => self.finish(Outcome::Complete),
             State::Holding(_) => self.fail(CallError::EmptyStream),
-            State::Streaming { clean_end: true, .. } => self.finish(),
-            State::Streaming { clean_end: false, .. } => self.abort(StreamBreak::EndedEarly),
+            State::Streaming {
+                end: Some(EndEvent::Stop),
+                ..
+            } => self.finish(Outcome::Complete),
+            State::Streaming {
+                end: Some(EndEvent::Error),
+                ..
+            } => self.finish(Outcome::UpstreamError),
+            State::Streaming { end: None, .. } => self.abort(StreamBreak::EndedEarly),
         }
     }
 
@@ -666,7 +728,12 @@ impl Call {
                     self.fail(CallError::Transport(error));
                 }
             }
-            State::Plain | State::Streaming { .. } => self.abort(StreamBreak::Transport(error)),
+            // The IO layer's own timeout while reading a delivered body is the idle timeout
+            // (a blocking adapter enforces it as a per-read timeout), like a head's above.
+            State::Plain { .. } | State::Streaming { .. } if error == TransportError::Timeout => {
+                self.abort(StreamBreak::Idle(self.config.timeouts.idle));
+            }
+            State::Plain { .. } | State::Streaming { .. } => self.abort(StreamBreak::Transport(error)),
         }
     }
 
@@ -686,7 +753,7 @@ impl Call {
         if self.timers.expired(Timer::Hold, now) {
             self.timers.stop(Timer::Hold);
             if matches!(self.state, State::Holding(_)) {
-                self.commit(Joiner::default(), false);
+                self.commit(Joiner::default(), None);
             }
         }
         if self.timers.expired(Timer::Idle, now) {
@@ -705,16 +772,17 @@ impl Call {
                     phase: TimeoutPhase::Idle,
                     after: idle,
                 }),
-                State::Plain | State::Streaming { .. } => self.abort(StreamBreak::Idle(idle)),
+                State::Plain { .. } | State::Streaming { .. } => self.abort(StreamBreak::Idle(idle)),
             }
         }
     }
 
-    /// The caller went away: stop everything. No key is marked for an abandoned call.
+    /// The caller went away: stop everything. No key is marked for an abandoned call. A call
+    /// that was not over yet ends as [`Outcome::ClientGone`].
     pub fn handle_caller_gone(&mut self) {
         self.outputs.clear();
-        self.state = State::Finished;
-        self.timers.clear();
+        self.body_outputs.clear();
+        self.finish(Outcome::ClientGone);
     }
 
     /// Picks the next key (or ends the call with the exhaustion error) and queues the attempt.
@@ -828,7 +896,7 @@ impl Call {
 
     /// Classifies a buffered error body. `ended`: the whole body is in the buffer.
     fn classify_body(&mut self, ended: bool, now: Instant) {
-        let State::Classify { status, headers, buf } = std::mem::replace(&mut self.state, State::Plain)
+        let State::Classify { status, headers, buf } = std::mem::replace(&mut self.state, State::Finished)
         else {
             return;
         };
@@ -836,17 +904,28 @@ impl Call {
         if verdict.is_failover() {
             return self.fail_over(status, verdict, now);
         }
-        let headers = self.response_headers(headers, BodyKind::Plain);
-        self.outputs.push_back(Output::Head(Head {
-            status,
-            headers,
-            kind: BodyKind::Plain,
-        }));
-        if !buf.is_empty() {
-            self.outputs.push_back(Output::Body(buf.freeze()));
-        }
+        self.deliver_plain(status, headers);
+        self.plain_bytes(buf.freeze());
         if ended {
-            self.finish();
+            self.finish(Outcome::Complete);
+        }
+    }
+
+    /// Delivers bytes of a plain body. A body that has all its `content-length` promised is
+    /// complete, even if the transport has not reported its end yet.
+    fn plain_bytes(&mut self, chunk: Bytes) {
+        let State::Plain { left } = &mut self.state else {
+            return;
+        };
+        if let Some(left) = left {
+            *left = left.saturating_sub(chunk.len() as u64);
+        }
+        let complete = *left == Some(0);
+        if !chunk.is_empty() {
+            self.body_outputs.push_back(BodyOutput::Body(chunk));
+        }
+        if complete {
+            self.finish(Outcome::Complete);
         }
     }
 
@@ -881,14 +960,49 @@ impl Call {
                 held: Vec::new(),
             }));
         } else {
-            let headers = self.response_headers(headers, BodyKind::Plain);
-            self.outputs.push_back(Output::Head(Head {
-                status,
-                headers,
-                kind: BodyKind::Plain,
-            }));
-            self.state = State::Plain;
+            self.deliver_plain(status, headers);
         }
+    }
+
+    /// Delivers the head of a plain body; a body that is empty by its framing is complete.
+    fn deliver_plain(&mut self, status: StatusCode, headers: HeaderMap) {
+        let left = self.body_length(status, &headers);
+        let headers = self.response_headers(headers, BodyKind::Plain);
+        self.outputs.push_back(Output::Head(Head {
+            status,
+            headers,
+            kind: BodyKind::Plain,
+        }));
+        self.state = State::Plain { left };
+        if left == Some(0) {
+            self.finish(Outcome::Complete);
+        }
+    }
+
+    /// How many body bytes a delivered plain response promises (RFC 9112 §6.3): none after a
+    /// `HEAD` or for a status without a body, else its `content-length` unless a
+    /// `transfer-encoding` overrides it. `None` when there is no valid length: the body then
+    /// ends when the transport says so.
+    fn body_length(&self, status: StatusCode, headers: &HeaderMap) -> Option<u64> {
+        if self.method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Some(0);
+        }
+        if headers.contains_key(http::header::TRANSFER_ENCODING) {
+            return None;
+        }
+        let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
+        let text = value.to_str().ok()?;
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        text.parse().ok()
     }
 
     /// Runs the framer of a stream that is not committed yet; `chunk` is the one just fed.
@@ -904,7 +1018,7 @@ impl Call {
                 Some(Ok(frame)) => frame,
             };
             let kind = kind(&self.config.profile, &frame);
-            let ends = matches!(kind, Kind::End | Kind::Error);
+            let ends = kind.end_event();
             if !first_content {
                 let mut out = Joiner::within(chunk.clone());
                 out.push(frame.into_bytes());
@@ -944,7 +1058,7 @@ impl Call {
 
     /// Delivers the head and every held and ready event; the stream is committed. `ends`: the
     /// event that committed it ends the stream (the profile's end event, or an in-band error).
-    fn commit(&mut self, mut out: Joiner, ends: bool) {
+    fn commit(&mut self, mut out: Joiner, ends: Option<EndEvent>) {
         let State::Holding(h) = std::mem::replace(&mut self.state, State::Finished) else {
             return;
         };
@@ -967,12 +1081,14 @@ impl Call {
         if let Some(bytes) = out.finish() {
             all.push(bytes);
         }
-        let mut clean_end = ends;
+        let mut end = ends;
         let mut too_large = false;
         loop {
             match framer.next_frame() {
                 Some(Ok(frame)) => {
-                    clean_end |= ends_stream(&self.config.profile, &frame);
+                    if let Some(ends) = end_event(&self.config.profile, &frame) {
+                        end = Some(ends);
+                    }
                     all.push(frame.into_bytes());
                 }
                 Some(Err(_)) => {
@@ -983,11 +1099,11 @@ impl Call {
             }
         }
         if let Some(bytes) = all.finish() {
-            self.outputs.push_back(Output::Body(bytes));
+            self.body_outputs.push_back(BodyOutput::Body(bytes));
         }
         self.state = State::Streaming {
             framer: Box::new(framer),
-            clean_end,
+            end,
         };
         if too_large {
             self.abort(StreamBreak::EventTooLarge);
@@ -1006,12 +1122,13 @@ impl Call {
     fn fail(&mut self, error: CallError) {
         let response = error.to_response_for(&self.config.profile, &self.request_id);
         let summary = self.summary();
+        let outcome = Outcome::of_error(&error);
         self.outputs.push_back(Output::Fail(Failure {
             error,
             response,
             summary,
         }));
-        self.finish();
+        self.finish(outcome);
     }
 
     fn abort(&mut self, why: StreamBreak) {
@@ -1023,13 +1140,17 @@ impl Call {
             }
             _ => (CallError::BodyBroken(why), None),
         };
-        self.outputs.push_back(Output::Abort(Abort { error, event }));
-        self.finish();
+        let outcome = Outcome::of_error(&error);
+        self.body_outputs
+            .push_back(BodyOutput::Abort(Abort { error, event }));
+        self.finish(outcome);
     }
 
-    fn finish(&mut self) {
+    /// The call is over; the first outcome decided is the one that stays.
+    fn finish(&mut self, outcome: Outcome) {
         self.state = State::Finished;
         self.timers.clear();
+        self.outcome.get_or_insert(outcome);
     }
 }
 
@@ -1130,9 +1251,28 @@ fn kind(profile: &Profile, frame: &RawEvent) -> Kind {
     }
 }
 
+/// An event after which the end of the body is a clean end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndEvent {
+    /// The profile's end event: the stream is complete.
+    Stop,
+    /// An in-band error, relayed to the caller.
+    Error,
+}
+
+impl Kind {
+    fn end_event(self) -> Option<EndEvent> {
+        match self {
+            Self::End => Some(EndEvent::Stop),
+            Self::Error => Some(EndEvent::Error),
+            Self::Preamble | Self::Blank | Self::Other => None,
+        }
+    }
+}
+
 /// Whether an event ends the stream: after it, the end of the body is a clean end.
-fn ends_stream(profile: &Profile, frame: &RawEvent) -> bool {
-    matches!(kind(profile, frame), Kind::End | Kind::Error)
+fn end_event(profile: &Profile, frame: &RawEvent) -> Option<EndEvent> {
+    kind(profile, frame).end_event()
 }
 
 /// Whether a frame carries no field but comments and blank lines.

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::call::{
-    BodyKind, Call, CallConfig, CommitPoint, Credential, Output, Request, Timeouts, TransportError,
+    BodyKind, BodyOutput, Call, CallConfig, CommitPoint, Credential, Outcome, Output, Request, Timeouts,
+    TransportError,
 };
 use crate::pool::{KeyId, KeyState, Order, Pool, Transition};
 use crate::secret::Secret;
@@ -182,6 +183,9 @@ enum Op {
         org: Option<(u8, Option<bool>)>,
         /// A rate-limit dimension at 0, resetting this many seconds later (SPEC §11.4).
         exhausted: Option<u8>,
+        /// A `content-length` header: a plain body is complete once it has delivered this many
+        /// bytes.
+        length: Option<u16>,
     },
     /// Body bytes, in two chunks cut at `split`.
     Body {
@@ -403,7 +407,8 @@ impl World {
             return Vec::new();
         };
         let mut marks = Vec::new();
-        loop {
+        // Before the head: what `poll_output` can say.
+        while t.delivered.is_none() && !t.failed {
             match t.call.poll_output() {
                 Output::Send(a) => {
                     // §8.4 and §8.6: bounded attempts, none after the answer.
@@ -484,10 +489,6 @@ impl World {
                     assert!(t.head.is_some(), "a head delivered before the upstream's");
                     t.delivered = Some(h.kind);
                 }
-                Output::Body(b) => {
-                    assert!(t.delivered.is_some() && !t.aborted, "body out of place");
-                    t.body.extend_from_slice(&b);
-                }
                 Output::Fail(f) => {
                     assert!(t.delivered.is_none() && !t.failed, "a failure after the answer");
                     assert!(
@@ -496,7 +497,18 @@ impl World {
                     );
                     t.failed = true;
                 }
-                Output::Abort(a) => {
+                Output::Wait(_) => break,
+            }
+        }
+        // After the head: what `poll_body` can say.
+        while t.delivered.is_some() && !t.done {
+            match t.call.poll_body() {
+                BodyOutput::Body(b) => {
+                    assert!(!b.is_empty(), "an empty body chunk");
+                    assert!(!t.aborted, "body after the abort");
+                    t.body.extend_from_slice(&b);
+                }
+                BodyOutput::Abort(a) => {
                     assert!(t.delivered.is_some() && !t.aborted, "abort out of place");
                     t.aborted = true;
                     match (t.delivered, &a.event) {
@@ -513,17 +525,33 @@ impl World {
                         (kind, event) => panic!("abort of a {kind:?} body with {event:?}"),
                     }
                 }
-                Output::Wait(_) => break,
-                Output::Done => {
-                    assert!(t.call.is_done());
-                    assert!(
-                        t.gone || t.failed || t.delivered.is_some(),
-                        "ended without an answer"
-                    );
-                    t.done = true;
-                    break;
-                }
+                BodyOutput::Wait(_) => break,
+                BodyOutput::Done => break,
             }
+        }
+        if t.call.is_done() && !t.done {
+            assert!(
+                t.gone || t.failed || t.delivered.is_some(),
+                "ended without an answer"
+            );
+            // The outcome is the core's account of what the caller saw.
+            match t.call.outcome() {
+                Some(Outcome::Failed(_)) => assert!(t.failed, "a failure outcome without a failure"),
+                Some(Outcome::ClientGone) => assert!(t.gone, "client_gone while the caller was there"),
+                Some(Outcome::UpstreamBroke(_) | Outcome::Timeout) => {
+                    assert!(t.aborted, "a broken outcome without an abort")
+                }
+                Some(Outcome::Complete) => assert!(
+                    t.delivered.is_some() && !t.aborted,
+                    "complete without a whole body"
+                ),
+                Some(Outcome::UpstreamError) => assert!(
+                    t.delivered == Some(BodyKind::EventStream) && !t.aborted,
+                    "upstream_error outside a whole event stream"
+                ),
+                None => panic!("a call over without an outcome"),
+            }
+            t.done = true;
         }
         // §8.6: the caller got exactly the upstream's bytes, in whole events for a stream.
         match t.delivered {
@@ -563,6 +591,7 @@ impl World {
                 content_type,
                 org,
                 exhausted,
+                length,
             } => {
                 let status = status.code();
                 let mut headers = HeaderMap::new();
@@ -636,6 +665,9 @@ impl World {
                 };
                 if let Some(ct) = ct {
                     put("content-type", Ok(ct));
+                }
+                if let Some(length) = length {
+                    put("content-length", Ok(HeaderValue::from(length)));
                 }
                 if live && t.head.is_none() {
                     t.head = Some(status);
@@ -734,7 +766,7 @@ fn feed(t: &mut Tracked, bytes: Bytes, split: u16, now: Instant) {
             continue;
         }
         // Bytes before the head or after the end are ignored by the call.
-        if t.head.is_some() && !t.done {
+        if t.head.is_some() && t.call.outcome().is_none() {
             t.fed.extend_from_slice(&chunk);
         }
         t.call.handle_body(chunk, now);

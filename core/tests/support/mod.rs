@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use keypool_core::call::{
-    Abort, Attempt, Call, CallConfig, Credential, Failure, Head, KeyMark, Output, Request, TransportError,
+    Abort, Attempt, BodyOutput, Call, CallConfig, Credential, Failure, Head, KeyMark, Output, Request,
+    TransportError,
 };
 use keypool_core::{KeyId, Order, Pool};
 
@@ -92,6 +93,8 @@ pub struct Outcome {
     pub abort: Option<Abort>,
     pub marks: Vec<KeyMark>,
     pub outputs_after_done: usize,
+    /// How the call said it ended.
+    pub ended: Option<keypool_core::call::Outcome>,
 }
 
 impl Outcome {
@@ -184,71 +187,85 @@ impl Sim {
         let mut out = Outcome::default();
         let mut current: VecDeque<Step> = VecDeque::new();
         for _ in 0..100_000 {
-            match call.poll_output() {
-                Output::Send(a) => {
-                    let script = match a.key {
-                        Some(k) => self.scripts.get_mut(&k.index()).and_then(VecDeque::pop_front),
-                        None => self.byok.pop_front(),
-                    };
-                    current = script.unwrap_or_else(ok).into();
-                    out.sent.push(a);
-                }
-                Output::Mark(m) => {
-                    assert!(out.head.is_none() && out.fail.is_none(), "mark after the answer");
-                    out.marks.push(m);
-                }
-                Output::Head(h) => {
-                    assert!(out.head.is_none() && out.fail.is_none(), "second head");
-                    out.head = Some(h);
-                }
-                Output::Body(b) => {
-                    assert!(out.head.is_some(), "body before head");
-                    out.body.extend_from_slice(&b);
-                }
-                Output::Fail(f) => {
-                    assert!(out.head.is_none(), "fail after head");
-                    out.fail = Some(f);
-                }
-                Output::Abort(a) => {
-                    if let Some(ev) = &a.event {
-                        out.body.extend_from_slice(ev);
+            // Before the head the call says what `poll_output` can; after it, `poll_body`.
+            let deadline = if out.head.is_none() {
+                match call.poll_output() {
+                    Output::Send(a) => {
+                        let script = match a.key {
+                            Some(k) => self.scripts.get_mut(&k.index()).and_then(VecDeque::pop_front),
+                            None => self.byok.pop_front(),
+                        };
+                        current = script.unwrap_or_else(ok).into();
+                        out.sent.push(a);
+                        continue;
                     }
-                    out.abort = Some(a);
+                    Output::Mark(m) => {
+                        assert!(out.fail.is_none(), "mark after the answer");
+                        out.marks.push(m);
+                        continue;
+                    }
+                    Output::Head(h) => {
+                        assert!(out.fail.is_none(), "head after a failure");
+                        out.head = Some(h);
+                        continue;
+                    }
+                    Output::Fail(f) => {
+                        out.fail = Some(f);
+                        assert!(call.is_done());
+                        assert!(matches!(call.poll_output(), Output::Wait(None)));
+                        assert!(matches!(call.poll_body(), BodyOutput::Done));
+                        out.ended = call.outcome();
+                        return out;
+                    }
+                    Output::Wait(deadline) => deadline,
                 }
-                Output::Done => {
-                    assert!(call.is_done());
-                    assert!(matches!(call.poll_output(), Output::Done));
-                    return out;
-                }
-                Output::Wait(deadline) => match current.pop_front() {
-                    Some(Step::Head(code, hs)) => {
-                        let mut map = HeaderMap::new();
-                        for (k, v) in hs {
-                            map.append(k, v.parse().unwrap());
+            } else {
+                match call.poll_body() {
+                    BodyOutput::Body(b) => {
+                        assert!(!b.is_empty(), "an empty body chunk");
+                        assert!(out.abort.is_none(), "body after the abort");
+                        out.body.extend_from_slice(&b);
+                        continue;
+                    }
+                    BodyOutput::Abort(a) => {
+                        if let Some(ev) = &a.event {
+                            out.body.extend_from_slice(ev);
                         }
-                        call.handle_response_head(
-                            StatusCode::from_u16(code).unwrap(),
-                            map,
-                            self.now,
-                            self.wall,
-                        );
+                        out.abort = Some(a);
+                        continue;
                     }
-                    Some(Step::Body(b)) => call.handle_body(b, self.now),
-                    Some(Step::End) => call.handle_body_end(self.now),
-                    Some(Step::Err(e)) => call.handle_transport_error(e, self.now),
-                    Some(Step::Advance(d)) => {
-                        self.now += d;
-                        if deadline.is_some_and(|at| at <= self.now) {
-                            call.handle_timeout(self.now);
-                        }
+                    BodyOutput::Done => {
+                        assert!(call.is_done());
+                        assert!(matches!(call.poll_body(), BodyOutput::Done));
+                        out.ended = call.outcome();
+                        return out;
                     }
-                    None => {
-                        // The upstream is silent: simulated time jumps to the next deadline.
-                        let at = deadline.expect("a silent upstream with no deadline would hang");
-                        self.now = self.now.max(at);
+                    BodyOutput::Wait(deadline) => deadline,
+                }
+            };
+            match current.pop_front() {
+                Some(Step::Head(code, hs)) => {
+                    let mut map = HeaderMap::new();
+                    for (k, v) in hs {
+                        map.append(k, v.parse().unwrap());
+                    }
+                    call.handle_response_head(StatusCode::from_u16(code).unwrap(), map, self.now, self.wall);
+                }
+                Some(Step::Body(b)) => call.handle_body(b, self.now),
+                Some(Step::End) => call.handle_body_end(self.now),
+                Some(Step::Err(e)) => call.handle_transport_error(e, self.now),
+                Some(Step::Advance(d)) => {
+                    self.now += d;
+                    if deadline.is_some_and(|at| at <= self.now) {
                         call.handle_timeout(self.now);
                     }
-                },
+                }
+                None => {
+                    // The upstream is silent: simulated time jumps to the next deadline.
+                    let at = deadline.expect("a silent upstream with no deadline would hang");
+                    self.now = self.now.max(at);
+                    call.handle_timeout(self.now);
+                }
             }
         }
         panic!("call did not finish");

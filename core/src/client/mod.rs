@@ -1,7 +1,10 @@
-//! What every client adapter shares: the builder, the upstream URL, the error types and request
-//! ids. An adapter implements [`ClientAdapter`] (how to read its clock, how to make its HTTP
-//! client from the [`ClientSettings`]) and gets the rest from here, so the blocking, tokio and
-//! async-std clients cannot drift apart.
+//! What every client adapter shares: the builder, the upstream URL, the error types, request
+//! ids, and the runtime-free half of the loop. An adapter implements [`ClientAdapter`] (how to
+//! read its clock, how to make its HTTP client from the [`ClientSettings`]) and [`Transport`]
+//! (how to start an attempt and read what its exchange produced, blocking or async), and gets
+//! the rest from here — the call loop ([`ClientCall`]), the body pump and its end
+//! ([`AsyncBody`], [`BlockingBody`]), the parsed events ([`AsyncEvents`], [`BlockingEvents`])
+//! — so the blocking, tokio and async-std clients cannot drift apart.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -11,8 +14,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 
-use crate::call::{CallConfig, CallError, CallSummary, Failure};
+use crate::call::{CallConfig, CallError, CallSummary, Failure, Outcome};
 use crate::pool::{KeySpec, Order, Pool, PoolError};
+
+mod body;
+mod drive;
+
+pub use body::{AsyncBody, AsyncEvents, BlockingBody, BlockingEvents, Events, forwarded};
+pub use drive::{AsyncTransport, BlockingTransport, ClientCall, Clocks, Io, Transport};
 
 /// The Anthropic API, the default profile's base URL. A builder without a base URL uses its
 /// profile's ([`Provider::default_base_url`](crate::profile::Provider::default_base_url)).
@@ -71,6 +80,11 @@ impl ClientError {
             Self::Call(failure) => Some(&failure.summary),
             _ => None,
         }
+    }
+
+    /// How the call ended, when keypool answered ([`Outcome::Failed`]).
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.call_error().map(Outcome::of_error)
     }
 }
 
@@ -344,6 +358,15 @@ pub fn request_id(wall: SystemTime) -> String {
 /// Whether a delivered response is an event stream that `stream` can parse.
 pub fn is_event_stream_response<B>(response: &http::Response<B>) -> bool {
     response.status().is_success() && crate::call::headers::is_event_stream(response.headers())
+}
+
+fn is_event_stream_parts(parts: &http::response::Parts) -> bool {
+    parts.status.is_success() && crate::call::headers::is_event_stream(&parts.headers)
+}
+
+/// A `stream` answer that is not an event stream, read whole.
+fn status_error(parts: http::response::Parts, body: Bytes) -> ClientError {
+    ClientError::Status(Box::new(http::Response::from_parts(parts, body)))
 }
 
 #[cfg(test)]
