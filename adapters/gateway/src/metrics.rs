@@ -32,6 +32,12 @@ struct StatusLabel {
     status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    pool: &'static str,
+    outcome: &'static str,
+}
+
 /// The gateway's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +47,7 @@ pub struct Metrics {
     exhaustions: Family<KindLabel, Counter>,
     upstream_status: Family<StatusLabel, Counter>,
     responses: Family<StatusLabel, Counter>,
+    outcomes: Family<OutcomeLabels, Counter>,
     latency: Histogram,
     ttfb: Histogram,
     /// Requests finished so far (the count of `latency`, readable without rendering).
@@ -106,6 +113,12 @@ impl Metrics {
             "Responses sent to clients by status",
             responses.clone(),
         );
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "request_outcomes",
+            "Forwarded requests by pool and how their call ended: complete, upstream_broke, upstream_error, timeout, client_gone, or failed_ and the kind of keypool's own error",
+            outcomes.clone(),
+        );
         let latency = Histogram::new(latency_buckets());
         registry.register(
             "request_duration_seconds",
@@ -126,6 +139,7 @@ impl Metrics {
             exhaustions,
             upstream_status,
             responses,
+            outcomes,
             latency,
             ttfb,
             finished: AtomicU64::new(0),
@@ -161,6 +175,14 @@ impl Metrics {
     pub fn response(&self, status: u16, ttfb: Duration) {
         self.responses.get_or_create(&StatusLabel { status }).inc();
         self.ttfb.observe(ttfb.as_secs_f64());
+    }
+
+    /// A forwarded request's call ended with `outcome` (the core's
+    /// [`Outcome`](keypool_core::call::Outcome) name).
+    pub fn outcome(&self, pool: &'static str, outcome: &'static str) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels { pool, outcome })
+            .inc();
     }
 
     /// A response body ended after `total`.

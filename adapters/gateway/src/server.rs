@@ -15,7 +15,9 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keypool_core::call::{CallError, CallSummary, Credential, KeyMark, MarkSink, Request as CallRequest};
+use keypool_core::call::{
+    CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
+};
 use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition, Verdict};
 use tokio::net::TcpListener;
 
@@ -140,10 +142,7 @@ pub enum GatewayBody {
     Relay {
         /// The body.
         body: keypool_tokio::Body,
-        /// Bytes still due when the response has a `content-length`: hyper stops polling a
-        /// body once that many bytes are written, so reaching zero is how completion shows.
-        remaining: Option<u64>,
-        /// For the end-of-request log line and metrics.
+        /// For the end-of-request log line and metrics, written once the call has ended.
         log: Option<Box<RequestLog>>,
     },
 }
@@ -195,9 +194,14 @@ impl std::fmt::Display for KeyLabel {
 }
 
 impl RequestLog {
-    fn emit(self, outcome: &str) {
+    /// Logs and counts the request, with how its call ended (the core's [`Outcome`]) and, when
+    /// something went wrong, what.
+    fn emit(self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
         let elapsed = self.started.elapsed();
         self.shared.metrics.finished(elapsed);
+        // The one pool is named by its provider until pools get names of their own.
+        let pool = self.shared.config.call.profile.provider().name();
+        self.shared.metrics.outcome(pool, outcome.as_str());
         tracing::info!(
             target: "keypool::request",
             method = %self.method,
@@ -206,22 +210,29 @@ impl RequestLog {
             attempts = self.attempts,
             key = %self.key,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
-            outcome,
+            outcome = outcome.as_str(),
+            error = error.map(tracing::field::display),
             "request"
         );
+    }
+
+    /// Logs a relayed response whose call ended: how, and what broke if the upstream did.
+    fn ended(self, outcome: Outcome) {
+        match outcome {
+            Outcome::UpstreamBroke(why) => self.emit(outcome, Some(&CallError::BodyBroken(why))),
+            _ => self.emit(outcome, None),
+        }
     }
 }
 
 impl Drop for GatewayBody {
     fn drop(&mut self) {
-        if let Self::Relay { log, remaining, .. } = self
+        if let Self::Relay { log, body } = self
             && let Some(log) = log.take()
         {
-            log.emit(if *remaining == Some(0) {
-                "complete"
-            } else {
-                "client_gone"
-            });
+            // A body dropped before its call ended (the client went away, or hyper stopped
+            // polling) ends the call now: dropping it tells the core so, and that is its outcome.
+            log.ended(body.outcome().unwrap_or(Outcome::ClientGone));
         }
     }
 }
@@ -236,32 +247,17 @@ impl http_body::Body for GatewayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Relay { body, log, remaining } => match Pin::new(body).poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(None) => {
-                    if let Some(log) = log.take() {
-                        log.emit("complete");
-                    }
-                    Poll::Ready(None)
+            Self::Relay { body, log } => {
+                let frame = Pin::new(&mut *body).poll_frame(cx);
+                // Once the call has ended (its last frame is out), log how.
+                if frame.is_ready()
+                    && let Some(outcome) = body.outcome()
+                    && let Some(log) = log.take()
+                {
+                    log.ended(outcome);
                 }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let (Some(left), Some(data)) = (remaining.as_mut(), frame.data_ref()) {
-                        *left = left.saturating_sub(data.len() as u64);
-                        if *left == 0
-                            && let Some(log) = log.take()
-                        {
-                            log.emit("complete");
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    if let Some(log) = log.take() {
-                        log.emit("upstream_broke");
-                    }
-                    Poll::Ready(Some(Err(Box::new(e))))
-                }
-            },
+                frame.map_err(Into::into)
+            }
         }
     }
 
@@ -500,16 +496,10 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 key: key_label,
                 started,
             };
-            let remaining = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
             Response::from_parts(
                 parts,
                 GatewayBody::Relay {
                     body,
-                    remaining,
                     log: Some(Box::new(log)),
                 },
             )
@@ -530,12 +520,18 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             }
             let status = response.status().as_u16();
             shared.metrics.response(status, ttfb);
-            shared.metrics.finished(ttfb);
-            tracing::info!(
-                target: "keypool::request", method = %method, path = %short(uri.path()), status, attempts = summary.attempts,
-                key = %key_label, latency_ms = ttfb.as_secs_f64() * 1000.0, outcome = "keypool_error",
-                error = %e, "request"
-            );
+            let log = RequestLog {
+                shared: shared.clone(),
+                method,
+                uri,
+                status,
+                attempts: summary.attempts,
+                key: key_label,
+                started,
+            };
+            if let Some(outcome) = e.outcome() {
+                log.emit(outcome, Some(&e));
+            }
             let (parts, body) = response.into_parts();
             Response::from_parts(parts, GatewayBody::Full(Some(body)))
         }

@@ -454,6 +454,79 @@ fn client_disconnect_mid_stream_cancels_upstream() {
     assert_eq!(outcomes[0].end, OutcomeEnd::ClientGone);
     let (_, health) = get(&gw, "/healthz", &[]);
     assert!(health.contains("\"available\":1"), "no mark: {health}");
+    // The client really went away: that is what the request line and the metric say.
+    gw.wait_log("\"outcome\":\"client_gone\"");
+    assert_eq!(outcome_count(&gw, "client_gone"), 1);
+    assert_eq!(outcome_count(&gw, "upstream_broke"), 0);
+}
+
+/// `keypool_request_outcomes_total{pool="anthropic",outcome=...}` from `/metrics` (0 if absent).
+fn outcome_count(gw: &Gateway, outcome: &str) -> u64 {
+    let (_, metrics) = get(gw, "/metrics", &[]);
+    let series = format!("keypool_request_outcomes_total{{pool=\"anthropic\",outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Sends a streaming request on a raw connection and reads the answer to its end.
+fn stream_to_end(gw: &Gateway) -> String {
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        stream,
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{STREAM_BODY}",
+        STREAM_BODY.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn mid_stream_upstream_reset_is_upstream_broke_not_client_gone() {
+    let mock = MockServer::start();
+    let events = StreamScript::standard_events("claude-mock", 3);
+    let whole: usize = events.iter().take(4).map(|e| e.to_bytes().len()).sum();
+    mock.script(
+        K0,
+        [Reply::stream(
+            StreamScript::with_events(events)
+                .chunk_size(16)
+                .ending(Ending::ResetAfter(whole + 9)),
+        )],
+    );
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let answer = stream_to_end(&gw);
+    // The client was there to the end: it got the whole events and keypool's error event.
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("event: error"), "{answer}");
+    assert!(answer.contains("the upstream connection was reset"), "{answer}");
+    gw.wait_log("\"outcome\":\"upstream_broke\"");
+    assert_eq!(outcome_count(&gw, "upstream_broke"), 1);
+    assert_eq!(outcome_count(&gw, "client_gone"), 0);
+    assert_eq!(outcome_count(&gw, "complete"), 0);
+    assert!(!gw.logs().contains("client_gone"), "{}", gw.logs());
+}
+
+#[test]
+fn in_band_error_after_content_is_counted_as_upstream_error() {
+    let mock = MockServer::start();
+    mock.script(
+        K0,
+        [Reply::stream(StreamScript::error_after_content(
+            2,
+            "overloaded_error",
+            "Overloaded",
+        ))],
+    );
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let answer = stream_to_end(&gw);
+    assert!(answer.contains("overloaded_error"), "{answer}");
+    gw.wait_log("\"outcome\":\"upstream_error\"");
+    assert_eq!(outcome_count(&gw, "upstream_error"), 1);
 }
 
 #[test]
@@ -518,6 +591,7 @@ fn request_log_line_says_complete_for_a_whole_response() {
         "{}",
         gw.logs()
     );
+    assert_eq!(outcome_count(&gw, "complete"), 1);
 }
 
 #[test]
