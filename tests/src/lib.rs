@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use keypool_core::call::{CallConfig, CommitPoint, Request, Timeouts};
-use keypool_core::client::{ClientError, StreamError};
+use keypool_core::call::{
+    CallConfig, CallError, CommitPoint, Request, StreamBreak, Timeouts, TransportError,
+};
+use keypool_core::client::{BodyError, ClientError, StreamError};
 use keypool_core::sse::Event;
 use keypool_core::{KeyState, Pool};
 pub use keypool_mock::{Ending, MockServer, Reply, RetryAfter, SseEvent, StreamScript};
@@ -50,6 +52,9 @@ pub struct Answer {
     /// answer whose body broke after the head (reset, EOF inside a chunked body, idle timeout):
     /// the error the body read ended with.
     pub error: Option<String>,
+    /// For a delivered answer whose body broke after the head: exactly how, as the core said
+    /// ([`CallError::BodyBroken`]).
+    pub broke: Option<StreamBreak>,
 }
 
 /// A streaming answer as the caller saw it.
@@ -61,6 +66,8 @@ pub struct StreamAnswer {
     pub events: Vec<(String, String)>,
     /// Set when the stream broke after commit (keypool's synthesized error), with its message.
     pub stream_error: Option<String>,
+    /// Exactly how the stream broke after commit, as the core said ([`CallError::StreamBroken`]).
+    pub broke: Option<StreamBreak>,
     /// When no stream was delivered: the error body (upstream's or keypool's).
     pub body: Vec<u8>,
     /// For keypool's own answers: the typed error's `Display` and `Debug`.
@@ -76,8 +83,46 @@ impl Answer {
             headers: response.headers().clone(),
             body: response.body().to_vec(),
             error: Some(format!("{e} / {e:?}")),
+            broke: None,
         }
     }
+}
+
+/// How a delivered body or stream broke, from the typed error the core ended it with.
+pub fn break_of(error: &CallError) -> Option<StreamBreak> {
+    match error {
+        CallError::StreamBroken(b) | CallError::BodyBroken(b) => Some(*b),
+        _ => None,
+    }
+}
+
+/// How a delivered body broke, from the `io::Error` a byte reader (`Read`, `AsyncRead`) ended
+/// with: it wraps the [`BodyError`].
+pub fn break_of_io(error: &std::io::Error) -> Option<StreamBreak> {
+    let body = error.get_ref()?.downcast_ref::<BodyError>()?;
+    break_of(&body.error)
+}
+
+/// Every way a delivered body can break, with the suite's idle timeout.
+pub fn every_break(idle: Duration) -> Vec<StreamBreak> {
+    use TransportError::{Connect, Dns, Eof, Protocol, Reset, Timeout, Tls};
+    [Connect, Dns, Tls, Reset, Eof, Timeout, Protocol]
+        .into_iter()
+        .map(StreamBreak::Transport)
+        .chain([
+            StreamBreak::EndedEarly,
+            StreamBreak::Idle(idle),
+            StreamBreak::EventTooLarge,
+        ])
+        .collect()
+}
+
+/// The break a synthesized `error` event's message names (its rendering by the core), for a
+/// client that sees only the wire.
+pub fn break_named(message: &str, idle: Duration) -> Option<StreamBreak> {
+    every_break(idle).into_iter().find(|b| {
+        CallError::StreamBroken(*b).to_string() == message || CallError::BodyBroken(*b).to_string() == message
+    })
 }
 
 impl StreamAnswer {
@@ -109,6 +154,7 @@ impl StreamAnswer {
             Err(e) => {
                 assert!(self.stream_error.is_none(), "a second error after the first");
                 self.stream_error = Some(format!("{e} / {e:?}"));
+                self.broke = break_of(&e.error);
             }
         }
     }
@@ -118,6 +164,10 @@ impl StreamAnswer {
 pub trait Adapter {
     /// The client type.
     type Client: TestClient;
+    /// Whether the adapter's HTTP client reads a connection reset in the middle of a body as
+    /// the connection's end, so that the core hears of an EOF ([`TransportError::Eof`]) where
+    /// the upstream reset. Only a client that hides the difference may say so.
+    const RESET_READS_AS_EOF: bool = false;
     /// Builds a client for a fresh pool.
     fn build(setup: &Setup) -> Self::Client;
 }
@@ -533,6 +583,7 @@ pub mod scenarios {
         assert_eq!(s.status, 200, "{s:?}");
         assert_eq!(s.events.len(), 4, "{s:?}");
         assert!(s.stream_error.is_some(), "{s:?}");
+        assert_eq!(s.broke, Some(cut_seen::<A>(&w, TransportError::Reset)), "{s:?}");
         assert_eq!(w.seen(), [Some(0)]);
         assert!(w.state(0).is_available());
         w.finish();
@@ -544,6 +595,7 @@ pub mod scenarios {
         w.script(0, [Reply::stream(StreamScript::new().ending(Ending::EndEarly))]);
         let s = w.stream();
         assert!(s.stream_error.is_some(), "{s:?}");
+        assert_eq!(s.broke, Some(StreamBreak::EndedEarly), "{s:?}");
         assert!(s.events.iter().all(|(n, _)| n != "message_stop"));
         w.finish();
     }
@@ -628,6 +680,8 @@ pub mod scenarios {
         assert_eq!(s.status, 200);
         assert!(!s.events.is_empty());
         assert!(s.stream_error.is_some(), "{s:?}");
+        // The call's own idle timeout, on every adapter (ureq's per-read timeout included).
+        assert_eq!(s.broke, Some(StreamBreak::Idle(quick_timeouts().idle)), "{s:?}");
         w.finish();
     }
 
@@ -689,7 +743,28 @@ pub mod scenarios {
         }
     }
 
-    fn stream_cut<A: Adapter>(t: Transport, ending: impl Fn(usize) -> Ending, expect_events: usize) {
+    /// The break a client sees for a cut the mock scripted (`Reset` or `Eof`) in the latest
+    /// answer: an HTTP/2 stream can only be reset (`RST_STREAM`), so there an EOF is a reset
+    /// too; and an adapter may read a reset as an EOF ([`Adapter::RESET_READS_AS_EOF`]).
+    fn cut_seen<A: Adapter>(w: &World<A::Client>, scripted: TransportError) -> StreamBreak {
+        let h2 = w
+            .mock
+            .requests()
+            .last()
+            .is_some_and(|r| r.version == http::Version::HTTP_2);
+        StreamBreak::Transport(match scripted {
+            _ if h2 => TransportError::Reset,
+            TransportError::Reset if A::RESET_READS_AS_EOF => TransportError::Eof,
+            other => other,
+        })
+    }
+
+    fn stream_cut<A: Adapter>(
+        t: Transport,
+        ending: impl Fn(usize) -> Ending,
+        expect_events: usize,
+        broke: TransportError,
+    ) {
         let mut w = World::new::<A>(t, 2, first_byte());
         let events = StreamScript::standard_events("claude-mock", 3);
         let whole: usize = events.iter().take(4).map(|e| e.to_bytes().len()).sum();
@@ -712,24 +787,25 @@ pub mod scenarios {
             }
         }
         assert!(s.stream_error.is_some(), "{s:?}");
+        assert_eq!(s.broke, Some(cut_seen::<A>(&w, broke)), "{s:?}");
         assert_one_attempt_no_mark(&w);
         w.finish();
     }
 
     /// A reset exactly between two events: every event before it, then one error.
     pub fn stream_reset_between_events<A: Adapter>(t: Transport) {
-        stream_cut::<A>(t, Ending::ResetAfter, 4);
+        stream_cut::<A>(t, Ending::ResetAfter, 4, TransportError::Reset);
     }
 
     /// EOF inside a chunked event stream (no final chunk, in the middle of an event): every whole
     /// event before it, then one error.
     pub fn stream_eof_inside_chunked_body<A: Adapter>(t: Transport) {
-        stream_cut::<A>(t, |whole| Ending::EofAfter(whole + 9), 4);
+        stream_cut::<A>(t, |whole| Ending::EofAfter(whole + 9), 4, TransportError::Eof);
     }
 
     /// EOF exactly between two events of a chunked stream: the same.
     pub fn stream_eof_between_events<A: Adapter>(t: Transport) {
-        stream_cut::<A>(t, Ending::EofAfter, 4);
+        stream_cut::<A>(t, Ending::EofAfter, 4, TransportError::Eof);
     }
 
     /// A plain JSON body cut short — EOF inside the chunked body, or a reset — after a 200 head:
@@ -739,12 +815,18 @@ pub mod scenarios {
     /// A proxy that has not sent a byte of the body yet may close the connection instead, before
     /// its own head (status 0): the caller sees a broken exchange either way.
     pub fn plain_body_cut_short_is_an_error<A: Adapter>(t: Transport) {
-        for ending in [Ending::EofAfter(20), Ending::ResetAfter(20)] {
+        for (ending, broke) in [
+            (Ending::EofAfter(20), TransportError::Eof),
+            (Ending::ResetAfter(20), TransportError::Reset),
+        ] {
             let mut w = World::new::<A>(t, 2, first_byte());
             w.script(0, [Reply::ok().chunk_size(8).ending(ending)]);
             let a = w.send();
             assert!(a.status == 200 || a.status == 0, "{a:?}");
             assert!(a.error.is_some(), "a truncated body must be reported: {a:?}");
+            if a.status == 200 {
+                assert_eq!(a.broke, Some(cut_seen::<A>(&w, broke)), "{ending:?}: {a:?}");
+            }
             assert!(a.body.len() <= 20, "{a:?}");
             assert!(serde_json::from_slice::<serde_json::Value>(&a.body).is_err());
             assert_one_attempt_no_mark(&w);
@@ -830,6 +912,7 @@ pub mod scenarios {
         if s.status == 200 {
             assert!(s.events.is_empty(), "no event was whole: {s:?}");
             assert!(s.stream_error.is_some(), "{s:?}");
+            assert_eq!(s.broke, Some(StreamBreak::Idle(quick_timeouts().idle)), "{s:?}");
         } else {
             assert!(s.events.is_empty() && s.stream_error.is_none(), "{s:?}");
             assert!(matches!(s.status, 502 | 504), "{s:?}");

@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use keypool_async_std::{Client, Error};
-use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, break_of_io, conformance_suite};
 use keypool_core::Pool;
 use keypool_core::call::Request;
 use smol::io::AsyncReadExt;
@@ -65,17 +65,13 @@ async fn answer(result: Result<http::Response<keypool_async_std::Body>, Error>) 
             let headers = response.headers().clone();
             let mut body = Vec::new();
             // A body that breaks after the head is reported, with what arrived before it.
-            let error = response
-                .into_body()
-                .read_to_end(&mut body)
-                .await
-                .err()
-                .map(|e| format!("body: {e} / {e:?}"));
+            let broken = response.into_body().read_to_end(&mut body).await.err();
             Answer {
                 status,
                 headers,
                 body,
-                error,
+                error: broken.as_ref().map(|e| format!("body: {e} / {e:?}")),
+                broke: broken.as_ref().and_then(break_of_io),
             }
         }
         Err(e) => Answer::from_client_error(&e),

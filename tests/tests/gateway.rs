@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, break_named, conformance_suite};
 use keypool_core::call::Request;
 use keypool_core::sse::Parser;
 use keypool_core::{KeySpec, Order, Pool, Secret};
@@ -49,6 +49,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
 
 struct GatewayClient {
     addr: SocketAddr,
+    /// The idle timeout, to tell which break a message names.
+    idle: Duration,
     shared: Arc<Shared>,
     logs: LogBuffer,
     agent: ureq::Agent,
@@ -124,6 +126,7 @@ impl Adapter for Gateway {
             .into();
         GatewayClient {
             addr,
+            idle: setup.config.timeouts.idle,
             shared,
             logs,
             agent,
@@ -143,6 +146,32 @@ impl GatewayClient {
             .unwrap();
         assert_eq!(response.status(), 200, "GET {path}");
         response.body_mut().read_to_string().unwrap()
+    }
+
+    /// The gateway's request log lines so far.
+    fn request_lines(&self) -> Vec<String> {
+        let logs = String::from_utf8_lossy(&self.logs.0.lock().unwrap()).into_owned();
+        logs.lines()
+            .filter(|l| l.contains("keypool::request"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The break the gateway logged for the request that followed the first `before` request
+    /// lines: a client sees only a cut body, the gateway's request line says how the call
+    /// ended. It is written before the connection is cut; waited for, bounded, all the same.
+    fn logged_break(&self, before: usize) -> Option<keypool_core::call::StreamBreak> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            if let Some(line) = self.request_lines().get(before) {
+                break line.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no request log line");
+            std::thread::yield_now();
+        };
+        assert!(line.contains("outcome=\"upstream_broke\""), "{line}");
+        let (_, message) = line.split_once(" error=")?;
+        break_named(message.trim(), self.idle)
     }
 
     /// The status, the headers, the body as far as it came, and the error that broke it.
@@ -197,15 +226,21 @@ impl TestClient for GatewayClient {
         self.shared.pool()
     }
     fn send(&self, request: Request) -> Answer {
-        let (status, headers, body, broke) = self.raw(request, None);
+        let before = self.request_lines().len();
+        let (status, headers, body, cut) = self.raw(request, None);
+        let broke = match (status, &cut) {
+            (200, Some(_)) => self.logged_break(before),
+            _ => None,
+        };
         let error = is_keypool_error(&body)
             .then(|| String::from_utf8_lossy(&body).into_owned())
-            .or(broke);
+            .or(cut);
         Answer {
             status,
             headers,
             body,
             error,
+            broke,
         }
     }
     fn send_byok(&self, request: Request, key: &str) -> Answer {
@@ -215,6 +250,7 @@ impl TestClient for GatewayClient {
             headers,
             body,
             error: None,
+            broke: None,
         }
     }
     fn stream(&self, request: Request) -> StreamAnswer {
@@ -247,6 +283,8 @@ impl TestClient for GatewayClient {
                 && serde_json::from_str::<serde_json::Value>(event.data())
                     .is_ok_and(|v| v["error"]["type"] == "api_error");
             if synthesized {
+                let data: serde_json::Value = serde_json::from_str(event.data()).unwrap();
+                out.broke = break_named(data["error"]["message"].as_str().unwrap(), self.idle);
                 out.stream_error = Some(event.data().to_owned());
             } else {
                 out.events

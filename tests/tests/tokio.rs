@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, break_of, conformance_suite};
 use keypool_core::call::Request;
 use keypool_core::{Order, Pool, Secret};
 use keypool_tokio::{Body, Byok, Client, Error, EventStream, HttpClient, KeypoolLayer, KeypoolService};
@@ -43,6 +43,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
             let mut body = response.into_body();
             let mut bytes = Vec::new();
             let mut error = None;
+            let mut broke = None;
             loop {
                 match body.next_chunk().await {
                     Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
@@ -54,6 +55,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
                             Some(event) => bytes.extend_from_slice(event),
                             None => error = Some(format!("body: {e} / {e:?}")),
                         }
+                        broke = break_of(&e.error);
                         break;
                     }
                 }
@@ -63,6 +65,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
                 headers,
                 body: bytes,
                 error,
+                broke,
             }
         }
         Err(e) => Answer::from_client_error(&e),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, conformance_suite};
+use keypool_conformance::{Adapter, Answer, Setup, StreamAnswer, TestClient, break_of_io, conformance_suite};
 use keypool_core::Pool;
 use keypool_core::call::Request;
 use keypool_ureq::{Client, Error};
@@ -14,6 +14,9 @@ struct UreqClient(Client);
 
 impl Adapter for Ureq {
     type Client = UreqClient;
+    /// ureq takes a reset while it reads a body for the connection's end and then reports the
+    /// body cut short (`UnexpectedEof`): the difference does not reach keypool.
+    const RESET_READS_AS_EOF: bool = true;
     fn build(setup: &Setup) -> UreqClient {
         let mut b = Client::builder()
             .keys(setup.keys.clone())
@@ -33,14 +36,13 @@ fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
             let headers = response.headers().clone();
             let mut body = Vec::new();
             // A body that breaks after the head is reported, with what arrived before it.
-            let error = std::io::Read::read_to_end(&mut response.into_body(), &mut body)
-                .err()
-                .map(|e| format!("body: {e} / {e:?}"));
+            let broken = std::io::Read::read_to_end(&mut response.into_body(), &mut body).err();
             Answer {
                 status,
                 headers,
                 body,
-                error,
+                error: broken.as_ref().map(|e| format!("body: {e} / {e:?}")),
+                broke: broken.as_ref().and_then(break_of_io),
             }
         }
         Err(e) => Answer::from_client_error(&e),
