@@ -27,7 +27,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::mark::{Change, Family, Fingerprint, Mark, Target, WallTime};
 use crate::secret::{Secret, SecretError};
-use crate::walk::Walker;
 
 const REASON_BITS: u32 = 2;
 const REASON_MASK: u64 = (1 << REASON_BITS) - 1;
@@ -510,22 +509,14 @@ impl Pool {
         &self.keys[id.0].label
     }
 
-    /// Starts a walk over the keys for one upstream call (SPEC §3), for a request without a
-    /// model family: family-scoped cooldowns do not apply to it.
+    /// Where the next walk starts, per the pool's [`Order`] (a walk is started by
+    /// [`Pool::walk`]).
     #[inline]
-    pub fn walk(&self) -> Walker {
-        self.walk_for(None)
-    }
-
-    /// Starts a walk for a request of `family` (SPEC §11.2): keys cooling for that family are
-    /// skipped like keys cooling for every request.
-    #[inline]
-    pub fn walk_for(&self, family: Option<Family>) -> Walker {
-        let start = match self.order {
+    pub(crate) fn walk_start(&self) -> usize {
+        match self.order {
             Order::PrimaryWithFallback => 0,
             Order::RoundRobin => self.cursor.fetch_add(1, Ordering::Relaxed) % self.keys.len(),
-        };
-        Walker::new(start, self.keys.len(), family)
+        }
     }
 
     /// The slot of `family`, if any mark or hint was ever made for it in this pool.

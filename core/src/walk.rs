@@ -211,6 +211,22 @@ pub struct Walker {
     family: Option<Family>,
 }
 
+impl Pool {
+    /// Starts a walk over the keys for one upstream call (SPEC §3), for a request without a
+    /// model family: family-scoped cooldowns do not apply to it.
+    #[inline]
+    pub fn walk(&self) -> Walker {
+        self.walk_for(None)
+    }
+
+    /// Starts a walk for a request of `family` (SPEC §11.2): keys cooling for that family are
+    /// skipped like keys cooling for every request.
+    #[inline]
+    pub fn walk_for(&self, family: Option<Family>) -> Walker {
+        Walker::new(self.walk_start(), self.len(), family)
+    }
+}
+
 impl Walker {
     #[inline]
     pub(crate) fn new(start: usize, len: usize, family: Option<Family>) -> Self {
