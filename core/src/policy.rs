@@ -170,7 +170,7 @@ impl Policy {
     /// Whether classifying `status` with the Anthropic table needs the (first 64 KiB of the)
     /// error body. When `false`, [`classify`](Self::classify) ignores its `body` argument.
     ///
-    /// A call asks its profile instead: [`Provider::needs_body`](crate::profile::Provider::needs_body).
+    /// A call asks its profile instead: [`Provider::needs_body`].
     pub fn needs_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         self.needs_body_with(&Anthropic, status, headers)
     }
@@ -274,7 +274,7 @@ impl Policy {
     /// `body` is a prefix of the error body (only looked at when [`needs_body`](Self::needs_body);
     /// at most [`MAX_CLASSIFY_BODY`] bytes of it are read), `wall_now` the wall-clock time, used
     /// only for an HTTP-date `retry-after` when the response has no `date` header. A call asks
-    /// its profile instead: [`Provider::classify`](crate::profile::Provider::classify).
+    /// its profile instead: [`Provider::classify`].
     pub fn classify(
         &self,
         status: StatusCode,

@@ -40,7 +40,7 @@ impl HttpClient {
         Self { inner }
     }
 
-    /// Sends a request; see the [module docs](self) for the one retry on a stale connection.
+    /// Sends a request; see the module docs for the one retry on a stale connection.
     pub async fn request(
         &self,
         request: http::Request<Full<Bytes>>,

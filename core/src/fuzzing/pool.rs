@@ -641,7 +641,12 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                 let f = family.map(|f| usize::from(f) % 3);
                 let until = now + Duration::from_millis(u64::from(millis % 100_000));
                 let got = pool.hint(ids[k], f.map(|f| Family::of(FAMILIES[f])), until, now);
-                let want = model.hint(k, f.map_or(0, |f| f + 1), now_ns + ns(until - now), now_ns);
+                let want = model.hint(
+                    k,
+                    f.map_or(0, |f| f + 1),
+                    now_ns.saturating_add(ns(until - now)),
+                    now_ns,
+                );
                 assert_eq!(got, want, "hint");
             }
             Op::Portable {
