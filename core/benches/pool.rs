@@ -7,9 +7,9 @@
 
 use std::hint::black_box;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use keypool_core::{CoolReason, DisableReason, Order, Pool};
+use keypool_core::{CoolReason, DisableReason, Family, Order, Pool};
 
 /// The pick target from DESIGN.md, in nanoseconds.
 const PICK_TARGET_NS: f64 = 20.0;
@@ -84,6 +84,20 @@ fn main() {
             let _ = exhausted.disable(id, DisableReason::Billing);
         }
     }
+    // SPEC §11.2: a pool with family marks (the sonnet family cooling on the first 8 keys) walks
+    // for a sonnet request: the pick reads family words too.
+    let sonnet = Family::of("sonnet");
+    let families = Pool::new(keys(16), Order::PrimaryWithFallback, t0).unwrap();
+    for id in families.ids().take(8) {
+        let mark = families.family_cool_mark(
+            id,
+            sonnet,
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(3600),
+            CoolReason::RateLimited,
+        );
+        let _ = families.apply(&mark, t0, SystemTime::UNIX_EPOCH);
+    }
     let marked = Pool::new(keys(16), Order::PrimaryWithFallback, t0).unwrap();
     let mark_id = marked.ids().nth(7).unwrap();
     let mutex = Mutex::new(0u64);
@@ -113,6 +127,24 @@ fn main() {
             "pick: skip 15 cooling keys",
             measure(&cfg, || skipping.walk().next_key(&skipping, black_box(now))),
             Some(PICK_TARGET_NS),
+        ),
+        (
+            "pick with family marks: skip 8 keys cooling for the family",
+            measure(&cfg, || {
+                families
+                    .walk_for(Some(sonnet))
+                    .next_key(&families, black_box(now))
+            }),
+            None,
+        ),
+        (
+            "pick with family marks, another family: first key",
+            measure(&cfg, || {
+                families
+                    .walk_for(Some(Family::of("haiku")))
+                    .next_key(&families, black_box(now))
+            }),
+            None,
         ),
         (
             "exhaustion: 8 cooling + 8 disabled",

@@ -62,6 +62,30 @@ fn the_counter_counts() {
 }
 
 #[test]
+fn a_pick_with_family_marks_and_hints_allocates_nothing() {
+    let t0 = Instant::now();
+    let pool = common::pool(16, Order::PrimaryWithFallback, t0);
+    let sonnet = keypool_core::Family::of("sonnet");
+    let ids: Vec<_> = pool.ids().collect();
+    for &id in &ids[..8] {
+        let mark = pool.family_cool_mark(
+            id,
+            sonnet,
+            std::time::SystemTime::UNIX_EPOCH,
+            Duration::from_secs(30),
+            CoolReason::RateLimited,
+        );
+        let (n, _) = allocations(|| pool.apply(&mark, t0, std::time::SystemTime::UNIX_EPOCH));
+        assert_eq!(n, 0, "family mark");
+    }
+    let (n, _) = allocations(|| pool.hint(ids[8], Some(sonnet), t0 + Duration::from_secs(9), t0));
+    assert_eq!(n, 0, "hint");
+    let (n, k) = allocations(|| pool.walk_for(Some(sonnet)).next_key(&pool, t0));
+    assert_eq!(k.map(|k| k.index()), Ok(9));
+    assert_eq!(n, 0, "pick with family marks and a hint");
+}
+
+#[test]
 fn a_pick_allocates_nothing() {
     let t0 = Instant::now();
     for order in [Order::PrimaryWithFallback, Order::RoundRobin] {
