@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{CallError, CallSummary, Credential, KeyMark, MarkSink, Request as CallRequest};
-use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Transition, Verdict, anthropic};
+use keypool_core::{Exhausted, KeyState, Pool, Transition, Verdict, anthropic};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
@@ -31,6 +31,8 @@ pub struct Shared {
     pool: RwLock<Arc<Pool>>,
     client: keypool_tokio::Client,
     metrics: Arc<Metrics>,
+    /// The shared state backend (`--state`), if any.
+    state: Option<crate::state::Backend>,
 }
 
 /// Logs and counts every mark the gateway's calls make, as they are made.
@@ -72,10 +74,14 @@ impl Shared {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
         let pool = Arc::new(pool);
-        let metrics = Arc::new(Metrics::new());
-        let sink = Arc::new(MarkLog {
+        let mut metrics = Metrics::new();
+        let state_metrics = config.state.as_ref().map(|_| metrics.register_state());
+        let metrics = Arc::new(metrics);
+        let state = crate::state::start(config.state.as_ref(), &pool, &metrics, state_metrics)?;
+        let log = Arc::new(MarkLog {
             metrics: metrics.clone(),
         });
+        let sink = crate::state::sink(log, state.as_ref());
         let mut builder = keypool_tokio::Client::builder()
             .base_url(config.upstream.clone())
             .config(config.call.clone().with_mark_sink(sink));
@@ -88,6 +94,7 @@ impl Shared {
             pool: RwLock::new(pool),
             client,
             metrics,
+            state,
         }))
     }
 
@@ -311,6 +318,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
     match (req.method(), path) {
         (&Method::GET, "/healthz") => health(&shared),
         (&Method::GET, "/metrics") => {
+            crate::state::refresh_metrics(shared.state.as_ref());
             let text = shared.metrics.render(&shared.pool(), Instant::now());
             full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
@@ -333,7 +341,16 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
         .ids()
         .filter(|&id| pool.state(id, now).is_available())
         .count();
-    json(&serde_json::json!({"status": "ok", "keys": pool.len(), "available": available}))
+    let (ready, state) = crate::state::health(shared.state.as_ref());
+    let status = if ready { "ok" } else { "starting" };
+    let mut res = json(
+        &serde_json::json!({"status": status, "keys": pool.len(), "available": available, "state": state}),
+    );
+    if !ready {
+        // Not ready until the shared state has been read (SPEC §10).
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    res
 }
 
 fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
@@ -365,12 +382,14 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                         KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
                     };
                     serde_json::json!({
-                        "label": k.label, "hint": k.hint, "state": state,
+                        "label": k.label, "hint": k.hint, "fingerprint": k.fingerprint.to_string(),
+                        "generation": k.generation, "state": state,
                         "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
                     })
                 })
                 .collect();
-            json(&serde_json::json!({ "keys": keys }))
+            let (_, state) = crate::state::health(shared.state.as_ref());
+            json(&serde_json::json!({ "keys": keys, "state": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
             let Some(id) = pool.find(label) else {
@@ -379,11 +398,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                     &format!("no key labelled {:?}", short(label)),
                 );
             };
-            let t = if *action == "enable" {
-                pool.enable(id, now)
-            } else {
-                pool.disable(id, DisableReason::Operator)
-            };
+            let t = crate::state::operator(shared.state.as_ref(), &pool, id, *action == "enable", now);
             if t == Transition::Entered {
                 shared.metrics.transition(
                     label,
@@ -404,7 +419,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
     }
 }
 
-fn snake(debug: &str) -> String {
+pub(crate) fn snake(debug: &str) -> String {
     let mut out = String::new();
     for (i, c) in debug.chars().enumerate() {
         if c.is_ascii_uppercase() {
