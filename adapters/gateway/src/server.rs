@@ -388,7 +388,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                     })
                 })
                 .collect();
-            let (_, state) = crate::state::health(shared.state.as_ref());
+            let state = crate::state::admin_view(shared.state.as_ref());
             json(&serde_json::json!({ "keys": keys, "state": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {

@@ -116,13 +116,22 @@ pub(crate) fn operator(
 }
 
 /// Whether the gateway is ready (the shared state has been read once; always without a
-/// backend), and the backend's health as JSON (`null` without one).
+/// backend), and the backend's health as JSON for `/healthz`, which anyone may read: no URL
+/// (`null` without a backend).
 pub(crate) fn health(backend: Option<&Backend>) -> (bool, serde_json::Value) {
     let Some(b) = backend else {
         return (true, serde_json::Value::Null);
     };
     let h = b.driver.health();
-    (h.ready, health_json(&b.driver, &h))
+    let json = serde_json::json!({"backend": "redis", "up": h.up, "ready": h.ready});
+    (h.ready, json)
+}
+
+/// The backend's whole health for the admin view (`null` without a backend).
+pub(crate) fn admin_view(backend: Option<&Backend>) -> serde_json::Value {
+    backend.map_or(serde_json::Value::Null, |b| {
+        health_json(&b.driver, &b.driver.health())
+    })
 }
 
 fn health_json(driver: &RedisState, h: &Health) -> serde_json::Value {
