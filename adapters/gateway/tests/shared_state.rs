@@ -463,6 +463,10 @@ fn bad_state_configuration_is_one_line() {
             ],
             "namespace",
         ),
+        (
+            vec!["--state", "redis://:hunter2/sec@ret@127.0.0.1:port"],
+            "redis://***@127.0.0.1:port",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_keypool"))
             .arg("serve")

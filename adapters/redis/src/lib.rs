@@ -69,7 +69,7 @@ pub enum Error {
     /// The URL is not a `redis://` or `rediss://` URL redis-rs accepts.
     #[error("invalid state URL {url}: {why} (use redis://HOST:PORT[/DB] or rediss://...)")]
     Url {
-        /// The URL with any password masked.
+        /// The URL with its credentials masked.
         url: String,
         /// What is wrong.
         why: String,
@@ -113,18 +113,14 @@ impl std::fmt::Debug for StateConfig {
     }
 }
 
-/// The URL with the password (the part between `:` and `@` of the authority) masked.
+/// The URL with its credentials (everything between `://` and the last `@`) masked: a password
+/// may hold `/` or `@` when the user did not percent-encode it, so no finer split is trusted.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".into();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
+    match rest.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
 }
@@ -452,5 +448,22 @@ impl MarkSink for RedisState {
         if mark.transition != Transition::Unchanged {
             self.inner.enqueue(&mark.mark);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_credentials() {
+        assert_eq!(redact("redis://127.0.0.1:6379/2"), "redis://127.0.0.1:6379/2");
+        assert_eq!(redact("redis://:s3cret@host:6379"), "redis://***@host:6379");
+        assert_eq!(redact("rediss://user:pa/ss@w@host/0"), "rediss://***@host/0");
+        assert_eq!(redact("host:6379"), "<not a URL>");
+        let e = StateConfig::new("redis://:hunter2@host:notaport", "ns").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(StateConfig::new("redis://host", "bad ns").is_err());
+        assert!(StateConfig::new("redis://host:1/3", "team-a:prod").is_ok());
     }
 }
