@@ -344,7 +344,7 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
     let (ready, state) = crate::state::health(shared.state.as_ref());
     let status = if ready { "ok" } else { "starting" };
     let mut res = json(
-        &serde_json::json!({"status": status, "keys": pool.len(), "available": available, "state": state}),
+        &serde_json::json!({"status": status, "keys": pool.len(), "available": available, "state_backend": state}),
     );
     if !ready {
         // Not ready until the shared state has been read (SPEC §10).
@@ -389,7 +389,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                 })
                 .collect();
             let state = crate::state::admin_view(shared.state.as_ref());
-            json(&serde_json::json!({ "keys": keys, "state": state }))
+            json(&serde_json::json!({ "keys": keys, "state_backend": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
             let Some(id) = pool.find(label) else {

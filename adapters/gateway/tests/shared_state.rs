@@ -406,8 +406,11 @@ fn garbage_under_the_namespace_is_ignored() {
         state_of(&b, &keys[0]) == "disabled"
     });
     let admin: serde_json::Value = serde_json::from_str(&b.admin_get("/admin/keys")).unwrap();
-    assert!(admin["state"]["ignored"].as_u64().unwrap() >= 1, "{admin}");
-    assert_eq!(admin["state"]["up"], true);
+    assert!(
+        admin["state_backend"]["ignored"].as_u64().unwrap() >= 1,
+        "{admin}"
+    );
+    assert_eq!(admin["state_backend"]["up"], true);
     assert_clean(&redis, &keys, &[&a, &b]);
 }
 
