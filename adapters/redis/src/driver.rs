@@ -240,7 +240,7 @@ async fn flush(inner: &Inner, conn: &mut MultiplexedConnection, sha: &str) -> Re
                 if result != 0 {
                     inner.written.fetch_add(1, Ordering::Relaxed);
                     // Our own value comes back on the channel: nothing to apply then.
-                    seen.insert(*key, p.value);
+                    seen.values.insert(*key, p.value);
                 }
             }
             Ok(())

@@ -271,7 +271,7 @@ struct Inner {
     ignored: AtomicU64,
     /// The last value seen in Redis (read, received or written) per fingerprint: values equal
     /// to it are not applied again.
-    seen: Mutex<HashMap<Fingerprint, Stored>>,
+    seen: Mutex<Seen>,
 }
 
 impl Inner {
@@ -333,14 +333,21 @@ impl Inner {
 
     /// Applies a value read or received for `key`, unless it is the one last seen.
     fn receive(&self, key: Fingerprint, value: Stored) {
+        let pool = self.pool.live();
         {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.get(&key) == Some(&value) {
+            // A reload replaced the pool: its added keys (and re-added ones) have not seen
+            // anything yet, so everything is applied once more.
+            let live = Arc::as_ptr(&pool) as usize;
+            if seen.pool != live {
+                seen.pool = live;
+                seen.values.clear();
+            }
+            if seen.values.get(&key) == Some(&value) {
                 return;
             }
-            seen.insert(key, value);
+            seen.values.insert(key, value);
         }
-        let pool = self.pool.live();
         let Some(id) = pool.find_fingerprint(key) else {
             return; // another pool's key (or one this process does not have)
         };
@@ -353,6 +360,14 @@ impl Inner {
             }
         }
     }
+}
+
+/// The values last seen per fingerprint, valid for one pool of the reload chain.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The address of the pool they were applied to.
+    pool: usize,
+    values: HashMap<Fingerprint, Stored>,
 }
 
 /// A handle on a running state driver: cheap to clone; the driver stops when the last handle
@@ -397,7 +412,7 @@ impl RedisState {
             written: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             ignored: AtomicU64::new(0),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Seen::default()),
         });
         let task = runtime.spawn(driver::run(inner.clone()));
         Ok(Self {

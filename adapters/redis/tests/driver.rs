@@ -385,3 +385,36 @@ async fn outage_then_reseed_of_an_empty_redis() {
     })
     .await;
 }
+
+/// A key that a replica adds by a reload takes its shared state at the next full read, even
+/// though the driver saw its value before the reload (when the pool did not have it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_by_a_reload_takes_the_shared_state() {
+    let redis = RedisServer::start();
+    let (pa, pb) = (pool(&[0, 1]), pool(&[0]));
+    let (a, b) = (start(&redis, &pa), start(&redis, &pb));
+    ready(&a).await;
+    ready(&b).await;
+    mark(
+        &pa,
+        &a,
+        key_of(&pa, 1),
+        Change::Disable {
+            reason: DisableReason::Forbidden,
+        },
+    );
+    eventually("the mark is in Redis", || {
+        hget(&redis, &pa, key_of(&pa, 1)).is_some()
+    })
+    .await;
+    let synced = b.health().last_sync;
+    eventually("B reads the hash after the mark", || {
+        b.health().last_sync > synced
+    })
+    .await;
+    let reloaded = pb.reload([keys()[0].clone(), keys()[1].clone()]).unwrap();
+    eventually("the reloaded pool learns key 1's state", || {
+        reloaded.state(key_of(&reloaded, 1), Instant::now()).is_disabled()
+    })
+    .await;
+}
