@@ -87,6 +87,7 @@ impl Adapter for Gateway {
             max_body: 1 << 20,
             grace: Duration::from_secs(1),
             upstream_roots: setup.ca_der.iter().cloned().collect(),
+            state: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -129,6 +129,22 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Share key state with every replica on the same Redis/Valkey:
+    /// redis://[:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS (prefer the env var when the URL
+    /// holds a password). Without it, state is in-process.
+    #[arg(long, value_name = "URL", env = "KEYPOOL_STATE", hide_env_values = true)]
+    pub state: Option<String>,
+
+    /// Prefix of the Redis names keypool uses ({NS}:keys, {NS}:marks); replicas that share
+    /// state use the same one.
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "keypool",
+        env = "KEYPOOL_STATE_NAMESPACE"
+    )]
+    pub state_namespace: String,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -256,6 +272,8 @@ pub struct Config {
     pub grace: Duration,
     /// Extra upstream root certificates (DER).
     pub upstream_roots: Vec<Vec<u8>>,
+    /// The shared state backend (`--state`); `None`: in-process.
+    pub state: Option<keypool_redis::StateConfig>,
 }
 
 /// A configuration problem: one line, naming the problem and the fix.
@@ -340,6 +358,10 @@ impl ServeArgs {
             Some(path) => load_pem_certs(path)?,
             None => Vec::new(),
         };
+        let state = match self.state.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => Some(crate::state::config(url, &self.state_namespace)?),
+            None => None,
+        };
         if self.max_body == 0 {
             return Err(err("--max-body must be larger than 0"));
         }
@@ -385,6 +407,7 @@ impl ServeArgs {
             max_body: self.max_body,
             grace: self.grace,
             upstream_roots,
+            state,
         })
     }
 }

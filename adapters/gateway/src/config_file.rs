@@ -147,7 +147,7 @@ struct RawState {
 pub enum Backend {
     /// In this process (the default).
     Memory,
-    /// Shared through Redis or Valkey (not in this build yet).
+    /// Shared through Redis or Valkey (`url`, `namespace`).
     Redis,
 }
 
@@ -385,7 +385,7 @@ impl Default for PoolInfo {
 /// The checked `[state]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateInfo {
-    /// The backend (always `memory` in this build).
+    /// The backend.
     pub backend: Backend,
 }
 
@@ -393,6 +393,19 @@ impl Default for StateInfo {
     fn default() -> Self {
         Self {
             backend: Backend::Memory,
+        }
+    }
+}
+
+impl StateInfo {
+    /// What the effective settings use: Redis when a state URL is set.
+    fn of(args: &ServeArgs) -> Self {
+        Self {
+            backend: if args.state.is_some() {
+                Backend::Redis
+            } else {
+                Backend::Memory
+            },
         }
     }
 }
@@ -592,9 +605,7 @@ fn check_state(name: &str, state: Option<&RawState>) -> Result<(), ConfigError> 
                     "{name}: [state] namespace = {ns:?}: use 1-64 letters, digits, '.', '_' or '-'"
                 )));
             }
-            Err(err(format!(
-                "{name}: [state] backend = \"redis\" is not available in this build (the Redis state work will wire it); use backend = \"memory\" or remove [state]"
-            )))
+            Ok(())
         }
     }
 }
@@ -872,7 +883,7 @@ pub fn resolve(args: &ServeArgs, explicit: &Explicit, env: Env<'_>) -> Result<Lo
                 config,
                 args: args.clone(),
                 pool: PoolInfo::default(),
-                state: StateInfo::default(),
+                state: StateInfo::of(args),
                 origins,
                 overridden: Vec::new(),
             })
@@ -954,6 +965,33 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
     take!(first_byte_timeout, "--first-byte-timeout", |v: &Dur| ok(v.0));
     take!(idle_timeout, "--idle-timeout", |v: &Dur| ok(v.0));
 
+    if let Some(st) = &r.state
+        && st.backend.is_some_and(|b| b.0 == Backend::Redis)
+    {
+        let url = match (&st.url, &st.url_env) {
+            (Some(SecretValue(url)), _) => url.clone(),
+            (None, Some(var)) => env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                err(format!(
+                    "{name}: [state] url_env = {var:?}, but {var} is not set: export it (redis://HOST:PORT)"
+                ))
+            })?,
+            // `check_state` has made sure one of them is there.
+            (None, None) => String::new(),
+        };
+        if explicit.contains("state") {
+            overridden.push("[state] url (overridden by --state / KEYPOOL_STATE)".into());
+        } else if !url.is_empty() {
+            out.state = Some(url);
+        }
+        if let Some(ns) = &st.namespace {
+            if explicit.contains("state_namespace") {
+                overridden.push("[state] namespace (overridden by --state-namespace)".into());
+            } else {
+                out.state_namespace = ns.clone();
+            }
+        }
+    }
+
     let mut origins = Origins::default();
     if let Some((tokens, origin)) = parsed.client_tokens(env)? {
         if explicit.contains("client_tokens") {
@@ -1023,7 +1061,7 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
     if origins.keys.is_empty() {
         origins.keys = key_origin(&config.key_source);
     }
-    let state = StateInfo::default();
+    let state = StateInfo::of(&out);
     Ok(Loaded {
         config,
         args: out,
@@ -1099,6 +1137,11 @@ pub fn render(loaded: &Loaded, file: Option<&Path>) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "[state]");
     let _ = writeln!(s, "backend = \"{}\"", name_of(&loaded.state.backend));
+    if loaded.args.state.is_some() {
+        // The URL may hold a password: only its shape is shown.
+        let _ = writeln!(s, "url = \"***\"");
+        let _ = writeln!(s, "namespace = {:?}", loaded.args.state_namespace);
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "[[pool]]");
     let _ = writeln!(s, "name = \"{}\"", loaded.pool.name);

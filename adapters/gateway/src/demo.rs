@@ -81,6 +81,7 @@ async fn demo() -> Result<(), String> {
         max_body: 1 << 20,
         grace: Duration::from_secs(2),
         upstream_roots: Vec::new(),
+        state: None,
     };
     let server = Server::bind(config).await?;
     let addr = server.local_addr();

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod server;
+pub mod state;
 
 /// Sets up logging to stderr (`RUST_LOG` filters; default `info`).
 pub fn init_logging(format: config::LogFormat) {

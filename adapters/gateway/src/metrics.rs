@@ -38,6 +38,17 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// Metrics of the shared state backend (`--state`), registered only when one is configured.
+#[derive(Debug, Clone)]
+pub struct StateMetrics {
+    /// 1 while the backend answers, 0 while the gateway serves from local state alone.
+    pub up: Gauge,
+    /// Seconds since the last full read of the shared state.
+    pub last_sync_age: Gauge<f64, AtomicU64>,
+    /// Time from a mark being queued on one replica to its arrival here.
+    pub propagation: Histogram,
+}
+
 /// The gateway's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -144,6 +155,33 @@ impl Metrics {
             ttfb,
             finished: AtomicU64::new(0),
         }
+    }
+
+    /// Registers the state backend's metrics (call once, before sharing `self`).
+    pub fn register_state(&mut self) -> StateMetrics {
+        let m = StateMetrics {
+            up: Gauge::default(),
+            last_sync_age: Gauge::default(),
+            propagation: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+        };
+        self.registry.register(
+            "state_backend_up",
+            "1 while the shared state backend (Redis) answers, 0 while serving from local state",
+            m.up.clone(),
+        );
+        self.registry.register(
+            "state_last_sync_age_seconds",
+            "Seconds since the shared state was last read in full",
+            m.last_sync_age.clone(),
+        );
+        self.registry.register(
+            "state_propagation_seconds",
+            "Time from a mark being queued on another replica to its arrival here (includes clock skew)",
+            m.propagation.clone(),
+        );
+        m
     }
 
     /// A key changed state.

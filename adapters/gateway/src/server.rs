@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{
     CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
 };
-use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition, Verdict};
+use keypool_core::{Exhausted, KeyState, Pool, Profile, Transition, Verdict};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
@@ -33,6 +33,8 @@ pub struct Shared {
     pool: RwLock<Arc<Pool>>,
     client: keypool_tokio::Client,
     metrics: Arc<Metrics>,
+    /// The shared state backend (`--state`), if any.
+    state: Option<crate::state::Backend>,
 }
 
 /// Logs and counts every mark the gateway's calls make, as they are made.
@@ -74,10 +76,14 @@ impl Shared {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
         let pool = Arc::new(pool);
-        let metrics = Arc::new(Metrics::new());
-        let sink = Arc::new(MarkLog {
+        let mut metrics = Metrics::new();
+        let state_metrics = config.state.as_ref().map(|_| metrics.register_state());
+        let metrics = Arc::new(metrics);
+        let state = crate::state::start(config.state.as_ref(), &pool, &metrics, state_metrics)?;
+        let log = Arc::new(MarkLog {
             metrics: metrics.clone(),
         });
+        let sink = crate::state::sink(log, state.as_ref());
         let mut builder = keypool_tokio::Client::builder()
             .base_url(config.upstream.clone())
             .config(config.call.clone().with_mark_sink(sink));
@@ -90,6 +96,7 @@ impl Shared {
             pool: RwLock::new(pool),
             client,
             metrics,
+            state,
         }))
     }
 
@@ -311,6 +318,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
     match (req.method(), path) {
         (&Method::GET, "/healthz") => health(&shared),
         (&Method::GET, "/metrics") => {
+            crate::state::refresh_metrics(shared.state.as_ref());
             let text = shared.metrics.render(&shared.pool(), Instant::now());
             full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
@@ -334,7 +342,16 @@ fn health(shared: &Shared) -> Response<GatewayBody> {
         .ids()
         .filter(|&id| pool.state(id, now).is_available())
         .count();
-    json(&serde_json::json!({"status": "ok", "keys": pool.len(), "available": available}))
+    let (ready, state) = crate::state::health(shared.state.as_ref());
+    let status = if ready { "ok" } else { "starting" };
+    let mut res = json(
+        &serde_json::json!({"status": status, "keys": pool.len(), "available": available, "state_backend": state}),
+    );
+    if !ready {
+        // Not ready until the shared state has been read (SPEC §10).
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    res
 }
 
 fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
@@ -372,12 +389,14 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                         KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
                     };
                     serde_json::json!({
-                        "label": k.label, "hint": k.hint, "state": state,
+                        "label": k.label, "hint": k.hint, "fingerprint": k.fingerprint.to_string(),
+                        "generation": k.generation, "state": state,
                         "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
                     })
                 })
                 .collect();
-            json(&serde_json::json!({ "keys": keys }))
+            let state = crate::state::admin_view(shared.state.as_ref());
+            json(&serde_json::json!({ "keys": keys, "state_backend": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
             let Some(id) = pool.find(label) else {
@@ -387,11 +406,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                     &format!("no key labelled {:?}", short(label)),
                 );
             };
-            let t = if *action == "enable" {
-                pool.enable(id, now)
-            } else {
-                pool.disable(id, DisableReason::Operator)
-            };
+            let t = crate::state::operator(shared.state.as_ref(), &pool, id, *action == "enable", now);
             if t == Transition::Entered {
                 shared.metrics.transition(
                     label,
@@ -413,7 +428,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
     }
 }
 
-fn snake(debug: &str) -> String {
+pub(crate) fn snake(debug: &str) -> String {
     let mut out = String::new();
     for (i, c) in debug.chars().enumerate() {
         if c.is_ascii_uppercase() {

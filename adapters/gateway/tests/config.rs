@@ -276,8 +276,8 @@ fn check_config_rejects_broken_files_with_one_line() {
         ),
         ("[pool]\nkeys_file = \"keys.txt\"\n", &["[[pool]] (two brackets)"]),
         (
-            "keys_file = \"keys.txt\"\n[state]\nbackend = \"redis\"\nurl = \"redis://:hunter2-pw@cache:6379\"\n",
-            &["\"redis\" is not available in this build", "backend = \"memory\""],
+            "keys_file = \"keys.txt\"\n[state]\nbackend = \"redis\"\nurl = \"http://:hunter2-pw@cache:6379\"\n",
+            &["url must start with redis://"],
         ),
         (
             "keys_file = \"keys.txt\"\n[state]\nurl = \"redis://cache\"\n",
