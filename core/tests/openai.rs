@@ -500,3 +500,121 @@ fn a_builder_takes_the_profile_and_its_default_base_url() {
         .unwrap();
     assert_eq!(azure.0.upstream.prefix(), "/openai");
 }
+
+/// A 200 that names the key's organisation.
+fn ok_from(org: &str) -> Vec<Step> {
+    vec![
+        head_h(
+            200,
+            &[("content-type", "application/json"), ("openai-organization", org)],
+        ),
+        body("{}"),
+        Step::End,
+    ]
+}
+
+fn ask(model: &str) -> Request {
+    request_for(model)
+}
+
+fn request_for(model: &str) -> Request {
+    let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+    Request::post_json_for(&Profile::openai(), "/v1/chat/completions", body)
+}
+
+/// Keys 0..n answer once each with their organisation, so the pool knows them.
+fn introduce(sim: &mut Sim, orgs: &[&str]) {
+    for (k, org) in orgs.iter().enumerate() {
+        for earlier in 0..k {
+            let id = sim.pool.key_at(earlier).unwrap();
+            let _ = sim
+                .pool
+                .cool_down(id, sim.now, Duration::from_millis(1), CoolReason::Auth);
+        }
+        sim.script(k, vec![ok_from(org)]);
+        let out = run(sim, ask("gpt-4o-mini"), &openai());
+        assert_eq!(out.keys().last().copied(), Some(Some(k)));
+        sim.advance(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn organisations_scope_rate_limits_per_model_and_billing_disables() {
+    let mut sim = Sim::new(3);
+    introduce(&mut sim, &["org-a", "org-a", "org-b"]);
+    assert_eq!(
+        sim.pool
+            .scope(sim.pool.key_at(0).unwrap())
+            .map(|s| s.organisation.to_string()),
+        Some("org-a".to_owned())
+    );
+    // A 429 on gpt-4o cools org-a for gpt-4o: k1 is skipped, k2 answers.
+    sim.script(
+        0,
+        vec![error(
+            429,
+            &[("retry-after", "30"), ("openai-organization", "org-a")],
+            "tokens",
+            "rate_limit_exceeded",
+            "slow down",
+        )],
+    );
+    let out = run(&mut sim, ask("gpt-4o"), &openai());
+    assert_eq!(out.keys(), vec![Some(0), Some(2)]);
+    // Another model (the family is the model id, gpt-4o-mini is not gpt-4o) still uses k0.
+    assert_eq!(run(&mut sim, ask("gpt-4o-mini"), &openai()).keys(), vec![Some(0)]);
+    assert_eq!(run(&mut sim, ask("gpt-4o"), &openai()).keys(), vec![Some(2)]);
+
+    // An empty wallet disables the whole organisation for billing.
+    sim.script(
+        0,
+        vec![error(
+            429,
+            &[("openai-organization", "org-a")],
+            "insufficient_quota",
+            "insufficient_quota",
+            "You exceeded your current quota",
+        )],
+    );
+    let out = run(&mut sim, ask("gpt-4o-mini"), &openai());
+    assert_eq!(out.keys(), vec![Some(0), Some(2)]);
+    for k in [0, 1] {
+        assert_eq!(
+            sim.pool.state(sim.pool.key_at(k).unwrap(), sim.now),
+            KeyState::Disabled {
+                reason: DisableReason::Billing
+            },
+            "key {k}"
+        );
+    }
+}
+
+#[test]
+fn identity_and_hints_come_from_openai_headers() {
+    let p = Profile::openai();
+    let mut h = http::HeaderMap::new();
+    h.insert("openai-organization", "org-x".parse().unwrap());
+    h.insert("openai-project", "proj_1".parse().unwrap());
+    assert_eq!(p.scope(&h), Some(("org-x", Some("proj_1"))));
+    assert_eq!(p.model_family("gpt-4o-2024-08-06"), "gpt-4o-2024-08-06");
+    let names: Vec<&str> = p.identity_headers().iter().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["openai-organization", "openai-project"]);
+    h.insert("x-ratelimit-remaining-tokens", "0".parse().unwrap());
+    h.insert("x-ratelimit-reset-tokens", "1m30s".parse().unwrap());
+    h.insert("x-ratelimit-remaining-requests", "7".parse().unwrap());
+    h.insert("x-ratelimit-reset-requests", "2h".parse().unwrap());
+    assert_eq!(
+        p.exhaustion_hint(&h, std::time::SystemTime::UNIX_EPOCH),
+        Some(Duration::from_secs(90))
+    );
+    let body = br#"{"error":{"message":"x","type":"insufficient_quota","param":null,"code":"project_spend_limit_exceeded"}}"#;
+    assert_eq!(
+        p.error_code(body),
+        (
+            Some("insufficient_quota".to_owned()),
+            Some("project_spend_limit_exceeded".to_owned())
+        )
+    );
+    assert_eq!(p.error_code(b"nope"), (None, None));
+    assert_eq!(p.probe_path(), "/v1/models");
+}

@@ -24,8 +24,10 @@
 //! - keypool's own errors: `{"error":{"message":…,"type":…,"param":null,"code":…}}`, the
 //!   request id in `x-request-id`.
 //!
-//! Organisation scopes (`openai-organization`) and proactive `x-ratelimit-remaining-*` hints
-//! are the pool's business once the provider seam carries them (SPEC §11).
+//! For the pool's limits (SPEC §11): the model family is the model id; the scope is
+//! `openai-organization` (with `openai-project` inside it), removed from answers to clients;
+//! a successful answer whose `x-ratelimit-remaining-*` is 0 hints at the matching reset; the
+//! probe is `GET /v1/models`; policy rules see `error.type` and `error.code`.
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
@@ -57,6 +59,9 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 
 /// The header naming the organisation a key belongs to.
 pub const ORGANIZATION_HEADER: HeaderName = HeaderName::from_static("openai-organization");
+
+/// The header naming the project a key belongs to (a scope inside the organisation).
+pub const PROJECT_HEADER: HeaderName = HeaderName::from_static("openai-project");
 
 /// The Chat Completions stream API (`POST /v1/chat/completions`, also legacy completions).
 pub const CHAT_COMPLETIONS: Dialect = Dialect("chat.completions");
@@ -176,7 +181,9 @@ impl Provider for OpenAi {
         "Authorization: Bearer or api-key"
     }
 
-    fn needs_body(&self, policy: &Policy, status: StatusCode) -> bool {
+    /// A 429 (rate limit, request too large or empty wallet?), a 401 (missing scopes?), and a
+    /// 400 when billing failures disable.
+    fn needs_body(&self, policy: &Policy, status: StatusCode, _headers: &HeaderMap) -> bool {
         match status.as_u16() {
             429 | 401 => true,
             400 => policy.disable_on_billing,
@@ -194,7 +201,7 @@ impl Provider for OpenAi {
         wall: SystemTime,
     ) -> Verdict {
         let code = status.as_u16();
-        let info = if self.needs_body(policy, status) {
+        let info = if self.needs_body(policy, status, headers) {
             ErrorInfo::read(body)
         } else {
             ErrorInfo::default()
@@ -312,6 +319,48 @@ impl Provider for OpenAi {
 
     fn request_id_header(&self) -> HeaderName {
         REQUEST_ID_HEADER
+    }
+
+    /// The model id as it is (SPEC §11.2: OpenAI's limits are per model).
+    fn model_family<'m>(&self, model: &'m str) -> &'m str {
+        model
+    }
+
+    /// `openai-organization`, and `openai-project` as the workspace-like scope inside it.
+    fn scope<'h>(&self, headers: &'h HeaderMap) -> Option<(&'h str, Option<&'h str>)> {
+        let text = |name: &HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        Some((text(&ORGANIZATION_HEADER)?, text(&PROJECT_HEADER)))
+    }
+
+    /// `x-ratelimit-remaining-{requests,tokens}: 0` → the matching `x-ratelimit-reset-*`
+    /// (a Go duration, relative to the answer), the later one if both are.
+    fn exhaustion_hint(&self, headers: &HeaderMap, _wall: SystemTime) -> Option<Duration> {
+        exhausted_reset(headers)
+    }
+
+    /// `error.type` and `error.code`.
+    fn error_code(&self, body: &[u8]) -> (Option<String>, Option<String>) {
+        let body = &body[..body.len().min(MAX_CLASSIFY_BODY)];
+        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+            return (None, None);
+        }
+        let info = ErrorInfo::read(body);
+        (info.kind, info.code)
+    }
+
+    fn identity_headers(&self) -> &'static [HeaderName] {
+        static HEADERS: [HeaderName; 2] = [ORGANIZATION_HEADER, PROJECT_HEADER];
+        &HEADERS
+    }
+
+    fn probe_path(&self) -> &'static str {
+        "/v1/models"
     }
 
     fn exhaustion_headers(&self, exhausted: Exhausted, headers: &mut HeaderMap) {
@@ -968,8 +1017,8 @@ mod tests {
                 )
                 .is_failover()
         );
-        assert!(OPENAI.needs_body(&Policy::default(), StatusCode::TOO_MANY_REQUESTS));
-        assert!(!OPENAI.needs_body(&Policy::default(), StatusCode::FORBIDDEN));
+        assert!(OPENAI.needs_body(&Policy::default(), StatusCode::TOO_MANY_REQUESTS, &none));
+        assert!(!OPENAI.needs_body(&Policy::default(), StatusCode::FORBIDDEN, &none));
     }
 
     fn frames(bytes: &'static [u8]) -> Vec<(EventRole, Dialect)> {
