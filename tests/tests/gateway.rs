@@ -141,7 +141,7 @@ impl GatewayClient {
         let mut response = self
             .agent
             .get(format!("http://{}{path}", self.addr))
-            .header("x-api-key", ADMIN_TOKEN)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
             .call()
             .unwrap();
         assert_eq!(response.status(), 200, "GET {path}");
@@ -183,12 +183,13 @@ impl GatewayClient {
         let mut builder = http::Request::builder()
             .method(request.method)
             .uri(format!("http://{}{}", self.addr, request.path_and_query));
+        // In loopback mode with BYOK allowed, a client credential means "my own key": the
+        // request's own credential headers are not sent.
         for (k, v) in &request.headers {
-            if k != "x-api-key" {
+            if !matches!(k.as_str(), "x-api-key" | "authorization" | "api-key") {
                 builder = builder.header(k, v);
             }
         }
-        // In loopback mode with BYOK allowed, a client credential means "my own key".
         if let Some(key) = own_key {
             builder = builder.header("x-api-key", key);
         }
@@ -216,9 +217,26 @@ impl GatewayClient {
     }
 }
 
-fn is_keypool_error(body: &[u8]) -> bool {
-    // keypool's own errors carry a request_id made by keypool ("req_keypool_...").
+fn is_keypool_error(headers: &http::HeaderMap, body: &[u8]) -> bool {
+    // keypool's own errors carry a request id made by keypool ("req_keypool_..."): in the body
+    // (Anthropic's shape) or in x-request-id (OpenAI's shape, whose body has none).
     std::str::from_utf8(body).is_ok_and(|s| s.contains("\"request_id\":\"req_keypool_"))
+        || headers
+            .get("x-request-id")
+            .is_some_and(|v| v.as_bytes().starts_with(b"req_keypool_"))
+}
+
+/// Whether an event is keypool's synthesized error event: Anthropic's `api_error`, OpenAI's
+/// `data: {"error":{"type":"server_error",…}}` chunk or Responses `event: error`.
+fn is_synthesized(event_type: &str, data: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+        return false;
+    };
+    match event_type {
+        "error" => v["error"]["type"] == "api_error" || v["error"]["type"] == "server_error",
+        "message" => v["error"]["type"] == "server_error",
+        _ => false,
+    }
 }
 
 impl TestClient for GatewayClient {
@@ -232,7 +250,7 @@ impl TestClient for GatewayClient {
             (200, Some(_)) => self.logged_break(before),
             _ => None,
         };
-        let error = is_keypool_error(&body)
+        let error = is_keypool_error(&headers, &body)
             .then(|| String::from_utf8_lossy(&body).into_owned())
             .or(cut);
         Answer {
@@ -261,7 +279,8 @@ impl TestClient for GatewayClient {
             .get("content-type")
             .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
         if !is_events {
-            let error = is_keypool_error(&body).then(|| String::from_utf8_lossy(&body).into_owned());
+            let error =
+                is_keypool_error(&headers, &body).then(|| String::from_utf8_lossy(&body).into_owned());
             return StreamAnswer {
                 status,
                 body,
@@ -279,10 +298,7 @@ impl TestClient for GatewayClient {
         while let Some(event) = parser.next_event() {
             let event = event.unwrap();
             assert!(out.stream_error.is_none(), "an event after keypool's error event");
-            let synthesized = event.event_type() == "error"
-                && serde_json::from_str::<serde_json::Value>(event.data())
-                    .is_ok_and(|v| v["error"]["type"] == "api_error");
-            if synthesized {
+            if is_synthesized(event.event_type(), event.data()) {
                 let data: serde_json::Value = serde_json::from_str(event.data()).unwrap();
                 out.broke = break_named(data["error"]["message"].as_str().unwrap(), self.idle);
                 out.stream_error = Some(event.data().to_owned());

@@ -6,7 +6,9 @@
 //! `POST …/responses` and `GET …/models` (any path prefix, so Azure-style and `/openai/v1`
 //! paths work too), reads the key from `authorization: Bearer` or `api-key`, writes OpenAI's
 //! error shape (`{"error":{"message","type","param","code"}}`) for [`Body::Error`], and sends
-//! `x-request-id`, `openai-organization` and the `x-ratelimit-*` headers.
+//! `x-request-id` and the `x-ratelimit-*` headers (never an exhausted one unless scripted). It
+//! sends no `openai-organization` unless a reply adds it ([`Reply::header`]): a known
+//! organisation makes keypool cool every key of it.
 //!
 //! ```
 //! use keypool_mock::{MockServer, openai};

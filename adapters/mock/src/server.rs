@@ -1281,10 +1281,10 @@ fn response_headers(
         if let Some(ct) = content_type {
             h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
         }
-        // Never an exhausted dimension on their own: a reply that wants one says so.
+        // Never an exhausted dimension, and no `openai-organization` (which would make the
+        // pool scope its cooldowns to the organisation): a reply that wants one says so.
         for (name, v) in [
             ("x-request-id", request_id),
-            ("openai-organization", "org-mock"),
             ("openai-processing-ms", "1"),
             ("openai-version", "2020-10-01"),
             ("x-ratelimit-limit-requests", "5000"),

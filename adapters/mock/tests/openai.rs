@@ -40,7 +40,7 @@ fn chat_completions_plain_and_streamed() {
     let (h, b) = call(&mock, "POST", "/v1/chat/completions", Some("sk-a"), CHAT);
     assert_eq!(h.status, 200);
     assert!(h.header("x-request-id").unwrap().starts_with("req_mock_"));
-    assert_eq!(h.header("openai-organization"), Some("org-mock"));
+    assert_eq!(h.header("openai-organization"), None);
     assert_eq!(h.header("x-ratelimit-reset-tokens"), Some("30ms"));
     assert!(h.header("request-id").is_none());
     let v = json(&b);
