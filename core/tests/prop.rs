@@ -651,7 +651,7 @@ fn fuzz_retry_delay_smoke() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 input.extend_from_slice(pieces[(x >> 8) as usize % pieces.len()]);
             } else {
                 input.push((x >> 16) as u8);
