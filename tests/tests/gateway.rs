@@ -19,7 +19,7 @@ use keypool_core::call::Request;
 use keypool_core::sse::Parser;
 use keypool_core::{KeySpec, Order, Pool, Secret};
 use keypool_gateway::access::AccessPolicy;
-use keypool_gateway::config::{Config, KeySource};
+use keypool_gateway::config::{Config, KeySource, PoolConfig};
 use keypool_gateway::server::{Server, Shared};
 
 struct Gateway;
@@ -51,6 +51,8 @@ struct GatewayClient {
     addr: SocketAddr,
     /// The idle timeout, to tell which break a message names.
     idle: Duration,
+    /// Where the scenario's pool is mounted (`""` for `/`).
+    mount: &'static str,
     shared: Arc<Shared>,
     logs: LogBuffer,
     agent: ureq::Agent,
@@ -72,10 +74,38 @@ impl Drop for GatewayClient {
 impl Adapter for Gateway {
     type Client = GatewayClient;
     fn build(setup: &Setup) -> GatewayClient {
+        let keys: Vec<KeySpec> = setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect();
+        let roots: Vec<Vec<u8>> = setup.ca_der.iter().cloned().collect();
+        // An OpenAI world runs behind a gateway that serves both pools: Anthropic at `/` (one
+        // key the scenario never reaches) and the scenario's OpenAI pool at `/openai`.
+        let openai = setup.config.profile.name() == "openai";
+        let (first_keys, first_call, more, mount) = if openai {
+            let pool = PoolConfig {
+                name: "openai".into(),
+                mount: "/openai".into(),
+                upstream: setup.base_url.clone(),
+                keys: keys.clone(),
+                key_source: KeySource::OpenAiEnv,
+                order: Order::PrimaryWithFallback,
+                call: setup.config.clone(),
+                upstream_roots: roots.clone(),
+            };
+            let unused = vec![KeySpec::new("sk-ant-api03-unused-anthropic-key-0000")];
+            let anthropic = setup
+                .config
+                .clone()
+                .with_profile(keypool_core::Profile::anthropic());
+            (unused, anthropic, vec![pool], "/openai")
+        } else {
+            (keys, setup.config.clone(), Vec::new(), "")
+        };
         let config = Config {
             listen: ([127, 0, 0, 1], 0).into(),
+            name: "anthropic".into(),
+            mount: "/".into(),
+            more,
             upstream: setup.base_url.clone(),
-            keys: setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect(),
+            keys: first_keys,
             key_source: KeySource::Env,
             access: AccessPolicy {
                 tokens: Vec::new(),
@@ -83,10 +113,10 @@ impl Adapter for Gateway {
             },
             admin_token: Some(Secret::new(ADMIN_TOKEN).unwrap()),
             order: Order::PrimaryWithFallback,
-            call: setup.config.clone(),
+            call: first_call,
             max_body: 1 << 20,
             grace: Duration::from_secs(1),
-            upstream_roots: setup.ca_der.iter().cloned().collect(),
+            upstream_roots: roots,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -127,6 +157,7 @@ impl Adapter for Gateway {
         GatewayClient {
             addr,
             idle: setup.config.timeouts.idle,
+            mount,
             shared,
             logs,
             agent,
@@ -180,9 +211,10 @@ impl GatewayClient {
         request: Request,
         own_key: Option<&str>,
     ) -> (u16, http::HeaderMap, Vec<u8>, Option<String>) {
-        let mut builder = http::Request::builder()
-            .method(request.method)
-            .uri(format!("http://{}{}", self.addr, request.path_and_query));
+        let mut builder = http::Request::builder().method(request.method).uri(format!(
+            "http://{}{}{}",
+            self.addr, self.mount, request.path_and_query
+        ));
         // In loopback mode with BYOK allowed, a client credential means "my own key": the
         // request's own credential headers are not sent.
         for (k, v) in &request.headers {
@@ -241,7 +273,11 @@ fn is_synthesized(event_type: &str, data: &str) -> bool {
 
 impl TestClient for GatewayClient {
     fn pool(&self) -> Arc<Pool> {
-        self.shared.pool()
+        if self.mount.is_empty() {
+            self.shared.pool()
+        } else {
+            self.shared.pool_named("openai").unwrap()
+        }
     }
     fn send(&self, request: Request) -> Answer {
         let before = self.request_lines().len();
