@@ -133,8 +133,8 @@ pub use pool::{
     CoolReason, DisableReason, FAMILY_SLOTS, FamilySlot, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool,
     PoolError, Scope, Transition,
 };
-/// The Anthropic profile's building blocks, at their round-1 path.
-pub use profile::anthropic;
 pub use profile::{EventRole, Profile, Provider};
+/// The Anthropic profile's building blocks, at their round-1 path.
+pub use profile::{anthropic, openai};
 pub use secret::{Secret, SecretError};
 pub use walk::{Exhausted, Walker};

@@ -47,11 +47,13 @@ pub(crate) fn start(
     pool: &Arc<Pool>,
     metrics: &Arc<Metrics>,
     state_metrics: Option<StateMetrics>,
+    pool_name: &str,
 ) -> Result<Option<Backend>, String> {
     let (Some(config), Some(state_metrics)) = (config, state_metrics) else {
         return Ok(None);
     };
     let events = Arc::new(RemoteLog {
+        pool: pool_name.to_owned(),
         metrics: metrics.clone(),
         state: state_metrics.clone(),
     });
@@ -170,6 +172,7 @@ pub(crate) fn refresh_metrics(backend: Option<&Backend>) {
 /// Logs and counts marks that arrive from other replicas, like the calls' own.
 #[derive(Debug)]
 struct RemoteLog {
+    pool: String,
     metrics: Arc<Metrics>,
     state: StateMetrics,
 }
@@ -182,9 +185,9 @@ impl Events for RemoteLog {
             Change::Disable { reason } => crate::server::snake(&format!("{reason:?}")),
             Change::Enable => "enabled".to_owned(),
         };
-        self.metrics.transition(label, &reason);
+        self.metrics.transition(&self.pool, label, &reason);
         tracing::warn!(
-            target: "keypool::key", key = %label, reason = %reason, transition = ?transition,
+            target: "keypool::key", pool = %self.pool, key = %label, reason = %reason, transition = ?transition,
             source = "shared", generation = mark.generation, "key state changed"
         );
     }
