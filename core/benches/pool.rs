@@ -87,6 +87,7 @@ fn main() {
     // SPEC §11.2: a pool with family marks (the sonnet family cooling on the first 8 keys) walks
     // for a sonnet request: the pick reads family words too.
     let sonnet = Family::of("sonnet");
+    let haiku = Family::of("haiku");
     let families = Pool::new(keys(16), Order::PrimaryWithFallback, t0).unwrap();
     for id in families.ids().take(8) {
         let mark = families.family_cool_mark(
@@ -140,9 +141,7 @@ fn main() {
         (
             "pick with family marks, another family: first key",
             measure(&cfg, || {
-                families
-                    .walk_for(Some(Family::of("haiku")))
-                    .next_key(&families, black_box(now))
+                families.walk_for(Some(haiku)).next_key(&families, black_box(now))
             }),
             None,
         ),
@@ -152,7 +151,7 @@ fn main() {
             None,
         ),
         (
-            "mark: cool_down (fetch_max)",
+            "mark: cool_down (Pool::apply: lock, merge)",
             measure(&cfg, || {
                 marked.cool_down(
                     black_box(mark_id),
