@@ -168,6 +168,10 @@ pub trait Adapter {
     /// the connection's end, so that the core hears of an EOF ([`TransportError::Eof`]) where
     /// the upstream reset. Only a client that hides the difference may say so.
     const RESET_READS_AS_EOF: bool = false;
+    /// Whether the client is a proxy that may remove the upstream's identity headers
+    /// (`anthropic-organization-id`, `anthropic-workspace-id`) from its answers, as SPEC §13
+    /// lets the gateway do. A library client hands them over unchanged.
+    const MAY_REMOVE_IDENTITY_HEADERS: bool = false;
     /// Builds a client for a fresh pool.
     fn build(setup: &Setup) -> Self::Client;
 }
@@ -390,8 +394,13 @@ impl<C: TestClient> World<C> {
 /// The request every scenario sends: `POST /v1/messages`, with a client credential that must
 /// never reach the upstream on a pooled call.
 pub fn messages(stream: bool) -> Request {
+    messages_for("claude-sonnet-4-5", stream)
+}
+
+/// [`messages`] for another model.
+pub fn messages_for(model: &str, stream: bool) -> Request {
     let body = format!(
-        r#"{{"model":"claude-sonnet-4-5","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"héllo ✓"}}]}}"#
+        r#"{{"model":"{model}","max_tokens":64,"stream":{stream},"messages":[{{"role":"user","content":"héllo ✓"}}]}}"#
     );
     let mut r = Request::post_json("/v1/messages", Bytes::from(body));
     r.headers
@@ -411,6 +420,7 @@ fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)))
 }
 
+mod limits;
 mod openai;
 
 pub use openai::{openai_chat, openai_responses};
@@ -418,6 +428,7 @@ pub use openai::{openai_chat, openai_responses};
 /// The scenarios. Each takes the adapter and the transport.
 pub mod scenarios {
     use super::*;
+    pub use crate::limits::scenarios::*;
     pub use crate::openai::scenarios::*;
 
     fn first_byte() -> CallConfig {
@@ -1186,6 +1197,11 @@ macro_rules! conformance_suite {
                 openai_first_content_fails_over_on_in_band_errors,
                 openai_streams_end_cleanly,
                 openai_stream_breaks_in_its_own_shape,
+                limits_rate_limit_cools_the_organisation_for_its_family,
+                limits_other_workspaces_are_still_tried,
+                limits_spend_cap_rests_the_organisation_until_the_first,
+                limits_usage_limit_rests_until_its_date,
+                limits_soft_hint_moves_traffic_but_never_refuses,
             );
         }
     };
@@ -1210,6 +1226,17 @@ mod tests {
         let mut t = Transcript::default();
         t.push(format!("error: bad key {}", &keys[0][10..30]));
         t.assert_no_secret(&keys);
+    }
+
+    #[test]
+    fn first_of_next_month_is_utc_midnight_on_the_first() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |secs| UNIX_EPOCH + Duration::from_secs(secs);
+        // 2027-01-15T08:00:00Z → 2027-02-01; 2024-12-31T23:59:59Z → 2025-01-01;
+        // 2024-02-01T00:00:00Z → 2024-03-01.
+        assert_eq!(limits::first_of_next_month(at(1_800_000_000)), at(1_801_440_000));
+        assert_eq!(limits::first_of_next_month(at(1_735_689_599)), at(1_735_689_600));
+        assert_eq!(limits::first_of_next_month(at(1_706_745_600)), at(1_709_251_200));
     }
 
     #[test]

@@ -73,6 +73,8 @@ impl Drop for GatewayClient {
 
 impl Adapter for Gateway {
     type Client = GatewayClient;
+    // SPEC §13 lets the gateway remove them (it passes them through today).
+    const MAY_REMOVE_IDENTITY_HEADERS: bool = true;
     fn build(setup: &Setup) -> GatewayClient {
         let keys: Vec<KeySpec> = setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect();
         let roots: Vec<Vec<u8>> = setup.ca_der.iter().cloned().collect();

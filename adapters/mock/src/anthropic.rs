@@ -75,10 +75,20 @@ pub(crate) fn standard_events(id: &str, model: &str, text_deltas: usize) -> Vec<
     ev
 }
 
-pub(crate) fn error_body(error_type: &str, message: &str, request_id: &str) -> serde_json::Value {
+/// `{"type":"error","error":{"type","message"[,"details":{"error_code"}]},"request_id"}`.
+pub(crate) fn error_body(
+    error_type: &str,
+    error_code: Option<&str>,
+    message: &str,
+    request_id: &str,
+) -> serde_json::Value {
+    let mut error = json!({"type": error_type, "message": message});
+    if let Some(code) = error_code {
+        error["details"] = json!({"error_code": code});
+    }
     json!({
         "type": "error",
-        "error": {"type": error_type, "message": message},
+        "error": error,
         "request_id": request_id,
     })
 }
@@ -97,13 +107,21 @@ pub(crate) fn default_error_message(error_type: &str) -> &'static str {
     }
 }
 
-pub(crate) fn models() -> serde_json::Value {
-    let model = |id: &str, name: &str| json!({"type": "model", "id": id, "display_name": name, "created_at": "2025-01-01T00:00:00Z"});
+/// The model list; its first `limit` models when a limit is given (the probe keypool sends for a
+/// disabled key is `GET /v1/models?limit=1`).
+pub(crate) fn models(limit: Option<usize>) -> serde_json::Value {
+    let model = |(id, name): &(&str, &str)| json!({"type": "model", "id": id, "display_name": name, "created_at": "2025-01-01T00:00:00Z"});
+    let all = [
+        ("claude-mock-1", "Claude Mock 1"),
+        ("claude-mock-fast", "Claude Mock Fast"),
+    ];
+    let n = limit.unwrap_or(all.len()).clamp(1, all.len());
+    let shown = &all[..n];
     json!({
-        "data": [model("claude-mock-1", "Claude Mock 1"), model("claude-mock-fast", "Claude Mock Fast")],
-        "has_more": false,
-        "first_id": "claude-mock-1",
-        "last_id": "claude-mock-fast",
+        "data": shown.iter().map(model).collect::<Vec<_>>(),
+        "has_more": n < all.len(),
+        "first_id": shown.first().map(|m| m.0),
+        "last_id": shown.last().map(|m| m.0),
     })
 }
 

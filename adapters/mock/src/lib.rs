@@ -9,7 +9,8 @@
 //!   the normal SSE sequence (`message_start`, `content_block_start`, `ping`,
 //!   `content_block_delta`…, `content_block_stop`, `message_delta`, `message_stop`, each written
 //!   `event: NAME\ndata: JSON\n\n`);
-//! - `POST /v1/messages/count_tokens`, `GET /v1/models`;
+//! - `POST /v1/messages/count_tokens`, `GET /v1/models` (honouring `?limit=N`: keypool's probe
+//!   of a disabled key is `GET /v1/models?limit=1`);
 //! - anything else: 404 `{"type":"error","error":{"type":"not_found_error",...}}`.
 //!
 //! Answers carry `request-id` and `anthropic-ratelimit-*` headers. The key is read from
@@ -23,6 +24,14 @@
 //! [`Reply::close_before_head`], [`Reply::reset_inside_head`], [`Reply::close_inside_head`],
 //! [`Reply::stall_before_head`]). [`MockServer::close_idle_connections`] drops the keep-alive
 //! connections a client holds in its pool.
+//!
+//! What the upstream says about its limits (SPEC §11) is scriptable too: the organisation and
+//! workspace every answer to a key names ([`MockServer::set_organization`], or per reply
+//! [`Reply::organization`]; none by default), rate-limit dimensions with RFC 3339 resets
+//! ([`Reply::exhausted`], [`Reply::rate_limit`]), the spend-cap 429 ([`Reply::spend_capped`]:
+//! `error.details.error_code = "enforced_spend_limit_reached"`, no `retry-after`), the
+//! usage-limit 400 with its date ([`Reply::usage_limited`]), and revoked keys, which get 401 on
+//! every endpoint, probes included ([`MockServer::revoke`], [`MockServer::restore`]).
 //!
 //! Every request is recorded ([`MockServer::requests`]), and so is how every answer ended
 //! ([`MockServer::outcomes`]): completed, aborted as scripted, or cut short because the client
@@ -79,10 +88,15 @@
 //! (see [`RetryAfter`]), `body` (see [`Body`]; an `error` body with no `message` gets a stock
 //! one), `auto_headers` (bool), `head_delay_ms`, `fault` (see [`Fault`]), and for non-stream
 //! bodies `chunk_size`, `chunk_delay_ms`, `ending` (see [`Ending`]). Stream bodies take
-//! `events` (see [`SseEvent`]), `text_deltas`, `chunk_size`, `chunk_delay_ms`, `ending`.
+//! `events` (see [`SseEvent`]), `text_deltas`, `chunk_size`, `chunk_delay_ms`, `ending`. What a
+//! reply says about limits: `organization`, `workspace` (strings), `rate_limits` (see
+//! [`RateLimit`]); an Anthropic `error` body's `code` is its `error.details.error_code`. A key
+//! table takes `script`, `default`, `organization`, `workspace` and `revoked` (see
+//! [`KeyScript`]).
 #![forbid(unsafe_code)]
 
 mod anthropic;
+mod civil;
 mod io;
 pub mod openai;
 mod script;
@@ -90,7 +104,7 @@ mod server;
 mod tls;
 
 pub use script::{
-    Body, CREDIT_BALANCE_MESSAGE, Ending, Fault, Flavor, KeyScript, Reply, RetryAfter, Scenario, SseEvent,
-    StreamScript,
+    Body, CREDIT_BALANCE_MESSAGE, Dimension, Ending, Fault, Flavor, KeyScript, RateLimit, Reply, RetryAfter,
+    SPEND_LIMIT_CODE, SPEND_LIMIT_MESSAGE, Scenario, SseEvent, StreamScript, usage_limit_message,
 };
 pub use server::{MockServer, Outcome, OutcomeEnd, Recorded, WaitTimeout, key_hint};

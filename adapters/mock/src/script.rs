@@ -13,6 +13,27 @@ use serde::{Deserialize, Serialize};
 pub const CREDIT_BALANCE_MESSAGE: &str = "Your credit balance is too low to access the Anthropic API. \
      Please go to Plans & Billing to upgrade or purchase credits.";
 
+/// `error.details.error_code` of Anthropic's spend-cap 429 ([`Reply::spend_capped`]): the
+/// organisation reached its monthly spend limit; it carries no `retry-after`.
+pub const SPEND_LIMIT_CODE: &str = "enforced_spend_limit_reached";
+
+/// The message of the spend-cap 429 ([`Reply::spend_capped`]).
+pub const SPEND_LIMIT_MESSAGE: &str = "You have reached your organization's monthly spend limit. \
+     Raise it in the Console's Limits page, or wait until it resets on the 1st of next month.";
+
+/// The message of Anthropic's 400 for an organisation over the usage limits it set itself, with
+/// the date access comes back (to the minute, UTC), e.g. `… You will regain access on
+/// 2027-01-20 at 00:00 UTC.` ([`Reply::usage_limited`]).
+pub fn usage_limit_message(regain: SystemTime) -> String {
+    let at = crate::civil::rfc3339(regain);
+    // `YYYY-MM-DDTHH:MM:SSZ`
+    format!(
+        "You have reached your specified API usage limits. You will regain access on {} at {} UTC.",
+        &at[..10],
+        &at[11..16]
+    )
+}
+
 /// One scripted answer to one request.
 ///
 /// Built with the constructors ([`Reply::ok`], [`Reply::status`], [`Reply::rate_limited`], …) and
@@ -26,8 +47,10 @@ pub const CREDIT_BALANCE_MESSAGE: &str = "Your credit balance is too low to acce
 ///
 /// Headers are written in this order, a later one replacing an earlier one of the same name:
 /// the automatic ones (`content-type` for the body, `request-id`, the `anthropic-ratelimit-*`
-/// set; off with [`Reply::without_auto_headers`]), then `retry-after` / `retry-after-ms` from
-/// [`Reply::retry_after`], then the explicit [`Reply::header`]s. hyper adds `date` unless
+/// set; off with [`Reply::without_auto_headers`]), then the organisation and workspace (the
+/// reply's, else its key's: [`Reply::organization`], `MockServer::set_organization`), then
+/// the scripted rate limits ([`Reply::rate_limit`]), then `retry-after` / `retry-after-ms`
+/// from [`Reply::retry_after`], then the explicit [`Reply::header`]s. hyper adds `date` unless
 /// a `date` header is given.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,6 +76,16 @@ pub struct Reply {
     pub chunk_delay_ms: u64,
     /// For bodies other than [`Body::Stream`]: how the body ends (default complete).
     pub ending: Ending,
+    /// The organisation the answer names (`anthropic-organization-id`; OpenAI mode:
+    /// `openai-organization`); `None` (default) names the key's, if it has one
+    /// ([`KeyScript::organization`]).
+    pub organization: Option<String>,
+    /// The workspace the answer names (`anthropic-workspace-id`; OpenAI mode: `openai-project`);
+    /// `None` (default) names the key's, if it has one. Sent only with an organisation.
+    pub workspace: Option<String>,
+    /// Rate-limit dimensions to report as scripted, replacing the automatic values of the same
+    /// dimension (sent even without the automatic headers). Default none.
+    pub rate_limits: Vec<RateLimit>,
 }
 
 impl Default for Reply {
@@ -77,6 +110,9 @@ impl Reply {
             chunk_size: None,
             chunk_delay_ms: 0,
             ending: Ending::Complete,
+            organization: None,
+            workspace: None,
+            rate_limits: Vec::new(),
         }
     }
 
@@ -104,6 +140,23 @@ impl Reply {
             "Number of request tokens has exceeded your per-minute rate limit",
         )
         .retry_after(retry_after)
+    }
+
+    /// Anthropic's spend cap: 429 `rate_limit_error` whose `error.details.error_code` is
+    /// [`SPEND_LIMIT_CODE`], and no `retry-after` (the organisation is out until 00:00 UTC on the
+    /// 1st of next month, not for a few seconds).
+    pub fn spend_capped() -> Self {
+        Self::status(429).body(Body::Error {
+            error_type: "rate_limit_error".to_owned(),
+            message: SPEND_LIMIT_MESSAGE.to_owned(),
+            code: Some(SPEND_LIMIT_CODE.to_owned()),
+        })
+    }
+
+    /// Anthropic's 400 `invalid_request_error` for an organisation over the usage limits it set
+    /// itself, saying when access comes back ([`usage_limit_message`]; to the minute, UTC).
+    pub fn usage_limited(regain: SystemTime) -> Self {
+        Self::error(400, "invalid_request_error", &usage_limit_message(regain))
     }
 
     /// 401 `authentication_error` ("invalid x-api-key").
@@ -245,6 +298,36 @@ impl Reply {
         })
     }
 
+    /// Names this organisation in the answer, whatever the key's (see the type docs).
+    #[must_use]
+    pub fn organization(mut self, organization: &str) -> Self {
+        self.organization = Some(organization.to_owned());
+        self
+    }
+
+    /// Names this workspace in the answer, whatever the key's.
+    #[must_use]
+    pub fn workspace(mut self, workspace: &str) -> Self {
+        self.workspace = Some(workspace.to_owned());
+        self
+    }
+
+    /// Reports one rate-limit dimension as scripted (replacing an earlier one of the same
+    /// dimension).
+    #[must_use]
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limits.retain(|l| l.dimension != limit.dimension);
+        self.rate_limits.push(limit);
+        self
+    }
+
+    /// Reports `dimension` as exhausted: remaining 0, resetting `reset_in` after the answer
+    /// (whole seconds). On a 200 this is the soft hint keypool prefers other keys on.
+    #[must_use]
+    pub fn exhausted(self, dimension: Dimension, reset_in: Duration) -> Self {
+        self.rate_limit(RateLimit::exhausted(dimension, reset_in))
+    }
+
     /// Turns the automatic headers off (see the type docs).
     #[must_use]
     pub fn without_auto_headers(mut self) -> Self {
@@ -283,6 +366,76 @@ impl Reply {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A dimension of the upstream's rate limits.
+///
+/// Anthropic mode reports each as `anthropic-ratelimit-{requests,tokens,input-tokens,
+/// output-tokens}-{limit,remaining,reset}`; OpenAI mode has `requests` and `tokens` only
+/// (`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`) and ignores the other two.
+///
+/// In a scenario file: `"requests"`, `"tokens"`, `"input_tokens"`, `"output_tokens"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dimension {
+    /// Requests per minute.
+    Requests,
+    /// Tokens per minute (Anthropic: the most restrictive of input and output).
+    Tokens,
+    /// Input tokens per minute (Anthropic only).
+    InputTokens,
+    /// Output tokens per minute (Anthropic only).
+    OutputTokens,
+}
+
+impl Dimension {
+    /// The name in header names: `requests`, `tokens`, `input-tokens`, `output-tokens`.
+    pub fn header_name(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+            Self::InputTokens => "input-tokens",
+            Self::OutputTokens => "output-tokens",
+        }
+    }
+}
+
+/// What one answer says about one rate-limit dimension ([`Reply::rate_limit`]).
+///
+/// The reset is sent as an RFC 3339 time `reset_in_secs` after the answer (Anthropic mode), or as
+/// a Go duration such as `30s` (OpenAI mode).
+///
+/// In a scenario file: `{ dimension = "tokens", remaining = 0, reset_in_secs = 30 }` (`limit`
+/// optional).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Which dimension.
+    pub dimension: Dimension,
+    /// The limit to report; `None` keeps the automatic one (none without automatic headers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// What is left of it.
+    pub remaining: u64,
+    /// Seconds from the answer until it resets.
+    pub reset_in_secs: u64,
+}
+
+impl RateLimit {
+    /// `dimension` with `remaining` left, resetting `reset_in` after the answer (whole seconds).
+    pub fn new(dimension: Dimension, remaining: u64, reset_in: Duration) -> Self {
+        Self {
+            dimension,
+            limit: None,
+            remaining,
+            reset_in_secs: reset_in.as_secs(),
+        }
+    }
+
+    /// `dimension` used up (remaining 0) until `reset_in` after the answer.
+    pub fn exhausted(dimension: Dimension, reset_in: Duration) -> Self {
+        Self::new(dimension, 0, reset_in)
+    }
 }
 
 /// The retry headers of a reply. The strings are sent raw, so tests can send garbage such as
@@ -383,7 +536,8 @@ pub enum Body {
         /// `error.message`.
         #[serde(default)]
         message: String,
-        /// OpenAI's `error.code` (e.g. `rate_limit_exceeded`); not written in Anthropic mode.
+        /// OpenAI's `error.code` (e.g. `rate_limit_exceeded`); in Anthropic mode
+        /// `error.details.error_code` (e.g. [`SPEND_LIMIT_CODE`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
     },
@@ -683,7 +837,8 @@ pub enum Flavor {
     OpenAi,
 }
 
-/// The script of one key: a queue of replies consumed one per request, then a default.
+/// The script of one key: a queue of replies consumed one per request, then a default; and what
+/// the upstream knows of the key: its organisation and workspace, and whether it is revoked.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeyScript {
@@ -691,4 +846,13 @@ pub struct KeyScript {
     pub script: Vec<Reply>,
     /// The reply once the script is used up; `None` means the scenario's fallback.
     pub default: Option<Reply>,
+    /// The organisation every answer to the key names (`anthropic-organization-id`; OpenAI
+    /// mode: `openai-organization`) unless the reply names another; default none.
+    pub organization: Option<String>,
+    /// The key's workspace (`anthropic-workspace-id`; OpenAI mode: `openai-project`), sent with
+    /// its organisation; default none.
+    pub workspace: Option<String>,
+    /// A revoked key gets 401 (`authentication_error`; OpenAI mode: `invalid_api_key`) on every
+    /// endpoint, probes included, without consuming its script; default false.
+    pub revoked: bool,
 }

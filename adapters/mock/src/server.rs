@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::io::{After, ConnCtl, ExchangeGuard, MockBody, Tracked, read_body};
 use crate::script::{
-    Body, Ending, Fault, Flavor, KeyScript, Reply, RetryAfter, Scenario, SseEvent, StreamScript,
+    Body, Dimension, Ending, Fault, Flavor, KeyScript, Reply, RetryAfter, Scenario, SseEvent, StreamScript,
 };
 use crate::tls;
 use crate::{anthropic, openai};
@@ -217,9 +217,15 @@ impl fmt::Display for WaitTimeout {
 
 impl StdError for WaitTimeout {}
 
+#[derive(Default)]
 struct KeyState {
     queue: VecDeque<Reply>,
     default: Option<Reply>,
+    /// What every answer to the key names, unless the reply names another.
+    organization: Option<String>,
+    workspace: Option<String>,
+    /// Every request gets 401, the queue untouched.
+    revoked: bool,
 }
 
 struct State {
@@ -249,10 +255,7 @@ impl State {
     }
 
     fn key(&mut self, key: &str) -> &mut KeyState {
-        self.keys.entry(key.to_owned()).or_insert_with(|| KeyState {
-            queue: VecDeque::new(),
-            default: None,
-        })
+        self.keys.entry(key.to_owned()).or_default()
     }
 
     fn load(&mut self, scenario: Scenario) {
@@ -262,30 +265,68 @@ impl State {
             .missing_key
             .unwrap_or_else(|| missing_key_reply(scenario.provider));
         self.keys.clear();
-        for (k, KeyScript { script, default }) in scenario.keys {
+        for (k, script) in scenario.keys {
+            let KeyScript {
+                script,
+                default,
+                organization,
+                workspace,
+                revoked,
+            } = script;
             self.keys.insert(
                 k,
                 KeyState {
                     queue: script.into(),
                     default,
+                    organization,
+                    workspace,
+                    revoked,
                 },
             );
         }
     }
 
+    /// The reply to a request of `key` on a known endpoint: a revoked key's 401, else the next
+    /// scripted reply, the default or the fallback; named with the key's organisation.
     fn choose(&mut self, key: Option<&str>) -> Reply {
         let Some(key) = key else {
             return self.missing_key.clone();
         };
-        if let Some(ks) = self.keys.get_mut(key) {
-            if let Some(r) = ks.queue.pop_front() {
-                return r;
-            }
-            if let Some(d) = &ks.default {
-                return d.clone();
-            }
+        let flavor = self.flavor;
+        let reply = match self.keys.get_mut(key) {
+            Some(ks) if ks.revoked => return revoked_reply(flavor),
+            Some(ks) => ks
+                .queue
+                .pop_front()
+                .or_else(|| ks.default.clone())
+                .unwrap_or_else(|| self.fallback.clone()),
+            None => self.fallback.clone(),
+        };
+        self.named(Some(key), reply)
+    }
+
+    /// `reply` naming `key`'s organisation and workspace where it names none of its own.
+    fn named(&self, key: Option<&str>, mut reply: Reply) -> Reply {
+        let Some(ks) = key.and_then(|k| self.keys.get(k)) else {
+            return reply;
+        };
+        if ks.revoked {
+            return reply;
         }
-        self.fallback.clone()
+        if reply.organization.is_none() {
+            reply.organization.clone_from(&ks.organization);
+        }
+        if reply.workspace.is_none() {
+            reply.workspace.clone_from(&ks.workspace);
+        }
+        reply
+    }
+}
+
+fn revoked_reply(flavor: Flavor) -> Reply {
+    match flavor {
+        Flavor::Anthropic => Reply::unauthorized(),
+        Flavor::OpenAi => openai::invalid_api_key(),
     }
 }
 
@@ -579,6 +620,37 @@ impl MockServer {
         self.shared.lock().fallback = reply;
     }
 
+    /// Makes every answer to `key` name this organisation and workspace (Anthropic:
+    /// `anthropic-organization-id` / `anthropic-workspace-id`; OpenAI mode:
+    /// `openai-organization` / `openai-project`), unless a reply names its own
+    /// ([`Reply::organization`]). Answers name none by default.
+    pub fn set_organization(&self, key: &str, organization: &str, workspace: Option<&str>) {
+        let mut st = self.shared.lock();
+        let ks = st.key(key);
+        ks.organization = Some(organization.to_owned());
+        ks.workspace = workspace.map(str::to_owned);
+    }
+
+    /// Answers to `key` name no organisation any more (unless a reply names one).
+    pub fn clear_organization(&self, key: &str) {
+        let mut st = self.shared.lock();
+        let ks = st.key(key);
+        ks.organization = None;
+        ks.workspace = None;
+    }
+
+    /// Revokes `key` upstream: from now on every request with it — messages, probes
+    /// (`GET /v1/models?limit=1`), anything — gets 401 (`authentication_error`; OpenAI mode:
+    /// `invalid_api_key`) naming no organisation, and its script waits untouched.
+    pub fn revoke(&self, key: &str) {
+        self.shared.lock().key(key).revoked = true;
+    }
+
+    /// Undoes [`MockServer::revoke`]: the key is served by its script again.
+    pub fn restore(&self, key: &str) {
+        self.shared.lock().key(key).revoked = false;
+    }
+
     /// Sets the reply to requests without a key (initially 401 `authentication_error`).
     pub fn set_missing_key(&self, reply: Reply) {
         self.shared.lock().missing_key = reply;
@@ -589,7 +661,7 @@ impl MockServer {
         self.shared.lock().load(scenario);
     }
 
-    /// Clears scripts, defaults, the fallback and all records.
+    /// Clears scripts, defaults, organisations, revocations, the fallback and all records.
     pub fn reset(&self) {
         let mut st = self.shared.lock();
         let next = st.next_request_id;
@@ -849,7 +921,10 @@ impl Drop for OpenConnection {
 enum Endpoint {
     Messages,
     CountTokens,
-    Models,
+    /// `GET /v1/models`, with its `limit` query parameter when it has a valid one.
+    Models {
+        limit: Option<usize>,
+    },
     ChatCompletions,
     Responses,
     OpenAiModels,
@@ -880,14 +955,19 @@ fn route_openai(method: &Method, path: &str) -> Result<Endpoint, Box<Reply>> {
     }
 }
 
-fn route(flavor: Flavor, method: &Method, path: &str) -> Result<Endpoint, Box<Reply>> {
+fn route(flavor: Flavor, method: &Method, path: &str, query: Option<&str>) -> Result<Endpoint, Box<Reply>> {
     if flavor == Flavor::OpenAi {
         return route_openai(method, path);
     }
     let (endpoint, allowed) = match path {
         "/v1/messages" => (Endpoint::Messages, Method::POST),
         "/v1/messages/count_tokens" => (Endpoint::CountTokens, Method::POST),
-        "/v1/models" => (Endpoint::Models, Method::GET),
+        "/v1/models" => (
+            Endpoint::Models {
+                limit: query_param(query, "limit").and_then(|v| v.parse().ok()),
+            },
+            Method::GET,
+        ),
         _ => {
             return Err(Box::new(Reply::error(
                 404,
@@ -905,6 +985,15 @@ fn route(flavor: Flavor, method: &Method, path: &str) -> Result<Endpoint, Box<Re
             &format!("Method {method} not allowed on {path}"),
         )))
     }
+}
+
+/// The value of `name` in a query string (not percent-decoded).
+fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 fn extract_key(headers: &HeaderMap) -> Option<String> {
@@ -933,7 +1022,7 @@ async fn handle(
     let body = read_body(body).await?;
     let key = extract_key(&parts.headers);
     let flavor = shared.lock().flavor;
-    let routed = route(flavor, &parts.method, parts.uri.path());
+    let routed = route(flavor, &parts.method, parts.uri.path(), parts.uri.query());
     let uri = parts
         .uri
         .path_and_query()
@@ -950,7 +1039,7 @@ async fn handle(
         let request_id = format!("req_mock_{:016x}", st.next_request_id);
         let reply = match &routed {
             Ok(_) => st.choose(key.as_deref()),
-            Err(r) => (**r).clone(),
+            Err(r) => st.named(key.as_deref(), (**r).clone()),
         };
         let now = Instant::now();
         st.requests.push(Recorded {
@@ -1136,7 +1225,7 @@ fn render(
             Endpoint::Messages if wants_stream => auto_stream(),
             Endpoint::Messages => render_json(&anthropic::message(&message_id, &model), reply),
             Endpoint::CountTokens => render_json(&anthropic::count_tokens(request_body), reply),
-            Endpoint::Models => render_json(&anthropic::models(), reply),
+            Endpoint::Models { limit } => render_json(&anthropic::models(limit), reply),
         },
         Body::Empty => render_plain(Bytes::new(), None, reply),
         Body::Text { text } => render_plain(
@@ -1156,7 +1245,10 @@ fn render(
                 } else {
                     message
                 };
-                render_json(&anthropic::error_body(error_type, message, request_id), reply)
+                render_json(
+                    &anthropic::error_body(error_type, code.as_deref(), message, request_id),
+                    reply,
+                )
             }
             Flavor::OpenAi => {
                 let message = if message.is_empty() {
@@ -1301,7 +1393,7 @@ fn response_headers(
             h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
         }
         h.insert("request-id", value(request_id)?);
-        let reset = rfc3339(SystemTime::now() + Duration::from_secs(60));
+        let reset = crate::civil::rfc3339(SystemTime::now() + Duration::from_secs(60));
         let limited = reply.status == 429;
         for (name, limit) in [
             ("requests", 4000u64),
@@ -1315,6 +1407,7 @@ fn response_headers(
             h.insert(ratelimit_name(name, "reset")?, value(&reset)?);
         }
     }
+    scripted_headers(reply, flavor, &mut h)?;
     let (seconds, millis) = match &reply.retry_after {
         RetryAfter::None => (None, None),
         RetryAfter::Seconds(s) => (Some(s.clone()), None),
@@ -1349,46 +1442,57 @@ fn response_headers(
     Ok(h)
 }
 
+/// The organisation and workspace a reply names, and its scripted rate limits.
+fn scripted_headers(reply: &Reply, flavor: Flavor, h: &mut HeaderMap) -> Result<(), String> {
+    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"));
+    let (organization, workspace) = match flavor {
+        Flavor::Anthropic => ("anthropic-organization-id", "anthropic-workspace-id"),
+        Flavor::OpenAi => ("openai-organization", "openai-project"),
+    };
+    if let Some(org) = &reply.organization {
+        h.insert(organization, value(org)?);
+        if let Some(ws) = &reply.workspace {
+            h.insert(workspace, value(ws)?);
+        }
+    }
+    for limit in &reply.rate_limits {
+        let name = |field: &str| match flavor {
+            Flavor::Anthropic => Some(format!(
+                "anthropic-ratelimit-{}-{field}",
+                limit.dimension.header_name()
+            )),
+            Flavor::OpenAi => matches!(limit.dimension, Dimension::Requests | Dimension::Tokens)
+                .then(|| format!("x-ratelimit-{field}-{}", limit.dimension.header_name())),
+        };
+        let reset = match flavor {
+            Flavor::Anthropic => {
+                crate::civil::rfc3339(SystemTime::now() + Duration::from_secs(limit.reset_in_secs))
+            }
+            Flavor::OpenAi => format!("{}s", limit.reset_in_secs),
+        };
+        let fields = [
+            ("limit", limit.limit.map(|l| l.to_string())),
+            ("remaining", Some(limit.remaining.to_string())),
+            ("reset", Some(reset)),
+        ];
+        for (field, v) in fields {
+            if let (Some(name), Some(v)) = (name(field), v) {
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+                h.insert(name, value(&v)?);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ratelimit_name(what: &str, field: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(format!("anthropic-ratelimit-{what}-{field}").as_bytes())
         .map_err(|e| e.to_string())
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for a wall time (UTC).
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_dates() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_251_199); // 2024-02-29T23:59:59Z
-        assert_eq!(rfc3339(t), "2024-02-29T23:59:59Z");
-    }
 
     #[test]
     fn key_hint_hides_the_key() {

@@ -544,6 +544,25 @@ fn the_documented_scenario_file_parses_and_runs() {
             .status,
         200
     );
+    // What the upstream says about limits.
+    let (h, _) = call(&mock, "POST", "/v1/messages", Some("key-c"), MESSAGE);
+    assert_eq!(h.header("anthropic-organization-id"), Some("org-a"));
+    assert_eq!(h.header("anthropic-workspace-id"), Some("ws-1"));
+    assert_eq!(h.header("anthropic-ratelimit-tokens-remaining"), Some("0"));
+    let (h, b) = call(&mock, "POST", "/v1/messages", Some("key-c"), MESSAGE);
+    assert_eq!((h.status, h.header("retry-after")), (429, None));
+    let v: serde_json::Value = serde_json::from_slice(&b.bytes()).unwrap();
+    assert_eq!(
+        v["error"]["details"]["error_code"],
+        keypool_mock::SPEND_LIMIT_CODE
+    );
+    let (h, b) = call(&mock, "POST", "/v1/messages", Some("key-c"), MESSAGE);
+    assert_eq!(h.status, 400);
+    assert!(b.text().contains("regain access on 2027-02-01 at 00:00 UTC"));
+    let (h, _) = call(&mock, "POST", "/v1/messages", Some("key-c"), MESSAGE);
+    assert_eq!(h.header("anthropic-organization-id"), Some("org-b"));
+    let (h, _) = call(&mock, "GET", "/v1/models?limit=1", Some("key-d"), "");
+    assert_eq!(h.status, 401);
 }
 
 #[test]
