@@ -108,15 +108,19 @@ pub enum CallError {
         /// Its length.
         after: Duration,
     },
-    /// The upstream opened an event stream but it ended or broke before its first event:
-    /// `502 api_error`.
-    #[error("the upstream event stream ended before its first event")]
+    /// The upstream opened an event stream but it ended before its first content event (it may
+    /// have sent preamble events, such as Anthropic's `message_start`, that the `first-content`
+    /// commit point held back): `502 api_error`.
+    #[error("the upstream event stream ended before its first content event")]
     EmptyStream,
     /// An in-band error event arrived before commit and is delivered as the matching HTTP error
     /// (for example Anthropic's `overloaded_error` as 529). The body is the event's data,
     /// unchanged when it is the profile's error object; anything else is replaced by one that
     /// keypool renders, so the caller always gets the profile's shape (SPEC §6).
-    #[error("the upstream answered with an in-band {status} error before any content")]
+    #[error(
+        "the upstream sent an in-band error event before any content (answered as HTTP {})",
+        .status.as_u16()
+    )]
     InBand {
         /// The HTTP status matching the event's error type.
         status: StatusCode,
