@@ -203,10 +203,13 @@ impl CallError {
 
     /// The HTTP response for this error in the profile's shape (SPEC §6), with `request_id` in
     /// the body and in the profile's request-id header. An in-band error keeps its body when it
-    /// already is the profile's error object.
+    /// already is the profile's error object, with the request id added
+    /// ([`Provider::with_request_id`](crate::profile::Provider::with_request_id)).
     pub fn to_response_for(&self, profile: &Profile, request_id: &str) -> Response<Bytes> {
         let body = match self {
-            Self::InBand { body, .. } if profile.is_error_body(body) => body.clone(),
+            Self::InBand { body, .. } if profile.is_error_body(body) => {
+                profile.with_request_id(body, request_id)
+            }
             _ => profile.error_body(self.status(), &self.to_string(), Some(request_id)),
         };
         let mut res = Response::new(body);
