@@ -82,6 +82,7 @@ impl Adapter for Gateway {
                 allow_byok: true,
             },
             admin_token: Some(Secret::new(ADMIN_TOKEN).unwrap()),
+            pass_identity_headers: false,
             order: Order::PrimaryWithFallback,
             call: setup.config.clone(),
             max_body: 1 << 20,

@@ -63,6 +63,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_byok: bool,
 
+    /// Pass the upstream's identity headers (Anthropic: anthropic-organization-id,
+    /// anthropic-workspace-id) on to clients. By default they are removed: they identify the
+    /// pool's owner. Rate-limit headers always pass.
+    #[arg(long)]
+    pub pass_identity_headers: bool,
+
     /// Token for /admin routes (x-api-key or Authorization: Bearer). Without it they are off.
     #[arg(
         long,
@@ -142,6 +148,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("keys", &masked(self.keys.is_some()))
             .field("client_tokens", &self.client_tokens.len())
             .field("allow_byok", &self.allow_byok)
+            .field("pass_identity_headers", &self.pass_identity_headers)
             .field("admin_token", &masked(self.admin_token.is_some()))
             .field("order", &self.order)
             .field("commit", &self.commit)
@@ -246,6 +253,8 @@ pub struct Config {
     pub access: AccessPolicy,
     /// Admin token.
     pub admin_token: Option<Secret>,
+    /// Whether the upstream's identity headers reach clients (SPEC §13; off by default).
+    pub pass_identity_headers: bool,
     /// Walk order.
     pub order: Order,
     /// Policy, commit point, timeouts.
@@ -377,6 +386,7 @@ impl ServeArgs {
                 allow_byok: self.allow_byok,
             },
             admin_token,
+            pass_identity_headers: self.pass_identity_headers,
             order: match self.order {
                 OrderArg::Primary => Order::PrimaryWithFallback,
                 OrderArg::RoundRobin => Order::RoundRobin,

@@ -485,8 +485,13 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
     let key_label = KeyLabel::new(pool.as_ref(), summary.key);
     match result {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
             shared.metrics.response(parts.status.as_u16(), ttfb);
+            if !shared.config.pass_identity_headers {
+                for name in profile.identity_headers() {
+                    parts.headers.remove(name);
+                }
+            }
             let log = RequestLog {
                 shared: shared.clone(),
                 method,
