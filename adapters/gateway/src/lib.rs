@@ -12,6 +12,7 @@ pub mod config;
 pub mod config_file;
 pub mod demo;
 pub mod keys;
+pub mod keys_cli;
 pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
