@@ -38,6 +38,19 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    pool: &'static str,
+    key: String,
+    result: &'static str,
+}
+
 /// The gateway's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +61,8 @@ pub struct Metrics {
     upstream_status: Family<StatusLabel, Counter>,
     responses: Family<StatusLabel, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
+    gateway_responses: Family<RouteStatusLabels, Counter>,
+    probes: Family<ProbeLabels, Counter>,
     latency: Histogram,
     ttfb: Histogram,
     /// Requests finished so far (the count of `latency`, readable without rendering).
@@ -86,7 +101,7 @@ impl Metrics {
         let transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
             "key_transitions",
-            "Key state transitions by key and reason (rate_limited, auth, overloaded, unauthorized, forbidden, billing, operator, enabled)",
+            "Key state transitions by key and reason: going out (rate_limited, overloaded, auth, spend_capped, unauthorized, forbidden, billing, operator) and coming back (cooldown_over, enabled, probe_succeeded)",
             transitions.clone(),
         );
         let attempts = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]);
@@ -119,6 +134,18 @@ impl Metrics {
             "Forwarded requests by pool and how their call ended: complete, upstream_broke, upstream_error, timeout, client_gone, or failed_ and the kind of keypool's own error",
             outcomes.clone(),
         );
+        let gateway_responses = Family::<RouteStatusLabels, Counter>::default();
+        registry.register(
+            "gateway_responses",
+            "Responses the gateway made itself without asking the upstream (401 client token, 404, 413, malformed requests, admin, health and metrics), by route (api, unknown, admin, healthz, metrics, malformed) and status",
+            gateway_responses.clone(),
+        );
+        let probes = Family::<ProbeLabels, Counter>::default();
+        registry.register(
+            "probes",
+            "Probes of disabled keys by pool, key and result (enabled, failed, stale)",
+            probes.clone(),
+        );
         let latency = Histogram::new(latency_buckets());
         registry.register(
             "request_duration_seconds",
@@ -140,6 +167,8 @@ impl Metrics {
             upstream_status,
             responses,
             outcomes,
+            gateway_responses,
+            probes,
             latency,
             ttfb,
             finished: AtomicU64::new(0),
@@ -182,6 +211,24 @@ impl Metrics {
     pub fn outcome(&self, pool: &'static str, outcome: &'static str) {
         self.outcomes
             .get_or_create(&OutcomeLabels { pool, outcome })
+            .inc();
+    }
+
+    /// The gateway answered a request on `route` itself with `status`.
+    pub fn gateway_response(&self, route: &'static str, status: u16) {
+        self.gateway_responses
+            .get_or_create(&RouteStatusLabels { route, status })
+            .inc();
+    }
+
+    /// A probe of `key` in `pool` ended with `result` (`enabled`, `failed`, `stale`).
+    pub fn probe(&self, pool: &'static str, key: &str, result: &'static str) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                pool,
+                key: key.to_owned(),
+                result,
+            })
             .inc();
     }
 

@@ -18,12 +18,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{
     CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
 };
-use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition, Verdict};
+use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::status::{self, Activity, KeyChange};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,31 +34,22 @@ pub struct Shared {
     pool: RwLock<Arc<Pool>>,
     client: keypool_tokio::Client,
     metrics: Arc<Metrics>,
+    /// Recent transitions, per-minute counts and probes, for the status page.
+    activity: Arc<Activity>,
 }
 
 /// Logs and counts every mark the gateway's calls make, as they are made.
 #[derive(Debug)]
 struct MarkLog {
     metrics: Arc<Metrics>,
+    activity: Arc<Activity>,
+    pool: &'static str,
 }
 
 impl MarkSink for MarkLog {
     fn mark(&self, pool: &Arc<Pool>, mark: &KeyMark) {
         self.metrics.upstream_status(mark.status.as_u16());
-        if mark.transition == Transition::Unchanged {
-            return;
-        }
-        let label = pool.label(mark.key);
-        let reason = match mark.verdict {
-            Verdict::CoolDown { reason, .. } => snake(&format!("{reason:?}")),
-            Verdict::Disable { reason } => snake(&format!("{reason:?}")),
-            Verdict::Deliver => "none".into(),
-        };
-        self.metrics.transition(label, &reason);
-        tracing::warn!(
-            target: "keypool::key", key = %label, status = mark.status.as_u16(), reason = %reason,
-            transition = ?mark.transition, "key state changed"
-        );
+        self.activity.mark(&self.metrics, self.pool, pool, mark);
     }
 }
 
@@ -75,8 +67,11 @@ impl Shared {
         let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
         let pool = Arc::new(pool);
         let metrics = Arc::new(Metrics::new());
+        let activity = Arc::new(Activity::new(Instant::now()));
         let sink = Arc::new(MarkLog {
             metrics: metrics.clone(),
+            activity: activity.clone(),
+            pool: config.call.profile.name(),
         });
         let mut builder = keypool_tokio::Client::builder()
             .base_url(config.upstream.clone())
@@ -90,7 +85,18 @@ impl Shared {
             pool: RwLock::new(pool),
             client,
             metrics,
+            activity,
         }))
+    }
+
+    /// What the status page shows besides the pool.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// The pool's name in logs, metrics and the admin view: its provider's (`anthropic`).
+    pub fn pool_name(&self) -> &'static str {
+        self.config.call.profile.name()
     }
 
     /// The gateway's metrics.
@@ -164,6 +170,8 @@ pub struct RequestLog {
     attempts: usize,
     key: KeyLabel,
     started: Instant,
+    /// The request id of keypool's own error response, if it made one.
+    request_id: Option<String>,
 }
 
 /// Which key answered, for the request log.
@@ -209,8 +217,9 @@ impl RequestLog {
             status = self.status,
             attempts = self.attempts,
             key = %self.key,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            latency_ms = status::latency_ms(elapsed),
             outcome = outcome.as_str(),
+            request_id = self.request_id.as_deref(),
             error = error.map(tracing::field::display),
             "request"
         );
@@ -285,13 +294,10 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     res
 }
 
-/// An error made by the gateway itself, in the shape of the profile of the pool it belongs to.
+/// An error made by the gateway itself, in the shape of the profile of the pool it belongs to,
+/// with a request id (logged by [`handle`]).
 fn error(profile: &Profile, status: StatusCode, message: &str) -> Response<GatewayBody> {
-    full(
-        status,
-        "application/json",
-        profile.error_body(status, message, None),
-    )
+    status::error_response(profile, status, message).map(|b| GatewayBody::Full(Some(b)))
 }
 
 fn json(value: &serde_json::Value) -> Response<GatewayBody> {
@@ -302,8 +308,30 @@ fn json(value: &serde_json::Value) -> Response<GatewayBody> {
     )
 }
 
-/// Handles one request.
+/// Handles one request. A response the gateway makes itself is logged and counted here (a
+/// relayed one when its body ends, see [`RequestLog`]).
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut res = route(shared.clone(), req).await;
+    let profile = &shared.config.call.profile;
+    status::reason_phrase(profile, &mut res);
+    if matches!(res.body(), GatewayBody::Full(_)) {
+        status::log_answered(
+            &shared.metrics,
+            &shared.activity,
+            profile,
+            &method,
+            uri.path(),
+            started,
+            &mut res,
+        );
+    }
+    res
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
     let path = req.uri().path();
     if path.starts_with("/v1/") {
         return forward(shared, req).await;
@@ -346,17 +374,33 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             "admin routes are off: start keypool with --admin-token",
         );
     };
-    if !access::presented(profile, req.headers()).is_some_and(|t| token.ct_eq(t)) {
-        return error(
-            profile,
-            StatusCode::UNAUTHORIZED,
-            "admin routes need the admin token",
+    let basic = status::basic_allowed(req.method())
+        .then(|| status::basic_password(req.headers()))
+        .flatten();
+    let presented = access::presented(profile, req.headers()).or(basic.as_deref());
+    if !presented.is_some_and(|t| token.ct_eq(t)) {
+        // Browsers answer the challenge with Basic auth: any user name, the token as password.
+        let message = format!(
+            "admin routes need the admin token in {} (in a browser: as the password of Basic auth)",
+            profile.credential_help()
         );
+        let mut res = error(profile, StatusCode::UNAUTHORIZED, &message);
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(status::REALM));
+        return res;
     }
     let pool = shared.pool();
     let now = Instant::now();
     let parts: Vec<&str> = req.uri().path().trim_end_matches('/').split('/').collect();
     match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["", "admin"]) => status::page_response().map(|b| GatewayBody::Full(Some(b))),
+        (&Method::GET, ["", "admin", "status"]) => json(&status::status_json(
+            &shared.activity,
+            shared.pool_name(),
+            &shared.config.upstream,
+            &pool,
+            now,
+        )),
         (&Method::GET, ["", "admin", "keys"]) => {
             let keys: Vec<serde_json::Value> = pool
                 .snapshot(now)
@@ -393,22 +437,24 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                 pool.disable(id, DisableReason::Operator)
             };
             if t == Transition::Entered {
-                shared.metrics.transition(
-                    label,
-                    if *action == "enable" {
-                        "enabled"
-                    } else {
-                        "operator"
-                    },
-                );
-                tracing::info!(target: "keypool::key", key = %label, action = %action, "operator {action}d key");
+                let change = if *action == "enable" {
+                    KeyChange::Enabled { by: "operator" }
+                } else {
+                    KeyChange::Disabled {
+                        reason: "operator",
+                        status: None,
+                    }
+                };
+                shared
+                    .activity
+                    .key_changed(&shared.metrics, shared.pool_name(), pool.label(id), change);
             }
             json(&serde_json::json!({"label": label, "changed": t == Transition::Entered}))
         }
         _ => error(
             profile,
             StatusCode::NOT_FOUND,
-            "admin routes: GET /admin/keys, POST /admin/keys/{label}/enable|disable",
+            "admin routes: GET /admin (status page), GET /admin/status, GET /admin/keys, POST /admin/keys/{label}/enable|disable",
         ),
     }
 }
@@ -483,10 +529,19 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         shared.metrics.upstream_status(response.status().as_u16());
     }
     let key_label = KeyLabel::new(pool.as_ref(), summary.key);
+    shared.activity.request(started);
     match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             shared.metrics.response(parts.status.as_u16(), ttfb);
+            if parts.status == StatusCode::TOO_MANY_REQUESTS {
+                shared.activity.upstream_429(started);
+                shared.activity.client_429(started);
+            }
+            tracing::debug!(
+                target: "keypool::attempt", key = %key_label, status = parts.status.as_u16(), attempt = summary.attempts,
+                verdict = "deliver", next = "relay to the client", "attempt answered"
+            );
             if !shared.config.pass_identity_headers {
                 for name in profile.identity_headers() {
                     parts.headers.remove(name);
@@ -500,6 +555,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 attempts: summary.attempts,
                 key: key_label,
                 started,
+                request_id: None,
             };
             Response::from_parts(
                 parts,
@@ -525,6 +581,14 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             }
             let status = response.status().as_u16();
             shared.metrics.response(status, ttfb);
+            if status == 429 {
+                shared.activity.client_429(started);
+            }
+            let request_id = response
+                .headers()
+                .get(profile.request_id_header())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let log = RequestLog {
                 shared: shared.clone(),
                 method,
@@ -533,11 +597,13 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 attempts: summary.attempts,
                 key: key_label,
                 started,
+                request_id,
             };
             if let Some(outcome) = e.outcome() {
                 log.emit(outcome, Some(&e));
             }
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            parts.extensions.insert(status::AlreadyLogged);
             Response::from_parts(parts, GatewayBody::Full(Some(body)))
         }
     }
@@ -668,6 +734,15 @@ impl Server {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let releaser = tokio::spawn(crate::memory::release_when_quiet(shared.clone()));
+        let sweeper = {
+            let pools = shared.clone();
+            tokio::spawn(status::sweep(
+                shared.activity.clone(),
+                shared.metrics.clone(),
+                shared.pool_name(),
+                move || pools.pool(),
+            ))
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -682,6 +757,7 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
+                    let metrics = shared.metrics.clone();
                     let shared = shared.clone();
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
@@ -690,7 +766,9 @@ impl Server {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
-                        let _ = conn.await;
+                        if let Err(e) = conn.await {
+                            status::connection_error(&metrics, &*e);
+                        }
                     });
                 }
                 () = &mut shutdown => break,
@@ -698,6 +776,7 @@ impl Server {
         }
         drop(listener);
         releaser.abort();
+        sweeper.abort();
         let grace = shared.config.grace;
         tracing::info!(
             grace_s = grace.as_secs_f64(),
