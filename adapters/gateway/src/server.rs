@@ -317,16 +317,9 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
     let mut res = route(shared.clone(), req).await;
     let profile = &shared.config.call.profile;
     status::reason_phrase(profile, &mut res);
+    shared.activity.answered(uri.path(), started, res.status());
     if matches!(res.body(), GatewayBody::Full(_)) {
-        status::log_answered(
-            &shared.metrics,
-            &shared.activity,
-            profile,
-            &method,
-            uri.path(),
-            started,
-            &mut res,
-        );
+        status::log_answered(&shared.metrics, profile, &method, uri.path(), started, &mut res);
     }
     res
 }
@@ -529,14 +522,12 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         shared.metrics.upstream_status(response.status().as_u16());
     }
     let key_label = KeyLabel::new(pool.as_ref(), summary.key);
-    shared.activity.request(started);
     match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             shared.metrics.response(parts.status.as_u16(), ttfb);
             if parts.status == StatusCode::TOO_MANY_REQUESTS {
                 shared.activity.upstream_429(started);
-                shared.activity.client_429(started);
             }
             tracing::debug!(
                 target: "keypool::attempt", key = %key_label, status = parts.status.as_u16(), attempt = summary.attempts,
@@ -581,9 +572,6 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             }
             let status = response.status().as_u16();
             shared.metrics.response(status, ttfb);
-            if status == 429 {
-                shared.activity.client_429(started);
-            }
             let request_id = response
                 .headers()
                 .get(profile.request_id_header())

@@ -291,20 +291,22 @@ impl Activity {
         u32::try_from(at.saturating_duration_since(self.origin).as_secs() / 60).unwrap_or(u32::MAX)
     }
 
-    /// A client request arrived at `at` (API requests only: not `/metrics`, `/healthz` or
-    /// `/admin`).
-    pub fn request(&self, at: Instant) {
-        self.requests.add(self.minute(at));
+    /// A client request that arrived at `at` on `path` was answered with `status`: counted per
+    /// minute for API requests (`/v1/...` and unknown routes; not `/metrics`, `/healthz` or
+    /// `/admin`), and as a 429 to a client when it was one.
+    pub fn answered(&self, path: &str, at: Instant, status: StatusCode) {
+        if matches!(route_of(path), "api" | "unknown") {
+            let minute = self.minute(at);
+            self.requests.add(minute);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                self.client_429.add(minute);
+            }
+        }
     }
 
     /// The upstream answered 429 to one attempt.
     pub fn upstream_429(&self, at: Instant) {
         self.upstream_429.add(self.minute(at));
-    }
-
-    /// A client was answered 429 (every key rate-limited, or a relayed 429).
-    pub fn client_429(&self, at: Instant) {
-        self.client_429.add(self.minute(at));
     }
 
     /// A key of `pool` changed state: logs it (target `keypool::key`), counts it and keeps it for
@@ -819,7 +821,6 @@ pub fn reason_phrase<B>(profile: &Profile, res: &mut Response<B>) {
 /// drown the log); and one count in `keypool_gateway_responses_total{route,status}`.
 pub fn log_answered<B>(
     metrics: &Metrics,
-    activity: &Activity,
     profile: &Profile,
     method: &Method,
     path: &str,
@@ -832,12 +833,6 @@ pub fn log_answered<B>(
     let status = res.status().as_u16();
     let route = route_of(path);
     metrics.gateway_response(route, status);
-    if route == "api" || route == "unknown" {
-        activity.request(started);
-        if status == 429 {
-            activity.client_429(started);
-        }
-    }
     let header_name = profile.request_id_header();
     let request_id = match res.headers().get(&header_name) {
         Some(v) => v.to_str().unwrap_or("-").to_owned(),

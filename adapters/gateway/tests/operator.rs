@@ -175,6 +175,19 @@ fn every_gateway_answered_status_is_logged_once_counted_and_carries_a_request_id
     assert_eq!(count("admin", 401), 1.0, "{metrics}");
     assert_eq!(count("malformed", 400), 1.0, "{metrics}");
     assert_eq!(mock.request_count(), 0, "nothing reached the upstream");
+    // The status page counts the API requests among them (not the admin one, not the one that
+    // never parsed).
+    let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();
+    let sum = |series: &str| -> u64 {
+        status["per_minute"][series]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("requests"), 5, "{status}");
+    assert_eq!(sum("client_429"), 0, "{status}");
     gw.assert_no_secret(&keys, &[TOKEN, ADMIN]);
 }
 
@@ -299,6 +312,19 @@ fn key_transitions_are_logged_both_ways_and_attempts_at_debug() {
         events,
         ["enabled", "disabled", "disabled", "cooldown_over", "cooling"],
         "newest first: {status}"
+    );
+    let sum = |series: &str| -> u64 {
+        status["per_minute"][series]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (sum("requests"), sum("upstream_429"), sum("client_429")),
+        (2, 1, 0),
+        "{status}"
     );
 
     let mut seen = 0;
