@@ -103,6 +103,7 @@ fn every_metric_in_the_example_dashboard_is_exported() {
         "keypool_key_state",
         "keypool_key_transitions_total",
         "keypool_responses_total",
+        "keypool_request_outcomes_total",
         "keypool_gateway_responses_total",
         "keypool_upstream_responses_total",
         "keypool_probes_total",
