@@ -48,7 +48,10 @@ struct MarkLog {
 
 impl MarkSink for MarkLog {
     fn mark(&self, pool: &Arc<Pool>, mark: &KeyMark) {
-        self.metrics.upstream_status(mark.status.as_u16());
+        // One upstream answer, however many keys of its organisation it marks.
+        if mark.key == mark.attempted {
+            self.metrics.upstream_status(mark.status.as_u16());
+        }
         self.activity.mark(&self.metrics, self.pool, pool, mark);
     }
 }

@@ -351,16 +351,31 @@ impl Activity {
     /// A call marked a key: counts an upstream 429, logs and records the change if there was
     /// one, wakes the sweeper. What the gateway's mark sink does with every mark.
     pub fn mark(&self, metrics: &Metrics, pool_name: &'static str, pool: &Pool, mark: &KeyMark) {
-        let now = Instant::now();
-        if mark.status == StatusCode::TOO_MANY_REQUESTS {
-            self.upstream_429(now);
-        }
         let label = pool.label(mark.key);
-        tracing::debug!(
-            target: "keypool::attempt", pool = pool_name, key = label, status = mark.status.as_u16(),
-            verdict = verdict_name(&mark.verdict), next = "next key",
-            "attempt failed over"
-        );
+        if mark.key == mark.attempted {
+            if mark.status == StatusCode::TOO_MANY_REQUESTS {
+                self.upstream_429(Instant::now());
+            }
+            tracing::debug!(
+                target: "keypool::attempt",
+                pool = pool_name,
+                key = label,
+                status = mark.status.as_u16(),
+                verdict = verdict_name(&mark.verdict),
+                next = "next key",
+                "attempt failed over"
+            );
+        } else {
+            tracing::debug!(
+                target: "keypool::attempt",
+                pool = pool_name,
+                key = label,
+                attempted = pool.label(mark.attempted),
+                status = mark.status.as_u16(),
+                verdict = verdict_name(&mark.verdict),
+                "key marked with the organisation of the attempted key"
+            );
+        }
         if let Some(change) = KeyChange::of_mark(mark) {
             self.key_changed(metrics, pool_name, label, change);
             self.wake.notify_one();

@@ -455,3 +455,58 @@ fn admin_takes_basic_auth_from_browsers_for_reads_only() {
     assert_eq!(r.status, 200, "{}", r.body);
     gw.assert_no_secret(&keys, &[r.body.as_str()]);
 }
+
+/// A rate limit of a key whose organisation is known cools every key of that organisation for
+/// the request's model family: one upstream answer, counted once and logged as one attempt,
+/// however many keys it marks; the status view shows each of them cooling for one model family.
+#[test]
+fn an_organisation_wide_limit_is_one_upstream_answer() {
+    let mock = MockServer::start();
+    let raw_keys = keys(2);
+    let labelled = vec![format!("k0={}", raw_keys[0]), format!("k1={}", raw_keys[1])];
+    let org = ("anthropic-organization-id", "org-shared-operator-1");
+    for k in &raw_keys {
+        mock.set_default(k, Reply::ok().header(org.0, org.1));
+        mock.script(
+            k,
+            [
+                Reply::ok().header(org.0, org.1),
+                Reply::rate_limited(RetryAfter::Seconds("30".into())).header(org.0, org.1),
+            ],
+        );
+    }
+    let gw = Gateway::start(&mock.url(), &labelled, &["--order", "round-robin"]);
+    // Each key answers once, so the pool knows both belong to the organisation.
+    assert_eq!(gw.message(false).0, 200);
+    assert_eq!(gw.message(false).0, 200);
+    // The next key's 429 cools both for the family: nothing is left to try.
+    let (status, body) = gw.message(false);
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(mock.request_count(), 3);
+    gw.wait_log(&["key marked with the organisation of the attempted key"], WAIT);
+    let metrics = gw.admin_get("/metrics");
+    assert_eq!(
+        sample(&metrics, "keypool_upstream_responses_total{status=\"429\"}"),
+        1.0,
+        "{metrics}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();
+    for k in status["pools"][0]["keys"].as_array().unwrap() {
+        assert_eq!(k["state"], "cooling", "{status}");
+        assert_eq!(k["cooling_scope"], "model_family", "{status}");
+        assert_eq!(k["organisation"], org.1, "{status}");
+    }
+    let sum = |series: &str| -> u64 {
+        status["per_minute"][series]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (sum("requests"), sum("upstream_429"), sum("client_429")),
+        (3, 1, 1),
+        "{status}"
+    );
+}
