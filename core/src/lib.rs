@@ -1,8 +1,10 @@
 //! # keypool-core
 //!
-//! The sans-IO heart of keypool: a pool of Anthropic API keys with lock-free shared state, the
-//! walk of one upstream call over it, the classification of upstream answers, and (in later
-//! modules) SSE parsing and the failover state machine of a whole call.
+//! The sans-IO heart of keypool: a pool of API keys with lock-free shared state, the walk of
+//! one upstream call over it, the classification of upstream answers (through a provider
+//! profile: Anthropic, OpenAI), SSE parsing, the failover state machine of a whole call, and
+//! what the pool learns about the upstream's limits (organisations, model families, spend caps,
+//! rate-limit hints, probes of disabled keys).
 //!
 //! Nothing in this crate does IO, spawns a thread, or reads a clock. Every function that
 //! depends on time takes `now: Instant` (and, where an HTTP-date needs it, a wall-clock
@@ -78,6 +80,20 @@
 //! a [`Profile`] implementing [`Provider`]. [`Profile::anthropic`] is the default; the call
 //! machine, pool, walker and adapters hold no provider literals (`.ci/provider-literals`).
 //!
+//! ## Marks: in and out
+//!
+//! A key is known outside its process by its [`Fingerprint`] (a truncated SHA-256 of the key;
+//! [`KeyId`] is a local index that never leaves the process), and every change of key state is
+//! a [`Mark`]: which key (or which key for which model [`Family`]), what (cool until an absolute
+//! [`WallTime`], disable with a reason, enable), why (the upstream status), and the key's
+//! generation. There is one way in, [`Pool::apply`], which merges by a lexicographic maximum of
+//! `(generation, state)`, so marks commute and an operator's enable (generation + 1) beats every
+//! mark made before it wherever it arrives. There is one way out of a call,
+//! [`call::Output::Mark`]: the call applies each mark locally at once (the next pick sees it)
+//! and hands it to its driver, which gives it to a [`call::MarkSink`] — logs, metrics, and a
+//! state backend such as `keypool-redis` that shares it with other processes, which apply it
+//! with [`Pool::apply`] in turn. A reloaded pool forwards marks made on the pool it replaced.
+//!
 //! ## The pool on its own
 //!
 //! ```
@@ -133,8 +149,8 @@ pub use pool::{
     CoolReason, DisableReason, FAMILY_SLOTS, FamilySlot, KeyId, KeySnapshot, KeySpec, KeyState, Order, Pool,
     PoolError, Scope, Transition,
 };
-/// The Anthropic profile's building blocks, at their round-1 path.
-pub use profile::anthropic;
 pub use profile::{EventRole, Profile, Provider};
+/// The Anthropic profile's building blocks, at their round-1 path.
+pub use profile::{anthropic, openai};
 pub use secret::{Secret, SecretError};
 pub use walk::{Exhausted, Walker};

@@ -290,19 +290,7 @@ impl Policy {
     /// response `date`, else `wall_now`), else [`default_cooldown`](Self::default_cooldown);
     /// capped at [`max_cooldown`](Self::max_cooldown). Never zero, never panics.
     pub fn retry_delay(&self, headers: &HeaderMap, wall_now: SystemTime) -> Duration {
-        let parsed = header_str(headers, "retry-after-ms")
-            .and_then(|v| parse_decimal(v, 1_000_000))
-            .or_else(|| {
-                let v = header_str(headers, "retry-after")?;
-                parse_decimal(v, 1_000_000_000).or_else(|| {
-                    let at = httpdate::parse_http_date(v).ok()?;
-                    let base = header_str(headers, "date")
-                        .and_then(|d| httpdate::parse_http_date(d).ok())
-                        .unwrap_or(wall_now);
-                    at.duration_since(base).ok().filter(|d| !d.is_zero())
-                })
-            });
-        self.bound(parsed.unwrap_or(self.default_cooldown))
+        self.bound(retry_after(headers, wall_now).unwrap_or(self.default_cooldown))
     }
 
     /// Caps a cooldown at [`max_cooldown`](Self::max_cooldown), then floors it at 1 ms, so no
@@ -313,13 +301,32 @@ impl Policy {
     }
 }
 
+/// The delay the standard retry headers ask for, unbounded, first match wins: `retry-after-ms`
+/// (milliseconds, decimal allowed), `retry-after` in seconds (decimal allowed), `retry-after` as
+/// an HTTP-date (against the response `date`, else `wall_now`). `None` when none is usable
+/// (absent, garbage, zero, negative, in the past). Profiles start their retry delays here.
+pub fn retry_after(headers: &HeaderMap, wall_now: SystemTime) -> Option<Duration> {
+    header_str(headers, "retry-after-ms")
+        .and_then(|v| parse_decimal(v, 1_000_000))
+        .or_else(|| {
+            let v = header_str(headers, "retry-after")?;
+            parse_decimal(v, 1_000_000_000).or_else(|| {
+                let at = httpdate::parse_http_date(v).ok()?;
+                let base = header_str(headers, "date")
+                    .and_then(|d| httpdate::parse_http_date(d).ok())
+                    .unwrap_or(wall_now);
+                at.duration_since(base).ok().filter(|d| !d.is_zero())
+            })
+        })
+}
+
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name)?.to_str().ok().map(str::trim)
 }
 
 /// Parses a strictly positive decimal (`30`, `2.5`, `0.25`) given `unit_ns` nanoseconds per
 /// unit. Signs, exponents, `inf`, empty parts and zero are rejected; huge values saturate.
-fn parse_decimal(s: &str, unit_ns: u64) -> Option<Duration> {
+pub(crate) fn parse_decimal(s: &str, unit_ns: u64) -> Option<Duration> {
     let (int, frac) = match s.split_once('.') {
         Some((i, f)) => (i, Some(f)),
         None => (s, None),

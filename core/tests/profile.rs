@@ -105,7 +105,7 @@ impl Provider for Chat {
     fn is_error_body(&self, body: &[u8]) -> bool {
         serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v["error"]["message"].is_string())
     }
-    fn error_event(&self, message: &str) -> Bytes {
+    fn error_event(&self, message: &str, _dialect: profile::Dialect) -> Bytes {
         let mut out = b"data: ".to_vec();
         out.extend_from_slice(&chat_error(message, "server_error", None));
         out.extend_from_slice(b"\n\n");
@@ -155,7 +155,10 @@ fn the_default_profile_is_anthropic() {
         (a.status(), a.headers(), a.body()),
         (b.status(), b.headers(), b.body())
     );
-    assert_eq!(e.to_event(), e.to_event_for(&Profile::anthropic()));
+    assert_eq!(
+        e.to_event(),
+        e.to_event_for(&Profile::anthropic(), profile::Dialect::DEFAULT)
+    );
     assert_eq!(e.error_type(), "api_error");
 }
 

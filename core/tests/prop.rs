@@ -633,6 +633,32 @@ fn fuzz_retry_delay_smoke() {
     for input in [&b""[..], b"\x01\x041500\x01\x0230\x00", &[0xff; 64]] {
         keypool_core::fuzzing::pool::retry_delay(input);
     }
+    // Pseudo-random inputs spliced with the OpenAI forms (Go durations, "try again in").
+    let pieces: [&[u8]; 8] = [
+        b"6m0s",
+        b"10.666s",
+        b"12ms",
+        b"1h2m3.5s",
+        b"0",
+        b"Please try again in 20ms.",
+        b"Request too large",
+        b"insufficient_quota",
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..3000 {
+        let mut input = Vec::new();
+        for _ in 0..24 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x.is_multiple_of(3) {
+                input.extend_from_slice(pieces[(x >> 8) as usize % pieces.len()]);
+            } else {
+                input.push((x >> 16) as u8);
+            }
+        }
+        keypool_core::fuzzing::pool::retry_delay(&input);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -261,6 +261,12 @@ fn keys(n: usize) -> Vec<String> {
         .collect()
 }
 
+fn openai_keys(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("sk-proj-K{i}q{}", "Vb3Np8Rt".repeat(5)))
+        .collect()
+}
+
 /// Short timeouts so stall scenarios end quickly (real sockets, real time).
 pub fn quick_timeouts() -> Timeouts {
     Timeouts {
@@ -273,8 +279,21 @@ pub fn quick_timeouts() -> Timeouts {
 impl<C: TestClient> World<C> {
     /// Starts a mock and a client with `n` keys.
     pub fn new<A: Adapter<Client = C>>(transport: Transport, n: usize, config: CallConfig) -> Self {
-        let mock = MockServer::start();
-        let keys = keys(n);
+        Self::start::<A>(MockServer::start(), keys(n), transport, config)
+    }
+
+    /// Starts a mock in OpenAI mode and a client with `n` keys and the OpenAI profile.
+    pub fn new_openai<A: Adapter<Client = C>>(transport: Transport, n: usize, config: CallConfig) -> Self {
+        let config = config.with_profile(keypool_core::Profile::openai());
+        Self::start::<A>(MockServer::start_openai(), openai_keys(n), transport, config)
+    }
+
+    fn start<A: Adapter<Client = C>>(
+        mock: MockServer,
+        keys: Vec<String>,
+        transport: Transport,
+        config: CallConfig,
+    ) -> Self {
         let setup = Setup {
             base_url: match transport {
                 Transport::Plain => mock.url(),
@@ -312,7 +331,19 @@ impl<C: TestClient> World<C> {
 
     /// A streaming call, recorded in the transcript.
     pub fn stream(&mut self) -> StreamAnswer {
-        let a = self.client.stream(messages(true));
+        self.stream_request(messages(true))
+    }
+
+    /// A blocking call of any request, recorded in the transcript.
+    pub fn send_request(&mut self, request: Request) -> Answer {
+        let a = self.client.send(request);
+        self.transcript.answer(&a);
+        a
+    }
+
+    /// A streaming call of any request, recorded in the transcript.
+    pub fn stream_request(&mut self, request: Request) -> StreamAnswer {
+        let a = self.client.stream(request);
         self.transcript.stream(&a);
         a
     }
@@ -336,9 +367,12 @@ impl<C: TestClient> World<C> {
     /// Ends the scenario: checks the transcript (and the mock's record) for secrets.
     pub fn finish(mut self) {
         for r in self.mock.requests() {
-            // What the upstream received may contain the key in x-api-key; nothing else may.
+            // What the upstream received may contain the key in x-api-key, authorization or
+            // api-key; nothing else may.
             let mut headers = r.headers.clone();
-            headers.remove("x-api-key");
+            for name in ["x-api-key", "authorization", "api-key"] {
+                headers.remove(name);
+            }
             self.transcript.push(format!("{headers:?}"));
         }
         for text in self.client.observations() {
@@ -377,9 +411,14 @@ fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)))
 }
 
+mod openai;
+
+pub use openai::{openai_chat, openai_responses};
+
 /// The scenarios. Each takes the adapter and the transport.
 pub mod scenarios {
     use super::*;
+    pub use crate::openai::scenarios::*;
 
     fn first_byte() -> CallConfig {
         config(CommitPoint::FirstByte)
@@ -1138,6 +1177,15 @@ macro_rules! conformance_suite {
                 huge_response_headers,
                 retry_after_values_cool_correctly,
                 idle_connections_closed_by_upstream,
+                openai_rate_limit_delay_forms,
+                openai_request_too_large_delivered,
+                openai_insufficient_quota_disables,
+                openai_missing_scope_delivered,
+                openai_exhaustion_shape,
+                openai_streams_fail_over_before_commit,
+                openai_first_content_fails_over_on_in_band_errors,
+                openai_streams_end_cleanly,
+                openai_stream_breaks_in_its_own_shape,
             );
         }
     };

@@ -19,7 +19,7 @@ use keypool_core::call::Request;
 use keypool_core::sse::Parser;
 use keypool_core::{KeySpec, Order, Pool, Secret};
 use keypool_gateway::access::AccessPolicy;
-use keypool_gateway::config::{Config, KeySource};
+use keypool_gateway::config::{Config, KeySource, PoolConfig};
 use keypool_gateway::server::{Server, Shared};
 
 struct Gateway;
@@ -51,6 +51,8 @@ struct GatewayClient {
     addr: SocketAddr,
     /// The idle timeout, to tell which break a message names.
     idle: Duration,
+    /// Where the scenario's pool is mounted (`""` for `/`).
+    mount: &'static str,
     shared: Arc<Shared>,
     logs: LogBuffer,
     agent: ureq::Agent,
@@ -72,10 +74,38 @@ impl Drop for GatewayClient {
 impl Adapter for Gateway {
     type Client = GatewayClient;
     fn build(setup: &Setup) -> GatewayClient {
+        let keys: Vec<KeySpec> = setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect();
+        let roots: Vec<Vec<u8>> = setup.ca_der.iter().cloned().collect();
+        // An OpenAI world runs behind a gateway that serves both pools: Anthropic at `/` (one
+        // key the scenario never reaches) and the scenario's OpenAI pool at `/openai`.
+        let openai = setup.config.profile.name() == "openai";
+        let (first_keys, first_call, more, mount) = if openai {
+            let pool = PoolConfig {
+                name: "openai".into(),
+                mount: "/openai".into(),
+                upstream: setup.base_url.clone(),
+                keys: keys.clone(),
+                key_source: KeySource::OpenAiEnv,
+                order: Order::PrimaryWithFallback,
+                call: setup.config.clone(),
+                upstream_roots: roots.clone(),
+            };
+            let unused = vec![KeySpec::new("sk-ant-api03-unused-anthropic-key-0000")];
+            let anthropic = setup
+                .config
+                .clone()
+                .with_profile(keypool_core::Profile::anthropic());
+            (unused, anthropic, vec![pool], "/openai")
+        } else {
+            (keys, setup.config.clone(), Vec::new(), "")
+        };
         let config = Config {
             listen: ([127, 0, 0, 1], 0).into(),
+            name: "anthropic".into(),
+            mount: "/".into(),
+            more,
             upstream: setup.base_url.clone(),
-            keys: setup.keys.iter().map(|k| KeySpec::new(k.clone())).collect(),
+            keys: first_keys,
             key_source: KeySource::Env,
             access: AccessPolicy {
                 tokens: Vec::new(),
@@ -84,10 +114,11 @@ impl Adapter for Gateway {
             admin_token: Some(Secret::new(ADMIN_TOKEN).unwrap()),
             pass_identity_headers: false,
             order: Order::PrimaryWithFallback,
-            call: setup.config.clone(),
+            call: first_call,
             max_body: 1 << 20,
             grace: Duration::from_secs(1),
-            upstream_roots: setup.ca_der.iter().cloned().collect(),
+            upstream_roots: roots,
+            state: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -128,6 +159,7 @@ impl Adapter for Gateway {
         GatewayClient {
             addr,
             idle: setup.config.timeouts.idle,
+            mount,
             shared,
             logs,
             agent,
@@ -142,7 +174,7 @@ impl GatewayClient {
         let mut response = self
             .agent
             .get(format!("http://{}{path}", self.addr))
-            .header("x-api-key", ADMIN_TOKEN)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
             .call()
             .unwrap();
         assert_eq!(response.status(), 200, "GET {path}");
@@ -181,15 +213,17 @@ impl GatewayClient {
         request: Request,
         own_key: Option<&str>,
     ) -> (u16, http::HeaderMap, Vec<u8>, Option<String>) {
-        let mut builder = http::Request::builder()
-            .method(request.method)
-            .uri(format!("http://{}{}", self.addr, request.path_and_query));
+        let mut builder = http::Request::builder().method(request.method).uri(format!(
+            "http://{}{}{}",
+            self.addr, self.mount, request.path_and_query
+        ));
+        // In loopback mode with BYOK allowed, a client credential means "my own key": the
+        // request's own credential headers are not sent.
         for (k, v) in &request.headers {
-            if k != "x-api-key" {
+            if !matches!(k.as_str(), "x-api-key" | "authorization" | "api-key") {
                 builder = builder.header(k, v);
             }
         }
-        // In loopback mode with BYOK allowed, a client credential means "my own key".
         if let Some(key) = own_key {
             builder = builder.header("x-api-key", key);
         }
@@ -217,14 +251,35 @@ impl GatewayClient {
     }
 }
 
-fn is_keypool_error(body: &[u8]) -> bool {
-    // keypool's own errors carry a request_id made by keypool ("req_keypool_...").
+fn is_keypool_error(headers: &http::HeaderMap, body: &[u8]) -> bool {
+    // keypool's own errors carry a request id made by keypool ("req_keypool_..."): in the body
+    // (Anthropic's shape) or in x-request-id (OpenAI's shape, whose body has none).
     std::str::from_utf8(body).is_ok_and(|s| s.contains("\"request_id\":\"req_keypool_"))
+        || headers
+            .get("x-request-id")
+            .is_some_and(|v| v.as_bytes().starts_with(b"req_keypool_"))
+}
+
+/// Whether an event is keypool's synthesized error event: Anthropic's `api_error`, OpenAI's
+/// `data: {"error":{"type":"server_error",…}}` chunk or Responses `event: error`.
+fn is_synthesized(event_type: &str, data: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+        return false;
+    };
+    match event_type {
+        "error" => v["error"]["type"] == "api_error" || v["error"]["type"] == "server_error",
+        "message" => v["error"]["type"] == "server_error",
+        _ => false,
+    }
 }
 
 impl TestClient for GatewayClient {
     fn pool(&self) -> Arc<Pool> {
-        self.shared.pool()
+        if self.mount.is_empty() {
+            self.shared.pool()
+        } else {
+            self.shared.pool_named("openai").unwrap()
+        }
     }
     fn send(&self, request: Request) -> Answer {
         let before = self.request_lines().len();
@@ -233,7 +288,7 @@ impl TestClient for GatewayClient {
             (200, Some(_)) => self.logged_break(before),
             _ => None,
         };
-        let error = is_keypool_error(&body)
+        let error = is_keypool_error(&headers, &body)
             .then(|| String::from_utf8_lossy(&body).into_owned())
             .or(cut);
         Answer {
@@ -262,7 +317,8 @@ impl TestClient for GatewayClient {
             .get("content-type")
             .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
         if !is_events {
-            let error = is_keypool_error(&body).then(|| String::from_utf8_lossy(&body).into_owned());
+            let error =
+                is_keypool_error(&headers, &body).then(|| String::from_utf8_lossy(&body).into_owned());
             return StreamAnswer {
                 status,
                 body,
@@ -280,10 +336,7 @@ impl TestClient for GatewayClient {
         while let Some(event) = parser.next_event() {
             let event = event.unwrap();
             assert!(out.stream_error.is_none(), "an event after keypool's error event");
-            let synthesized = event.event_type() == "error"
-                && serde_json::from_str::<serde_json::Value>(event.data())
-                    .is_ok_and(|v| v["error"]["type"] == "api_error");
-            if synthesized {
+            if is_synthesized(event.event_type(), event.data()) {
                 let data: serde_json::Value = serde_json::from_str(event.data()).unwrap();
                 out.broke = break_named(data["error"]["message"].as_str().unwrap(), self.idle);
                 out.stream_error = Some(event.data().to_owned());

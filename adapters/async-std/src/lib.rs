@@ -67,6 +67,7 @@ use keypool_core::{KeyId, Pool, Secret};
 
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Timeouts};
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
+pub use keypool_core::profile::Profile;
 pub use keypool_core::{Policy, sse};
 
 mod conn;

@@ -48,6 +48,30 @@ pub struct ServeArgs {
     #[arg(long, value_name = "KEYS", env = "KEYPOOL_KEYS", hide_env_values = true)]
     pub keys: Option<String>,
 
+    /// Upstream base URL of the OpenAI pool, which is served at `/openai`
+    /// (`/openai/v1/chat/completions` → `{upstream}/v1/chat/completions`). Any
+    /// OpenAI-compatible API works (its base URL without `/v1`).
+    #[arg(
+        long,
+        default_value = "https://api.openai.com",
+        env = "KEYPOOL_OPENAI_UPSTREAM"
+    )]
+    pub openai_upstream: String,
+
+    /// File with the OpenAI pool's keys (same format as --keys-file). Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    pub openai_keys_file: Option<PathBuf>,
+
+    /// The OpenAI pool's keys, comma- or newline-separated: with them the gateway also serves
+    /// an OpenAI pool at `/openai`.
+    #[arg(
+        long,
+        value_name = "KEYS",
+        env = "KEYPOOL_OPENAI_KEYS",
+        hide_env_values = true
+    )]
+    pub openai_keys: Option<String>,
+
     /// Client tokens that may use the pool (repeat the flag, or comma-separate in the env var).
     /// Without any, the gateway serves only loopback clients.
     #[arg(
@@ -135,6 +159,22 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Share key state with every replica on the same Redis/Valkey:
+    /// redis://[:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS (prefer the env var when the URL
+    /// holds a password). Without it, state is in-process.
+    #[arg(long, value_name = "URL", env = "KEYPOOL_STATE", hide_env_values = true)]
+    pub state: Option<String>,
+
+    /// Prefix of the Redis names keypool uses ({NS}:keys, {NS}:marks); replicas that share
+    /// state use the same one.
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "keypool",
+        env = "KEYPOOL_STATE_NAMESPACE"
+    )]
+    pub state_namespace: String,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -146,6 +186,9 @@ impl std::fmt::Debug for ServeArgs {
             .field("upstream", &self.upstream)
             .field("keys_file", &self.keys_file)
             .field("keys", &masked(self.keys.is_some()))
+            .field("openai_upstream", &self.openai_upstream)
+            .field("openai_keys_file", &self.openai_keys_file)
+            .field("openai_keys", &masked(self.openai_keys.is_some()))
             .field("client_tokens", &self.client_tokens.len())
             .field("allow_byok", &self.allow_byok)
             .field("pass_identity_headers", &self.pass_identity_headers)
@@ -223,6 +266,10 @@ pub enum KeySource {
     /// The pool of this config file (inline, `keys_env` or `keys_file`); SIGHUP re-reads the
     /// config file and takes its keys.
     ConfigFile(PathBuf),
+    /// The `[[pool]]` table at this position (from 0) of a config file with several pools.
+    ConfigPool(PathBuf, usize),
+    /// `KEYPOOL_OPENAI_KEYS` (or `--openai-keys`).
+    OpenAiEnv,
 }
 
 impl KeySource {
@@ -231,18 +278,55 @@ impl KeySource {
         match self {
             Self::File(path) => load_keys_file(path),
             Self::ConfigFile(path) => crate::config_file::reload_keys(path),
+            Self::ConfigPool(path, index) => crate::config_file::reload_pool_keys(path, *index),
             Self::Env => Err(err(
                 "keys come from KEYPOOL_KEYS (or --keys); there is no file to reload",
+            )),
+            Self::OpenAiEnv => Err(err(
+                "keys come from KEYPOOL_OPENAI_KEYS (or --openai-keys); there is no file to reload",
             )),
         }
     }
 }
 
-/// A validated configuration.
+/// One pool the gateway serves: its provider (in `call.profile`), upstream, keys, policy and
+/// the path it is mounted at.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Its name, in logs, metrics (`pool` label) and the admin view.
+    pub name: String,
+    /// Where it is served: `/` or a path such as `/openai` (no trailing slash);
+    /// `{mount}/v1/...` is forwarded to `{upstream}/v1/...`.
+    pub mount: String,
+    /// Upstream base URL, without a trailing slash.
+    pub upstream: String,
+    /// The keys.
+    pub keys: Vec<KeySpec>,
+    /// Where they came from.
+    pub key_source: KeySource,
+    /// Walk order.
+    pub order: Order,
+    /// Provider profile, policy, commit point, timeouts.
+    pub call: CallConfig,
+    /// Extra upstream root certificates (DER).
+    pub upstream_roots: Vec<Vec<u8>>,
+}
+
+/// The mount path of the OpenAI pool the `KEYPOOL_OPENAI_KEYS` shortcut makes.
+pub const OPENAI_MOUNT: &str = "/openai";
+
+/// A validated configuration. The first pool's settings stand at the top level (`name`,
+/// `mount`, `upstream`, `keys`, …); further pools are in `more` ([`Config::pools`] lists all).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
+    /// The first pool's name (logs, metrics, admin).
+    pub name: String,
+    /// The first pool's mount path (`/` for the Anthropic pool of round 1).
+    pub mount: String,
+    /// Further pools, each at its own mount path.
+    pub more: Vec<PoolConfig>,
     /// Upstream base URL, without a trailing slash.
     pub upstream: String,
     /// The keys.
@@ -265,6 +349,51 @@ pub struct Config {
     pub grace: Duration,
     /// Extra upstream root certificates (DER).
     pub upstream_roots: Vec<Vec<u8>>,
+    /// The shared state backend (`--state`); `None`: in-process.
+    pub state: Option<keypool_redis::StateConfig>,
+}
+
+impl Config {
+    /// Every pool: the first (from the top-level fields), then `more`.
+    pub fn pools(&self) -> Vec<PoolConfig> {
+        let first = PoolConfig {
+            name: self.name.clone(),
+            mount: self.mount.clone(),
+            upstream: self.upstream.clone(),
+            keys: self.keys.clone(),
+            key_source: self.key_source.clone(),
+            order: self.order,
+            call: self.call.clone(),
+            upstream_roots: self.upstream_roots.clone(),
+        };
+        std::iter::once(first).chain(self.more.iter().cloned()).collect()
+    }
+
+    /// Checks that pool names and mount paths are unique and well-formed.
+    pub fn check_pools(&self) -> Result<(), ConfigError> {
+        let pools = self.pools();
+        for (i, p) in pools.iter().enumerate() {
+            if !keys::valid_label(&p.name) {
+                return Err(err(format!(
+                    "pool name {:?}: use 1-64 letters, digits, '.', '_' or '-'",
+                    p.name
+                )));
+            }
+            if !p.mount.starts_with('/') || (p.mount.len() > 1 && p.mount.ends_with('/')) {
+                return Err(err(format!(
+                    "pool {:?} mount {:?}: a mount is a path starting with '/' and not ending with one, e.g. \"/openai\"",
+                    p.name, p.mount
+                )));
+            }
+            if let Some(other) = pools[..i].iter().find(|o| o.name == p.name || o.mount == p.mount) {
+                return Err(err(format!(
+                    "pools {:?} and {:?} have the same name or mount path ({:?}); give each its own",
+                    other.name, p.name, p.mount
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A configuration problem: one line, naming the problem and the fix.
@@ -294,19 +423,38 @@ impl ServeArgs {
     /// Validates the settings; `file_keys` are a config file's keys, used when neither
     /// `--keys-file` nor `KEYPOOL_KEYS` (`--keys`) is given.
     pub fn build(&self, file_keys: Option<FileKeys>) -> Result<Config, ConfigError> {
-        let (keys, key_source) = match (&self.keys_file, &self.keys, file_keys) {
-            (Some(path), _, _) => (load_keys_file(path)?, KeySource::File(path.clone())),
+        let openai_keys = match (&self.openai_keys_file, &self.openai_keys) {
+            (Some(path), _) => Some((load_keys_file(path)?, KeySource::File(path.clone()))),
+            (None, Some(value)) => {
+                let keys = keys::parse_env(value, "KEYPOOL_OPENAI_KEYS").map_err(|e| err(e.to_string()))?;
+                Some((keys.into_iter().map(|k| k.spec).collect(), KeySource::OpenAiEnv))
+            }
+            (None, None) => None,
+        };
+        let anthropic_keys = match (&self.keys_file, &self.keys, file_keys) {
+            (Some(path), _, _) => Some((load_keys_file(path)?, KeySource::File(path.clone()))),
             (None, Some(value), _) => {
                 let keys = keys::parse_env(value, "KEYPOOL_KEYS").map_err(|e| err(e.to_string()))?;
-                (keys.into_iter().map(|k| k.spec).collect(), KeySource::Env)
+                Some((keys.into_iter().map(|k| k.spec).collect(), KeySource::Env))
             }
-            (None, None, Some(file)) => (file.keys, KeySource::ConfigFile(file.config)),
-            (None, None, None) => {
-                return Err(err(
-                    "no keys: set KEYPOOL_KEYS=key1,key2, pass --keys-file PATH (one key per line), \
-                     or name them in a --config file",
-                ));
-            }
+            (None, None, Some(file)) => Some((file.keys, KeySource::ConfigFile(file.config))),
+            (None, None, None) => None,
+        };
+        if anthropic_keys.is_none() && openai_keys.is_none() {
+            return Err(err(
+                "no keys: set KEYPOOL_KEYS=key1,key2 (Anthropic) or KEYPOOL_OPENAI_KEYS=key1,key2 (OpenAI), \
+                 pass --keys-file PATH (one key per line), or name them in a --config file",
+            ));
+        }
+        if let Some((keys, _)) = &openai_keys {
+            keypool_core::Pool::new(keys.clone(), Order::default(), std::time::Instant::now())
+                .map_err(|e| err(format!("invalid OpenAI key list: {e}")))?;
+        }
+        // The first pool is Anthropic's at `/` when it has keys, else OpenAI's at `/openai`.
+        let (first_openai, (keys, key_source), more_openai) = match (anthropic_keys, openai_keys) {
+            (Some(a), o) => (false, a, o),
+            (None, Some(o)) => (true, o, None),
+            (None, None) => unreachable_keys()?,
         };
         // Validate the key list exactly as the pool will, so errors surface before listening.
         keypool_core::Pool::new(keys.clone(), Order::default(), std::time::Instant::now())
@@ -345,9 +493,14 @@ impl ServeArgs {
         };
 
         let upstream = check_upstream(&self.upstream, "--upstream")?;
+        let openai_upstream = check_upstream(&self.openai_upstream, "--openai-upstream")?;
         let upstream_roots = match &self.upstream_ca {
             Some(path) => load_pem_certs(path)?,
             None => Vec::new(),
+        };
+        let state = match self.state.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(url) => Some(crate::state::config(url, &self.state_namespace)?),
+            None => None,
         };
         if self.max_body == 0 {
             return Err(err("--max-body must be larger than 0"));
@@ -376,8 +529,34 @@ impl ServeArgs {
                 idle: self.idle_timeout,
                 connect: self.connect_timeout,
             });
+        let order = match self.order {
+            OrderArg::Primary => Order::PrimaryWithFallback,
+            OrderArg::RoundRobin => Order::RoundRobin,
+        };
+        let openai_call = call.clone().with_profile(keypool_core::Profile::openai());
+        let more = more_openai
+            .map(|(keys, key_source)| PoolConfig {
+                name: "openai".into(),
+                mount: OPENAI_MOUNT.into(),
+                upstream: openai_upstream.clone(),
+                keys,
+                key_source,
+                order,
+                call: openai_call.clone(),
+                upstream_roots: upstream_roots.clone(),
+            })
+            .into_iter()
+            .collect();
+        let (name, mount, upstream, call) = if first_openai {
+            ("openai", OPENAI_MOUNT, openai_upstream, openai_call)
+        } else {
+            ("anthropic", "/", upstream, call)
+        };
         Ok(Config {
             listen: self.listen,
+            name: name.into(),
+            mount: mount.into(),
+            more,
             upstream,
             keys,
             key_source,
@@ -387,16 +566,19 @@ impl ServeArgs {
             },
             admin_token,
             pass_identity_headers: self.pass_identity_headers,
-            order: match self.order {
-                OrderArg::Primary => Order::PrimaryWithFallback,
-                OrderArg::RoundRobin => Order::RoundRobin,
-            },
+            order,
             call,
             max_body: self.max_body,
             grace: self.grace,
             upstream_roots,
+            state,
         })
     }
+}
+
+/// `build` checked that some pool has keys; this is never reached.
+fn unreachable_keys<T>() -> Result<T, ConfigError> {
+    Err(err("no keys: set KEYPOOL_KEYS or KEYPOOL_OPENAI_KEYS"))
 }
 
 /// Checks an upstream base URL and returns it without a trailing slash; `what` names the

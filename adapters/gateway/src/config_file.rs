@@ -148,7 +148,7 @@ struct RawState {
 pub enum Backend {
     /// In this process (the default).
     Memory,
-    /// Shared through Redis or Valkey (not in this build yet).
+    /// Shared through Redis or Valkey (`url`, `namespace`).
     Redis,
 }
 
@@ -358,18 +358,20 @@ struct Parsed {
     /// The file's directory, for relative paths.
     dir: PathBuf,
     raw: RawFile,
-    /// The pool table, or the top level when the file has none.
+    /// The first pool table, or the top level when the file has none.
     pool: PoolInfo,
+    /// Every pool table, in order (empty when the file has none).
+    pools: Vec<PoolInfo>,
 }
 
-/// The pool a config file describes (this build serves exactly one).
+/// A pool a config file describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolInfo {
-    /// Its name (logs and, later, metrics carry it).
+    /// Its name (logs, metrics and the admin view carry it).
     pub name: String,
-    /// Its provider: `anthropic` (the only one in this build).
+    /// Its provider: `anthropic`, `openai` or `azure-openai`.
     pub provider: String,
-    /// Where it is served: `/` (the only mount in this build).
+    /// Where it is served: `/` by default for Anthropic, `/openai` for OpenAI.
     pub mount: String,
 }
 
@@ -386,7 +388,7 @@ impl Default for PoolInfo {
 /// The checked `[state]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateInfo {
-    /// The backend (always `memory` in this build).
+    /// The backend.
     pub backend: Backend,
 }
 
@@ -394,6 +396,19 @@ impl Default for StateInfo {
     fn default() -> Self {
         Self {
             backend: Backend::Memory,
+        }
+    }
+}
+
+impl StateInfo {
+    /// What the effective settings use: Redis when a state URL is set.
+    fn of(args: &ServeArgs) -> Self {
+        Self {
+            backend: if args.state.is_some() {
+                Backend::Redis
+            } else {
+                Backend::Memory
+            },
         }
     }
 }
@@ -411,9 +426,16 @@ fn read_file(path: &Path) -> Result<Parsed, ConfigError> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let pool = check_pools(&name, &raw)?;
+    let pools = check_pools(&name, &raw)?;
+    let pool = pools.first().cloned().unwrap_or_default();
     check_state(&name, raw.state.as_ref())?;
-    Ok(Parsed { name, dir, raw, pool })
+    Ok(Parsed {
+        name,
+        dir,
+        raw,
+        pool,
+        pools,
+    })
 }
 
 /// One line from a TOML error: file, line, the key when the line starts with one, the message
@@ -494,58 +516,58 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn check_pools(name: &str, raw: &RawFile) -> Result<PoolInfo, ConfigError> {
-    let pool = match raw.pool.as_slice() {
-        [] => return Ok(PoolInfo::default()),
-        [pool] => pool,
-        pools => {
-            return Err(err(format!(
-                "{name}: {} [[pool]] tables, but this build serves one pool; keep one (several pools come with the OpenAI provider)",
-                pools.len()
-            )));
-        }
-    };
+fn check_pools(name: &str, raw: &RawFile) -> Result<Vec<PoolInfo>, ConfigError> {
+    if raw.pool.is_empty() {
+        return Ok(Vec::new());
+    }
     if raw.keys.is_some() || raw.keys_env.is_some() || raw.keys_file.is_some() {
         return Err(err(format!(
             "{name}: keys are given at the top level and a [[pool]] table exists; move keys/keys_env/keys_file into the [[pool]] table"
         )));
     }
-    let provider = pool.provider.as_deref().unwrap_or("anthropic");
-    match provider {
-        "anthropic" => {}
-        "openai" => {
+    let mut out: Vec<PoolInfo> = Vec::new();
+    for pool in &raw.pool {
+        let provider = pool.provider.as_deref().unwrap_or("anthropic");
+        if keypool_core::Profile::by_name(provider).is_none() {
             return Err(err(format!(
-                "{name}: [[pool]] provider = \"openai\" is not available yet (the OpenAI provider is coming); use provider = \"anthropic\""
+                "{name}: [[pool]] provider = {provider:?} is unknown; use \"anthropic\", \"openai\" or \"azure-openai\""
             )));
         }
-        other => {
+        let pool_name = pool.name.clone().unwrap_or_else(|| provider.to_owned());
+        if !keys::valid_label(&pool_name) {
             return Err(err(format!(
-                "{name}: [[pool]] provider = {other:?} is unknown; use provider = \"anthropic\""
+                "{name}: [[pool]] name = {pool_name:?}: use 1-64 letters, digits, '.', '_' or '-'"
             )));
         }
+        let default_mount = if provider == "anthropic" {
+            "/"
+        } else {
+            config::OPENAI_MOUNT
+        };
+        let mount = pool.mount.clone().unwrap_or_else(|| default_mount.into());
+        let mount = if mount.len() > 1 {
+            mount.trim_end_matches('/').to_owned()
+        } else {
+            mount
+        };
+        if !mount.starts_with('/') {
+            return Err(err(format!(
+                "{name}: [[pool]] {pool_name:?} mount = {mount:?}: a mount is a path starting with '/', e.g. \"/openai\""
+            )));
+        }
+        if let Some(other) = out.iter().find(|o| o.name == pool_name || o.mount == mount) {
+            return Err(err(format!(
+                "{name}: [[pool]] {pool_name:?} has the same name or mount ({mount:?}) as [[pool]] {:?}; give each pool its own name and mount",
+                other.name
+            )));
+        }
+        out.push(PoolInfo {
+            name: pool_name,
+            provider: provider.to_owned(),
+            mount,
+        });
     }
-    let pool_name = pool.name.clone().unwrap_or_else(|| provider.to_owned());
-    if !keys::valid_label(&pool_name) {
-        return Err(err(format!(
-            "{name}: [[pool]] name = {pool_name:?}: use 1-64 letters, digits, '.', '_' or '-'"
-        )));
-    }
-    let mount = pool.mount.clone().unwrap_or_else(|| "/".into());
-    if !mount.starts_with('/') {
-        return Err(err(format!(
-            "{name}: [[pool]] {pool_name:?} mount = {mount:?}: a mount is a path starting with '/', e.g. \"/\""
-        )));
-    }
-    if mount != "/" {
-        return Err(err(format!(
-            "{name}: [[pool]] {pool_name:?} mount = {mount:?} is not available yet: this build serves its one pool at \"/\"; remove mount"
-        )));
-    }
-    Ok(PoolInfo {
-        name: pool_name,
-        provider: provider.to_owned(),
-        mount,
-    })
+    Ok(out)
 }
 
 fn check_state(name: &str, state: Option<&RawState>) -> Result<(), ConfigError> {
@@ -593,9 +615,7 @@ fn check_state(name: &str, state: Option<&RawState>) -> Result<(), ConfigError> 
                     "{name}: [state] namespace = {ns:?}: use 1-64 letters, digits, '.', '_' or '-'"
                 )));
             }
-            Err(err(format!(
-                "{name}: [state] backend = \"redis\" is not available in this build (the Redis state work will wire it); use backend = \"memory\" or remove [state]"
-            )))
+            Ok(())
         }
     }
 }
@@ -740,15 +760,20 @@ impl Parsed {
     /// The pool's keys: from the `[[pool]]` table, else the top level. `None` when the file
     /// names none.
     fn keys(&self, env: Env<'_>) -> Result<Option<(Vec<KeySpec>, String)>, ConfigError> {
+        self.pool_keys(env, 0)
+    }
+
+    /// The keys of the pool table at `index` (the top level's when the file has no table).
+    fn pool_keys(&self, env: Env<'_>, index: usize) -> Result<Option<(Vec<KeySpec>, String)>, ConfigError> {
         let r = &self.raw;
-        let (inline, var, file, place) = match r.pool.first() {
-            Some(p) => (
+        let (inline, var, file, place) = match (r.pool.get(index), self.pools.get(index)) {
+            (Some(p), Some(info)) => (
                 &p.keys,
                 &p.keys_env,
                 &p.keys_file,
-                format!("[[pool]] {:?} ", self.pool.name),
+                format!("[[pool]] {:?} ", info.name),
             ),
-            None => (&r.keys, &r.keys_env, &r.keys_file, String::new()),
+            _ => (&r.keys, &r.keys_env, &r.keys_file, String::new()),
         };
         let what = format!("{place}keys");
         let listed = match one_of(&self.name, &what, inline.is_some(), var.is_some(), file.is_some())? {
@@ -873,7 +898,7 @@ pub fn resolve(args: &ServeArgs, explicit: &Explicit, env: Env<'_>) -> Result<Lo
                 config,
                 args: args.clone(),
                 pool: PoolInfo::default(),
-                state: StateInfo::default(),
+                state: StateInfo::of(args),
                 origins,
                 overridden: Vec::new(),
             })
@@ -885,8 +910,82 @@ fn key_origin(source: &KeySource) -> String {
     match source {
         KeySource::File(p) => format!("--keys-file {}", p.display()),
         KeySource::Env => "KEYPOOL_KEYS".into(),
-        KeySource::ConfigFile(p) => format!("the config file {}", p.display()),
+        KeySource::OpenAiEnv => "KEYPOOL_OPENAI_KEYS".into(),
+        KeySource::ConfigFile(p) | KeySource::ConfigPool(p, _) => format!("the config file {}", p.display()),
     }
+}
+
+/// A `[[pool]]` table after the first, resolved on its own: its settings, else the file's top
+/// level, else the built-in defaults (the upstream: its provider's); flags on the command line
+/// set the first pool only, and the global settings (listen, tokens, limits) of all.
+fn extra_pool(
+    parsed: &Parsed,
+    index: usize,
+    base: &ServeArgs,
+    env: Env<'_>,
+    path: &Path,
+) -> Result<config::PoolConfig, ConfigError> {
+    let name = &parsed.name;
+    let r = &parsed.raw;
+    let (Some(p), Some(info)) = (r.pool.get(index), parsed.pools.get(index)) else {
+        return Err(err(format!("{name}: no [[pool]] table number {}", index + 1)));
+    };
+    let profile = keypool_core::Profile::by_name(&info.provider).unwrap_or_default();
+    let mut a = base.clone();
+    a.keys = None;
+    a.keys_file = None;
+    a.openai_keys = None;
+    a.openai_keys_file = None;
+    a.upstream = match &p.upstream {
+        Some(u) => config::check_upstream(u, "[[pool]] upstream").map_err(|e| err(format!("{name}: {e}")))?,
+        None if profile.default_base_url().is_empty() => {
+            return Err(err(format!(
+                "{name}: [[pool]] {:?} (provider {:?}) needs an upstream, e.g. upstream = \"https://RESOURCE.openai.azure.com/openai\"",
+                info.name, info.provider
+            )));
+        }
+        None => profile.default_base_url().to_owned(),
+    };
+    macro_rules! pick {
+        ($field:ident, $map:expr) => {{
+            if let Some(v) = p.$field.as_ref().or(r.$field.as_ref()) {
+                a.$field = $map(v);
+            }
+        }};
+    }
+    pick!(upstream_ca, |v: &PathBuf| Some(parsed.path(v)));
+    pick!(order, |v: &Choice<OrderArg>| v.0);
+    pick!(commit, |v: &Choice<CommitArg>| v.0);
+    pick!(hold, |v: &Dur| v.0);
+    pick!(on_401, |v: &Choice<On401>| v.0);
+    pick!(on_403, |v: &Choice<On403>| v.0);
+    pick!(default_cooldown, |v: &Dur| v.0);
+    pick!(max_cooldown, |v: &Dur| v.0);
+    pick!(connect_timeout, |v: &Dur| v.0);
+    pick!(first_byte_timeout, |v: &Dur| v.0);
+    pick!(idle_timeout, |v: &Dur| v.0);
+    let Some((keys, _)) = parsed.pool_keys(env, index)? else {
+        return Err(err(format!(
+            "{name}: [[pool]] {:?} has no keys: add keys_file = \"keys.txt\" (or keys_env = \"VAR\", or keys = [...])",
+            info.name
+        )));
+    };
+    let c = a
+        .build(Some(FileKeys {
+            keys,
+            config: path.to_path_buf(),
+        }))
+        .map_err(|e| err(format!("{name}: [[pool]] {:?}: {e}", info.name)))?;
+    Ok(config::PoolConfig {
+        name: info.name.clone(),
+        mount: info.mount.clone(),
+        upstream: c.upstream,
+        keys: c.keys,
+        key_source: KeySource::ConfigPool(path.to_path_buf(), index),
+        order: c.order,
+        call: c.call.with_profile(profile),
+        upstream_roots: c.upstream_roots,
+    })
 }
 
 /// Loads `path` and merges it under the command line (see the module docs for precedence).
@@ -958,6 +1057,33 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
     take!(first_byte_timeout, "--first-byte-timeout", |v: &Dur| ok(v.0));
     take!(idle_timeout, "--idle-timeout", |v: &Dur| ok(v.0));
 
+    if let Some(st) = &r.state
+        && st.backend.is_some_and(|b| b.0 == Backend::Redis)
+    {
+        let url = match (&st.url, &st.url_env) {
+            (Some(SecretValue(url)), _) => url.clone(),
+            (None, Some(var)) => env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                err(format!(
+                    "{name}: [state] url_env = {var:?}, but {var} is not set: export it (redis://HOST:PORT)"
+                ))
+            })?,
+            // `check_state` has made sure one of them is there.
+            (None, None) => String::new(),
+        };
+        if explicit.contains("state") {
+            overridden.push("[state] url (overridden by --state / KEYPOOL_STATE)".into());
+        } else if !url.is_empty() {
+            out.state = Some(url);
+        }
+        if let Some(ns) = &st.namespace {
+            if explicit.contains("state_namespace") {
+                overridden.push("[state] namespace (overridden by --state-namespace)".into());
+            } else {
+                out.state_namespace = ns.clone();
+            }
+        }
+    }
+
     let mut origins = Origins::default();
     if let Some((tokens, origin)) = parsed.client_tokens(env)? {
         if explicit.contains("client_tokens") {
@@ -1016,7 +1142,7 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
             )));
         }
     };
-    let config = out.build(file_keys).map_err(|e| {
+    let mut config = out.build(file_keys).map_err(|e| {
         // Flag-level messages name the flag; say which file the settings came from too.
         if e.0.starts_with(&name) {
             e
@@ -1024,10 +1150,35 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
             err(format!("{name}: {e}"))
         }
     })?;
+    // The first pool table names the first pool's provider, name and mount.
+    if let Some(first) = parsed.pools.first()
+        && matches!(config.key_source, KeySource::ConfigFile(_))
+    {
+        let profile = keypool_core::Profile::by_name(&first.provider).unwrap_or_default();
+        let upstream_given = explicit.contains("upstream")
+            || p.and_then(|p| p.upstream.as_ref()).is_some()
+            || r.upstream.is_some();
+        if !upstream_given && first.provider != "anthropic" {
+            if profile.default_base_url().is_empty() {
+                return Err(err(format!(
+                    "{name}: [[pool]] {:?} (provider {:?}) needs an upstream, e.g. upstream = \"https://RESOURCE.openai.azure.com/openai\"",
+                    first.name, first.provider
+                )));
+            }
+            config.upstream = profile.default_base_url().to_owned();
+        }
+        config.call = config.call.clone().with_profile(profile);
+        config.name = first.name.clone();
+        config.mount = first.mount.clone();
+    }
+    for index in 1..parsed.pools.len() {
+        config.more.push(extra_pool(&parsed, index, args, env, path)?);
+    }
+    config.check_pools().map_err(|e| err(format!("{name}: {e}")))?;
     if origins.keys.is_empty() {
         origins.keys = key_origin(&config.key_source);
     }
-    let state = StateInfo::default();
+    let state = StateInfo::of(&out);
     Ok(Loaded {
         config,
         args: out,
@@ -1036,6 +1187,20 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
         origins,
         overridden,
     })
+}
+
+/// Re-reads the config file at `path` and returns the keys of its `[[pool]]` table at `index`
+/// (from 0), for a reload (SIGHUP).
+pub fn reload_pool_keys(path: &Path, index: usize) -> Result<Vec<KeySpec>, ConfigError> {
+    let parsed = read_file(path)?;
+    match parsed.pool_keys(&process_env, index)? {
+        Some((keys, _)) => Ok(keys),
+        None => Err(err(format!(
+            "{}: [[pool]] table number {} names no keys any more; add keys_file, keys_env or keys",
+            parsed.name,
+            index + 1
+        ))),
+    }
 }
 
 /// Re-reads the config file at `path` and returns its pool's keys, for a reload (SIGHUP): the
@@ -1104,6 +1269,11 @@ pub fn render(loaded: &Loaded, file: Option<&Path>) -> String {
     let _ = writeln!(s);
     let _ = writeln!(s, "[state]");
     let _ = writeln!(s, "backend = \"{}\"", name_of(&loaded.state.backend));
+    if loaded.args.state.is_some() {
+        // The URL may hold a password: only its shape is shown.
+        let _ = writeln!(s, "url = \"***\"");
+        let _ = writeln!(s, "namespace = {:?}", loaded.args.state_namespace);
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "[[pool]]");
     let _ = writeln!(s, "name = \"{}\"", loaded.pool.name);

@@ -70,6 +70,9 @@ fn state_line(shared: &Shared) -> String {
 async fn demo() -> Result<(), String> {
     let mock = MockServer::try_start().map_err(|e| format!("cannot start the embedded mock: {e}"))?;
     let config = Config {
+        name: "anthropic".into(),
+        mount: "/".into(),
+        more: Vec::new(),
         listen: ([127, 0, 0, 1], 0).into(),
         upstream: mock.url(),
         keys: KEYS.iter().map(|(l, k)| KeySpec::labelled(*l, *k)).collect(),
@@ -82,6 +85,7 @@ async fn demo() -> Result<(), String> {
         max_body: 1 << 20,
         grace: Duration::from_secs(2),
         upstream_roots: Vec::new(),
+        state: None,
     };
     let server = Server::bind(config).await?;
     let addr = server.local_addr();

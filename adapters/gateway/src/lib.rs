@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod server;
+pub mod state;
 pub mod status;
 
 /// Sets up logging to stderr (`RUST_LOG` filters; default `info`).

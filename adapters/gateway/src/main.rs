@@ -154,8 +154,10 @@ fn serve(args: &ServeArgs, explicit: &Explicit) -> ExitCode {
             tracing::info!(config = %path.display(), "the file's {o}");
         }
     }
-    for warning in keys::implausible(&loaded.config.keys) {
-        tracing::warn!("{warning}");
+    for pool in loaded.config.pools() {
+        for warning in keys::implausible(&pool.keys) {
+            tracing::warn!(pool = %pool.name, "{warning}");
+        }
     }
     let config = loaded.config;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -166,11 +168,30 @@ fn serve(args: &ServeArgs, explicit: &Explicit) -> ExitCode {
         let keys = config.keys.len();
         let upstream = config.upstream.clone();
         let tokens = config.access.tokens.len();
+        let pools = config.pools();
         let server = server::Server::bind(config).await?;
         let addr = server.local_addr();
+        for pool in &pools {
+            tracing::info!(
+                pool = %pool.name, provider = pool.call.profile.name(), mount = %pool.mount,
+                upstream = %pool.upstream, keys = pool.keys.len(), "serving a pool"
+            );
+        }
+        let hint = pools
+            .iter()
+            .map(|p| {
+                let base = config::client_base_urls(addr);
+                match p.call.profile.name() {
+                    "anthropic" if p.mount == "/" => format!("ANTHROPIC_BASE_URL={base}"),
+                    "anthropic" => format!("ANTHROPIC_BASE_URL={base}{}", p.mount),
+                    _ => format!("OPENAI_BASE_URL={base}{}/v1", p.mount.trim_end_matches('/')),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
         tracing::info!(
             listen = %addr, upstream = %upstream, keys, client_tokens = tokens,
-            "keypool is serving; point clients at ANTHROPIC_BASE_URL={}", config::client_base_urls(addr)
+            "keypool is serving; point clients at {hint}"
         );
         let shared = server.shared();
         server.serve(server::signals(shared)).await;

@@ -1,5 +1,6 @@
 //! Prometheus metrics (SPEC §7), labelled by key label, never by key.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,17 +14,20 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabel {
+    pool: String,
     key: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
+    pool: String,
     key: String,
     reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
+    pool: String,
     kind: &'static str,
 }
 
@@ -34,7 +38,7 @@ struct StatusLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
-    pool: &'static str,
+    pool: Arc<String>,
     outcome: &'static str,
 }
 
@@ -46,9 +50,20 @@ struct RouteStatusLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProbeLabels {
-    pool: &'static str,
+    pool: String,
     key: String,
     result: &'static str,
+}
+
+/// Metrics of the shared state backend (`--state`), registered only when one is configured.
+#[derive(Debug, Clone)]
+pub struct StateMetrics {
+    /// 1 while the backend answers, 0 while the gateway serves from local state alone.
+    pub up: Gauge,
+    /// Seconds since the last full read of the shared state.
+    pub last_sync_age: Gauge<f64, AtomicU64>,
+    /// Time from a mark being queued on one replica to its arrival here.
+    pub propagation: Histogram,
 }
 
 /// The gateway's metrics.
@@ -95,13 +110,13 @@ impl Metrics {
         let key_state = Family::<KeyLabel, Gauge>::default();
         registry.register(
             "key_state",
-            "State of each key: 0 available, 1 cooling, 2 disabled",
+            "State of each key (by pool and key label): 0 available, 1 cooling, 2 disabled",
             key_state.clone(),
         );
         let transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
             "key_transitions",
-            "Key state transitions by key and reason: going out (rate_limited, overloaded, auth, spend_capped, unauthorized, forbidden, billing, operator) and coming back (cooldown_over, enabled, probe_succeeded)",
+            "Key state transitions by pool, key and reason: going out (rate_limited, overloaded, auth, spend_capped, unauthorized, forbidden, billing, operator) and coming back (cooldown_over, enabled, probe_succeeded)",
             transitions.clone(),
         );
         let attempts = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]);
@@ -113,7 +128,7 @@ impl Metrics {
         let exhaustions = Family::<KindLabel, Counter>::default();
         registry.register(
             "exhaustions",
-            "Requests answered because no key was left, by kind",
+            "Requests answered because no key was left, by pool and kind",
             exhaustions.clone(),
         );
         let upstream_status = Family::<StatusLabel, Counter>::default();
@@ -175,10 +190,38 @@ impl Metrics {
         }
     }
 
+    /// Registers the state backend's metrics (call once, before sharing `self`).
+    pub fn register_state(&mut self) -> StateMetrics {
+        let m = StateMetrics {
+            up: Gauge::default(),
+            last_sync_age: Gauge::default(),
+            propagation: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
+        };
+        self.registry.register(
+            "state_backend_up",
+            "1 while the shared state backend (Redis) answers, 0 while serving from local state",
+            m.up.clone(),
+        );
+        self.registry.register(
+            "state_last_sync_age_seconds",
+            "Seconds since the shared state was last read in full",
+            m.last_sync_age.clone(),
+        );
+        self.registry.register(
+            "state_propagation_seconds",
+            "Time from a mark being queued on another replica to its arrival here (includes clock skew)",
+            m.propagation.clone(),
+        );
+        m
+    }
+
     /// A key changed state.
-    pub fn transition(&self, label: &str, reason: &str) {
+    pub fn transition(&self, pool: &str, label: &str, reason: &str) {
         self.transitions
             .get_or_create(&TransitionLabels {
+                pool: pool.to_owned(),
                 key: label.to_owned(),
                 reason: reason.to_owned(),
             })
@@ -191,8 +234,13 @@ impl Metrics {
     }
 
     /// No key was left.
-    pub fn exhausted(&self, kind: &'static str) {
-        self.exhaustions.get_or_create(&KindLabel { kind }).inc();
+    pub fn exhausted(&self, pool: &str, kind: &'static str) {
+        self.exhaustions
+            .get_or_create(&KindLabel {
+                pool: pool.to_owned(),
+                kind,
+            })
+            .inc();
     }
 
     /// An upstream head arrived.
@@ -208,9 +256,12 @@ impl Metrics {
 
     /// A forwarded request's call ended with `outcome` (the core's
     /// [`Outcome`](keypool_core::call::Outcome) name).
-    pub fn outcome(&self, pool: &'static str, outcome: &'static str) {
+    pub fn outcome(&self, pool: &Arc<String>, outcome: &'static str) {
         self.outcomes
-            .get_or_create(&OutcomeLabels { pool, outcome })
+            .get_or_create(&OutcomeLabels {
+                pool: pool.clone(),
+                outcome,
+            })
             .inc();
     }
 
@@ -222,10 +273,10 @@ impl Metrics {
     }
 
     /// A probe of `key` in `pool` ended with `result` (`enabled`, `failed`, `stale`).
-    pub fn probe(&self, pool: &'static str, key: &str, result: &'static str) {
+    pub fn probe(&self, pool: &str, key: &str, result: &'static str) {
         self.probes
             .get_or_create(&ProbeLabels {
-                pool,
+                pool: pool.to_owned(),
                 key: key.to_owned(),
                 result,
             })
@@ -243,18 +294,23 @@ impl Metrics {
         self.finished.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition, with key states read from `pool` at `now`.
-    pub fn render(&self, pool: &Pool, now: Instant) -> String {
+    /// The Prometheus text exposition, with key states read from each named pool at `now`.
+    pub fn render(&self, pools: &[(&str, Arc<Pool>)], now: Instant) -> String {
         self.key_state.clear();
-        for key in pool.snapshot(now) {
-            let value = match key.state {
-                KeyState::Available => 0,
-                KeyState::Cooling { .. } => 1,
-                KeyState::Disabled { .. } => 2,
-            };
-            self.key_state
-                .get_or_create(&KeyLabel { key: key.label })
-                .set(value);
+        for (name, pool) in pools {
+            for key in pool.snapshot(now) {
+                let value = match key.state {
+                    KeyState::Available => 0,
+                    KeyState::Cooling { .. } => 1,
+                    KeyState::Disabled { .. } => 2,
+                };
+                self.key_state
+                    .get_or_create(&KeyLabel {
+                        pool: (*name).to_owned(),
+                        key: key.label,
+                    })
+                    .set(value);
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

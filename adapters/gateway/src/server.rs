@@ -1,5 +1,10 @@
 //! The gateway's HTTP server: routes, access control, forwarding with failover, admin,
 //! health, metrics, reload and graceful shutdown.
+//!
+//! It serves several pools at once (SPEC §12), each at its mount path: a request for
+//! `{mount}/v1/...` goes to that pool's upstream as `/v1/...`, with its provider's profile
+//! deciding keys, classification and error shapes; logs, metrics and the admin view carry the
+//! pool's name.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,11 +23,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{
     CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
 };
-use keypool_core::{DisableReason, Exhausted, KeyState, Pool, Profile, Transition};
+use keypool_core::{Exhausted, KeyState, Pool, Profile, Transition};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
-use crate::config::Config;
+use crate::config::{Config, PoolConfig};
 use crate::metrics::Metrics;
 use crate::status::{self, Activity, KeyChange};
 
@@ -31,19 +36,56 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the gateway shares between connections.
 pub struct Shared {
     config: Config,
-    pool: RwLock<Arc<Pool>>,
-    client: keypool_tokio::Client,
+    pools: Vec<Served>,
     metrics: Arc<Metrics>,
     /// Recent transitions, per-minute counts and probes, for the status page.
     activity: Arc<Activity>,
 }
 
+/// One pool being served: its configuration, its keys (replaced on reload) and its client.
+struct Served {
+    config: PoolConfig,
+    /// Its name, for metric labels (shared, not copied, per request).
+    label: Arc<String>,
+    pool: RwLock<Arc<Pool>>,
+    client: keypool_tokio::Client,
+    /// The shared state backend (`--state`) for this pool, if any.
+    state: Option<crate::state::Backend>,
+}
+
+impl Served {
+    fn pool(&self) -> Arc<Pool> {
+        match self.pool.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn profile(&self) -> &Profile {
+        &self.config.call.profile
+    }
+
+    /// The path this pool forwards for `path`, if it is under the mount.
+    fn strip<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let mount = self.config.mount.as_str();
+        if mount == "/" {
+            return Some(path);
+        }
+        let rest = path.strip_prefix(mount)?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+    }
+}
+
 /// Logs and counts every mark the gateway's calls make, as they are made.
 #[derive(Debug)]
 struct MarkLog {
+    pool: String,
     metrics: Arc<Metrics>,
     activity: Arc<Activity>,
-    pool: &'static str,
 }
 
 impl MarkSink for MarkLog {
@@ -52,7 +94,7 @@ impl MarkSink for MarkLog {
         if mark.key == mark.attempted {
             self.metrics.upstream_status(mark.status.as_u16());
         }
-        self.activity.mark(&self.metrics, self.pool, pool, mark);
+        self.activity.mark(&self.metrics, &self.pool, pool, mark);
     }
 }
 
@@ -65,41 +107,95 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// Builds the shared state: the pool and the upstream client.
+    /// Builds the shared state: each pool and its upstream client.
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let pool = Pool::new(config.keys.clone(), config.order, Instant::now()).map_err(|e| e.to_string())?;
-        let pool = Arc::new(pool);
-        let metrics = Arc::new(Metrics::new());
+        config.check_pools().map_err(|e| e.to_string())?;
+        let mut metrics = Metrics::new();
+        let state_metrics = config.state.as_ref().map(|_| metrics.register_state());
+        let metrics = Arc::new(metrics);
         let activity = Arc::new(Activity::new(Instant::now()));
-        let sink = Arc::new(MarkLog {
-            metrics: metrics.clone(),
-            activity: activity.clone(),
-            pool: config.call.profile.name(),
-        });
-        let mut builder = keypool_tokio::Client::builder()
-            .base_url(config.upstream.clone())
-            .config(config.call.clone().with_mark_sink(sink));
-        for der in &config.upstream_roots {
-            builder = builder.root_cert_der(der.clone());
+        let mut pools = Vec::new();
+        for pc in config.pools() {
+            let pool = Pool::new(pc.keys.clone(), pc.order, Instant::now())
+                .map_err(|e| format!("pool {:?}: {e}", pc.name))?;
+            let pool = Arc::new(pool);
+            // Every pool shares state through the same namespace: fields are fingerprints, so
+            // a pool's driver applies its own keys and passes over the others'.
+            let state = crate::state::start(
+                config.state.as_ref(),
+                &pool,
+                &metrics,
+                state_metrics.clone(),
+                &pc.name,
+            )?;
+            let log = Arc::new(MarkLog {
+                pool: pc.name.clone(),
+                metrics: metrics.clone(),
+                activity: activity.clone(),
+            });
+            let sink = crate::state::sink(log, state.as_ref());
+            let mut builder = keypool_tokio::Client::builder()
+                .base_url(pc.upstream.clone())
+                .config(pc.call.clone().with_mark_sink(sink));
+            for der in &pc.upstream_roots {
+                builder = builder.root_cert_der(der.clone());
+            }
+            let client = builder
+                .build_with_pool(pool.clone())
+                .map_err(|e| format!("pool {:?}: {e}", pc.name))?;
+            pools.push(Served {
+                label: Arc::new(pc.name.clone()),
+                config: pc,
+                pool: RwLock::new(pool),
+                client,
+                state,
+            });
         }
-        let client = builder.build_with_pool(pool.clone()).map_err(|e| e.to_string())?;
         Ok(Arc::new(Self {
             config,
-            pool: RwLock::new(pool),
-            client,
+            pools,
             metrics,
             activity,
         }))
     }
 
-    /// What the status page shows besides the pool.
+    /// What the status page shows besides the pools.
     pub fn activity(&self) -> &Arc<Activity> {
         &self.activity
     }
 
-    /// The pool's name in logs, metrics and the admin view: its provider's (`anthropic`).
-    pub fn pool_name(&self) -> &'static str {
-        self.config.call.profile.name()
+    /// Each pool served, by name, as it is now (for the sweeper of cooldowns).
+    fn named_pools(&self) -> Vec<(String, Arc<Pool>)> {
+        self.pools
+            .iter()
+            .map(|p| (p.name().to_owned(), p.pool()))
+            .collect()
+    }
+
+    /// The current pool (replaced on reload) of the pool named `name`.
+    pub fn pool_named(&self, name: &str) -> Option<Arc<Pool>> {
+        self.pools.iter().find(|p| p.name() == name).map(Served::pool)
+    }
+
+    /// The names of the pools served, in order.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.iter().map(|p| p.name().to_owned()).collect()
+    }
+
+    /// The pool serving `path` (the longest mount it is under) and the path to forward.
+    fn route<'p>(&self, path: &'p str) -> Option<(&Served, &'p str)> {
+        self.pools
+            .iter()
+            .filter_map(|p| Some((p, p.strip(path)?)))
+            .max_by_key(|(p, _)| p.config.mount.len())
+    }
+
+    /// The profile for an answer about `path`: its pool's, else the first pool's.
+    fn profile_for(&self, path: &str) -> &Profile {
+        match self.route(path) {
+            Some((p, _)) => p.profile(),
+            None => &self.config.call.profile,
+        }
     }
 
     /// The gateway's metrics.
@@ -107,22 +203,49 @@ impl Shared {
         &self.metrics
     }
 
-    /// The current pool (replaced on reload).
+    /// The current pool (replaced on reload) of the first pool served.
     pub fn pool(&self) -> Arc<Pool> {
-        match self.pool.read() {
-            Ok(p) => p.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        // Cannot be out of bounds: `Config::pools` always starts with the first pool, and
+        // `Shared::new` serves every one of them.
+        self.pools[0].pool()
     }
 
-    /// Re-reads the keys (key file or config file) and swaps in a pool that keeps the state of
-    /// kept keys.
+    /// Re-reads every pool's keys (key file or config file) and swaps in pools that keep the
+    /// state of kept keys. Pools whose keys came from the environment keep theirs; it is an
+    /// error only when no pool can be reloaded, or one fails.
     pub fn reload(&self) -> Result<String, String> {
-        let keys = self.config.key_source.reload().map_err(|e| e.to_string())?;
-        for warning in crate::keys::implausible(&keys) {
-            tracing::warn!("{warning}");
+        let mut done = Vec::new();
+        let mut skipped = Vec::new();
+        for served in &self.pools {
+            if matches!(
+                served.config.key_source,
+                crate::config::KeySource::Env | crate::config::KeySource::OpenAiEnv
+            ) {
+                skipped.push(served);
+                continue;
+            }
+            done.push(format!("{}: {}", served.name(), Self::reload_one(served)?));
         }
-        let old = self.pool();
+        if done.is_empty()
+            && let Some(first) = skipped.first()
+        {
+            return Err(first
+                .config
+                .key_source
+                .reload()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default());
+        }
+        Ok(done.join("; "))
+    }
+
+    fn reload_one(served: &Served) -> Result<String, String> {
+        let keys = served.config.key_source.reload().map_err(|e| e.to_string())?;
+        for warning in crate::keys::implausible(&keys) {
+            tracing::warn!(pool = %served.name(), "{warning}");
+        }
+        let old = served.pool();
         let new = old.reload(keys).map_err(|e| format!("invalid key list: {e}"))?;
         let kept = new
             .ids()
@@ -135,7 +258,7 @@ impl Shared {
             new.len() - kept,
             old.len() - kept
         );
-        match self.pool.write() {
+        match served.pool.write() {
             Ok(mut p) => *p = new,
             Err(poisoned) => *poisoned.into_inner() = new,
         }
@@ -167,6 +290,7 @@ impl std::fmt::Debug for GatewayBody {
 /// is actually written.
 pub struct RequestLog {
     shared: Arc<Shared>,
+    pool: usize,
     method: Method,
     uri: http::Uri,
     status: u16,
@@ -210,11 +334,13 @@ impl RequestLog {
     fn emit(self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
         let elapsed = self.started.elapsed();
         self.shared.metrics.finished(elapsed);
-        // The one pool is named by its provider until pools get names of their own.
-        let pool = self.shared.config.call.profile.provider().name();
-        self.shared.metrics.outcome(pool, outcome.as_str());
+        let label = self.shared.pools.get(self.pool).map(|p| p.label.clone());
+        let label = label.unwrap_or_else(|| Arc::new("-".to_owned()));
+        self.shared.metrics.outcome(&label, outcome.as_str());
+        let pool: &str = &label;
         tracing::info!(
             target: "keypool::request",
+            pool,
             method = %self.method,
             path = %short(self.uri.path()),
             status = self.status,
@@ -312,13 +438,13 @@ fn json(value: &serde_json::Value) -> Response<GatewayBody> {
 }
 
 /// Handles one request. A response the gateway makes itself is logged and counted here (a
-/// relayed one when its body ends, see [`RequestLog`]).
+/// relayed one when its call ends, see [`RequestLog`]).
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let mut res = route(shared.clone(), req).await;
-    let profile = &shared.config.call.profile;
+    let profile = shared.profile_for(uri.path());
     status::reason_phrase(profile, &mut res);
     shared.activity.answered(uri.path(), started, res.status());
     if matches!(res.body(), GatewayBody::Full(_)) {
@@ -329,18 +455,30 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gat
 
 async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
     let path = req.uri().path();
-    if path.starts_with("/v1/") {
-        return forward(shared, req).await;
+    if let Some((served, rest)) = shared.route(path)
+        && rest.starts_with("/v1/")
+    {
+        let index = shared
+            .pools
+            .iter()
+            .position(|p| std::ptr::eq(p, served))
+            .unwrap_or(0);
+        let rest_len = rest.len();
+        return forward(shared, index, rest_len, req).await;
     }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => health(&shared),
         (&Method::GET, "/metrics") => {
-            let text = shared.metrics.render(&shared.pool(), Instant::now());
+            for served in &shared.pools {
+                crate::state::refresh_metrics(served.state.as_ref());
+            }
+            let pools: Vec<(&str, Arc<Pool>)> = shared.pools.iter().map(|p| (p.name(), p.pool())).collect();
+            let text = shared.metrics.render(&pools, Instant::now());
             full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
         (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
         _ => error(
-            &shared.config.call.profile,
+            shared.profile_for(path),
             StatusCode::NOT_FOUND,
             &format!("no route for {} {}", req.method(), short(path)),
         ),
@@ -352,17 +490,49 @@ fn short(path: &str) -> String {
 }
 
 fn health(shared: &Shared) -> Response<GatewayBody> {
-    let pool = shared.pool();
     let now = Instant::now();
-    let available = pool
-        .ids()
-        .filter(|&id| pool.state(id, now).is_available())
-        .count();
-    json(&serde_json::json!({"status": "ok", "keys": pool.len(), "available": available}))
+    let mut ready = true;
+    let mut backend = serde_json::Value::Null;
+    let (mut keys, mut available) = (0, 0);
+    let mut pools = Vec::new();
+    for served in &shared.pools {
+        let pool = served.pool();
+        let up = pool
+            .ids()
+            .filter(|&id| pool.state(id, now).is_available())
+            .count();
+        keys += pool.len();
+        available += up;
+        let (up_to_date, view) = crate::state::health(served.state.as_ref());
+        ready &= up_to_date;
+        if backend.is_null() {
+            backend = view;
+        }
+        pools.push(serde_json::json!({
+            "name": served.name(), "mount": served.config.mount, "provider": served.profile().name(),
+            "keys": pool.len(), "available": up,
+        }));
+    }
+    let status = if ready { "ok" } else { "starting" };
+    let mut res = json(&serde_json::json!({
+        "status": status, "keys": keys, "available": available, "pools": pools, "state_backend": backend,
+    }));
+    if !ready {
+        // Not ready until the shared state has been read (SPEC §10).
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    res
 }
 
 fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
     let profile = &shared.config.call.profile;
+    // The token may come in any pool's credential header (x-api-key, Authorization, api-key).
+    let presented = |t: &keypool_core::Secret| {
+        shared
+            .pools
+            .iter()
+            .any(|p| access::presented(p.profile(), req.headers()).is_some_and(|v| t.ct_eq(v)))
+    };
     let Some(token) = &shared.config.admin_token else {
         return error(
             profile,
@@ -370,12 +540,12 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             "admin routes are off: start keypool with --admin-token",
         );
     };
+    // A browser answers the challenge with Basic auth (any user name, the token as password),
+    // accepted for reads only.
     let basic = status::basic_allowed(req.method())
         .then(|| status::basic_password(req.headers()))
         .flatten();
-    let presented = access::presented(profile, req.headers()).or(basic.as_deref());
-    if !presented.is_some_and(|t| token.ct_eq(t)) {
-        // Browsers answer the challenge with Basic auth: any user name, the token as password.
+    if !presented(token) && !basic.is_some_and(|b| token.ct_eq(&b)) {
         let message = format!(
             "admin routes need the admin token in {} (in a browser: as the password of Basic auth)",
             profile.credential_help()
@@ -385,23 +555,52 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(status::REALM));
         return res;
     }
-    let pool = shared.pool();
     let now = Instant::now();
     let parts: Vec<&str> = req.uri().path().trim_end_matches('/').split('/').collect();
+    // `/admin/keys/{label}/…` looks in every pool (the first that has the label);
+    // `/admin/pools/{pool}/keys/{label}/…` in one.
+    let (named, parts): (Option<&str>, Vec<&str>) = match parts.as_slice() {
+        ["", "admin", "pools", pool, rest @ ..] => (
+            Some(*pool),
+            ["", "admin"].into_iter().chain(rest.iter().copied()).collect(),
+        ),
+        _ => (None, parts),
+    };
+    let pools: Vec<&Served> = shared
+        .pools
+        .iter()
+        .filter(|p| named.is_none_or(|n| n == p.name()))
+        .collect();
+    if pools.is_empty() {
+        return error(
+            profile,
+            StatusCode::NOT_FOUND,
+            &format!("no pool named {:?}", short(named.unwrap_or_default())),
+        );
+    }
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["", "admin"]) => status::page_response().map(|b| GatewayBody::Full(Some(b))),
-        (&Method::GET, ["", "admin", "status"]) => json(&status::status_json(
-            &shared.activity,
-            shared.pool_name(),
-            &shared.config.upstream,
-            &pool,
-            now,
-        )),
+        (&Method::GET, ["", "admin", "status"]) => {
+            let views: Vec<status::PoolView<'_>> = pools
+                .iter()
+                .map(|served| status::PoolView {
+                    name: served.name(),
+                    mount: &served.config.mount,
+                    provider: served.profile().name(),
+                    upstream: &served.config.upstream,
+                    pool: served.pool(),
+                })
+                .collect();
+            json(&status::status_json(&shared.activity, &views, now))
+        }
         (&Method::GET, ["", "admin", "keys"]) => {
-            let keys: Vec<serde_json::Value> = pool
-                .snapshot(now)
-                .into_iter()
-                .map(|k| {
+            let keys: Vec<serde_json::Value> = pools
+                .iter()
+                .flat_map(|served| {
+                    let name = served.name();
+                    served.pool().snapshot(now).into_iter().map(move |k| (name, k))
+                })
+                .map(|(pool_name, k)| {
                     let (state, reason, seconds) = match k.state {
                         KeyState::Available => ("available", None, None),
                         KeyState::Cooling { until, reason } => (
@@ -412,26 +611,32 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                         KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
                     };
                     serde_json::json!({
-                        "label": k.label, "hint": k.hint, "state": state,
+                        "pool": pool_name, "label": k.label, "hint": k.hint,
+                        "fingerprint": k.fingerprint.to_string(), "generation": k.generation, "state": state,
                         "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
                     })
                 })
                 .collect();
-            json(&serde_json::json!({ "keys": keys }))
+            let state = pools.first().map_or(serde_json::Value::Null, |served| {
+                crate::state::admin_view(served.state.as_ref())
+            });
+            json(&serde_json::json!({ "keys": keys, "state_backend": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
-            let Some(id) = pool.find(label) else {
+            let found = pools.iter().find_map(|served| {
+                let pool = served.pool();
+                let id = pool.find(label)?;
+                Some((served, pool, id))
+            });
+            let Some((served, pool, id)) = found else {
                 return error(
                     profile,
                     StatusCode::NOT_FOUND,
                     &format!("no key labelled {:?}", short(label)),
                 );
             };
-            let t = if *action == "enable" {
-                pool.enable(id, now)
-            } else {
-                pool.disable(id, DisableReason::Operator)
-            };
+            let pool_name = served.name();
+            let t = crate::state::operator(served.state.as_ref(), &pool, id, *action == "enable", now);
             if t == Transition::Entered {
                 let change = if *action == "enable" {
                     KeyChange::Enabled { by: "operator" }
@@ -443,19 +648,19 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                 };
                 shared
                     .activity
-                    .key_changed(&shared.metrics, shared.pool_name(), pool.label(id), change);
+                    .key_changed(&shared.metrics, pool_name, pool.label(id), change);
             }
-            json(&serde_json::json!({"label": label, "changed": t == Transition::Entered}))
+            json(&serde_json::json!({"pool": pool_name, "label": label, "changed": t == Transition::Entered}))
         }
         _ => error(
             profile,
             StatusCode::NOT_FOUND,
-            "admin routes: GET /admin (status page), GET /admin/status, GET /admin/keys, POST /admin/keys/{label}/enable|disable",
+            "admin routes: GET /admin (status page), GET /admin/status, GET /admin/keys, POST /admin/keys/{label}/enable|disable (also under /admin/pools/{pool}/)",
         ),
     }
 }
 
-fn snake(debug: &str) -> String {
+pub(crate) fn snake(debug: &str) -> String {
     let mut out = String::new();
     for (i, c) in debug.chars().enumerate() {
         if c.is_ascii_uppercase() {
@@ -470,11 +675,25 @@ fn snake(debug: &str) -> String {
     out
 }
 
-async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+/// Forwards a request for pool `index`; the last `rest_len` bytes of its path are the path
+/// upstream (the mount path is cut off).
+async fn forward(
+    shared: Arc<Shared>,
+    index: usize,
+    rest_len: usize,
+    req: Request<Incoming>,
+) -> Response<GatewayBody> {
     let started = Instant::now();
-    let profile = &shared.config.call.profile;
+    let Some(served) = shared.pools.get(index) else {
+        return error(
+            &shared.config.call.profile,
+            StatusCode::NOT_FOUND,
+            "no pool serves this path",
+        );
+    };
+    let profile = served.profile();
     let credential = match shared.config.access.decide_for(profile, req.headers()) {
-        Access::Pool => Credential::Pool(shared.pool()),
+        Access::Pool => Credential::Pool(served.pool()),
         Access::Byok => Credential::Passthrough,
         Access::Denied(why) => return error(profile, StatusCode::UNAUTHORIZED, &why),
     };
@@ -495,11 +714,21 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             );
         }
     };
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = match parts.uri.path_and_query() {
+        Some(pq) if served.config.mount == "/" => pq.clone(),
+        Some(pq) => {
+            let path = pq.path();
+            let rest = &path[path.len().saturating_sub(rest_len)..];
+            let joined = match pq.query() {
+                Some(q) => format!("{rest}?{q}"),
+                None => rest.to_owned(),
+            };
+            joined
+                .parse()
+                .unwrap_or_else(|_| http::uri::PathAndQuery::from_static("/"))
+        }
+        None => http::uri::PathAndQuery::from_static("/"),
+    };
     let uri = parts.uri.clone();
     let request = CallRequest {
         method: parts.method.clone(),
@@ -511,7 +740,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
         Credential::Pool(p) => Some(p.clone()),
         _ => None,
     };
-    let result = shared.client.send_with(request, credential).await;
+    let result = served.client.send_with(request, credential).await;
     let ttfb = started.elapsed();
     let summary = match &result {
         Ok(res) => res.extensions().get::<CallSummary>().cloned(),
@@ -533,8 +762,8 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 shared.activity.upstream_429(started);
             }
             tracing::debug!(
-                target: "keypool::attempt", key = %key_label, status = parts.status.as_u16(), attempt = summary.attempts,
-                verdict = "deliver", next = "relay to the client", "attempt answered"
+                target: "keypool::attempt", pool = %served.name(), key = %key_label, status = parts.status.as_u16(),
+                attempt = summary.attempts, verdict = "deliver", next = "relay to the client", "attempt answered"
             );
             if !shared.config.pass_identity_headers {
                 for name in profile.identity_headers() {
@@ -543,6 +772,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
             }
             let log = RequestLog {
                 shared: shared.clone(),
+                pool: index,
                 method,
                 uri,
                 status: parts.status.as_u16(),
@@ -568,10 +798,13 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 );
             };
             if let Some(CallError::Exhausted { exhausted, .. }) = e.call_error() {
-                shared.metrics.exhausted(match exhausted {
-                    Exhausted::RateLimited { .. } => "rate_limited",
-                    Exhausted::AllDisabled => "all_disabled",
-                });
+                shared.metrics.exhausted(
+                    served.name(),
+                    match exhausted {
+                        Exhausted::RateLimited { .. } => "rate_limited",
+                        Exhausted::AllDisabled => "all_disabled",
+                    },
+                );
             }
             let status = response.status().as_u16();
             shared.metrics.response(status, ttfb);
@@ -582,6 +815,7 @@ async fn forward(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Gatewa
                 .map(str::to_owned);
             let log = RequestLog {
                 shared: shared.clone(),
+                pool: index,
                 method,
                 uri,
                 status,
@@ -730,8 +964,7 @@ impl Server {
             tokio::spawn(status::sweep(
                 shared.activity.clone(),
                 shared.metrics.clone(),
-                shared.pool_name(),
-                move || pools.pool(),
+                move || pools.named_pools(),
             ))
         };
         tokio::pin!(shutdown);

@@ -215,7 +215,7 @@ pub fn disable_reason(reason: DisableReason) -> &'static str {
 #[derive(Debug, Clone)]
 struct Recorded {
     at: SystemTime,
-    pool: &'static str,
+    pool: String,
     key: String,
     change: KeyChange,
 }
@@ -241,7 +241,7 @@ pub struct Activity {
     upstream_429: PerMinute,
     client_429: PerMinute,
     recent: Mutex<VecDeque<Recorded>>,
-    probes: Mutex<HashMap<Fingerprint, ProbeRecord>>,
+    probes: Mutex<HashMap<(String, Fingerprint), ProbeRecord>>,
     /// Wakes the sweeper when a call marks a key (a new deadline to watch).
     wake: tokio::sync::Notify,
 }
@@ -311,8 +311,8 @@ impl Activity {
 
     /// A key of `pool` changed state: logs it (target `keypool::key`), counts it and keeps it for
     /// the status page.
-    pub fn key_changed(&self, metrics: &Metrics, pool: &'static str, key: &str, change: KeyChange) {
-        metrics.transition(key, change.metric_reason());
+    pub fn key_changed(&self, metrics: &Metrics, pool: &str, key: &str, change: KeyChange) {
+        metrics.transition(pool, key, change.metric_reason());
         match &change {
             KeyChange::Cooling {
                 extended,
@@ -342,7 +342,7 @@ impl Activity {
         }
         recent.push_front(Recorded {
             at: SystemTime::now(),
-            pool,
+            pool: pool.to_owned(),
             key: key.to_owned(),
             change,
         });
@@ -350,7 +350,7 @@ impl Activity {
 
     /// A call marked a key: counts an upstream 429, logs and records the change if there was
     /// one, wakes the sweeper. What the gateway's mark sink does with every mark.
-    pub fn mark(&self, metrics: &Metrics, pool_name: &'static str, pool: &Pool, mark: &KeyMark) {
+    pub fn mark(&self, metrics: &Metrics, pool_name: &str, pool: &Pool, mark: &KeyMark) {
         let label = pool.label(mark.key);
         if mark.key == mark.attempted {
             if mark.status == StatusCode::TOO_MANY_REQUESTS {
@@ -389,7 +389,7 @@ impl Activity {
     pub fn probe(
         &self,
         metrics: &Metrics,
-        pool_name: &'static str,
+        pool_name: &str,
         pool: &Pool,
         id: KeyId,
         status: Option<StatusCode>,
@@ -412,9 +412,10 @@ impl Activity {
         );
         {
             let mut probes = lock(&self.probes);
-            let count = probes.get(&pool.fingerprint(id)).map_or(0, |p| p.count) + 1;
+            let key = (pool_name.to_owned(), pool.fingerprint(id));
+            let count = probes.get(&key).map_or(0, |p| p.count) + 1;
             probes.insert(
-                pool.fingerprint(id),
+                key,
                 ProbeRecord {
                     at: wall,
                     result: name,
@@ -538,34 +539,38 @@ fn sweep_step(watched: &mut HashMap<WatchKey, Watched>, pool: &Pool, now: Instan
     ended
 }
 
-/// Watches the cooldowns of the pool that `pool()` returns and logs, counts and records each
-/// one that ends (a cooldown ends by the clock, so no mark announces it). Wakes at the earliest
-/// deadline, when `activity` is told of a new mark, and at least every second (marks can also
-/// arrive from elsewhere: a state backend, a reload).
+/// Watches the cooldowns of the pools that `pools()` returns (name and current pool) and logs,
+/// counts and records each one that ends (a cooldown ends by the clock, so no mark announces it).
+/// Wakes at the earliest deadline, when `activity` is told of a new mark, and at least every
+/// second (marks can also arrive from elsewhere: a state backend, a reload).
 pub async fn sweep(
     activity: Arc<Activity>,
     metrics: Arc<Metrics>,
-    pool_name: &'static str,
-    pool: impl Fn() -> Arc<Pool>,
+    pools: impl Fn() -> Vec<(String, Arc<Pool>)>,
 ) {
-    let mut watched: HashMap<WatchKey, Watched> = HashMap::new();
+    let mut watched: HashMap<String, HashMap<WatchKey, Watched>> = HashMap::new();
     loop {
         let now = Instant::now();
-        let pool = pool();
-        for e in sweep_step(&mut watched, &pool, now) {
-            activity.key_changed(
-                &metrics,
-                pool_name,
-                pool.label(e.key),
-                KeyChange::CooldownOver {
-                    reason: cool_reason(e.reason),
-                    family: e.family,
-                },
-            );
+        let current = pools();
+        watched.retain(|name, _| current.iter().any(|(n, _)| n == name));
+        for (name, pool) in &current {
+            let mine = watched.entry(name.clone()).or_default();
+            for e in sweep_step(mine, pool, now) {
+                activity.key_changed(
+                    &metrics,
+                    name,
+                    pool.label(e.key),
+                    KeyChange::CooldownOver {
+                        reason: cool_reason(e.reason),
+                        family: e.family,
+                    },
+                );
+            }
         }
         let tick = now + Duration::from_secs(1);
         let next = watched
             .values()
+            .flat_map(HashMap::values)
             .map(|w| w.until)
             .min()
             .map_or(tick, |t| t.min(tick));
@@ -582,15 +587,53 @@ pub async fn sweep(
 /// Everything the status page shows, as JSON (`GET /admin/status`). Never a secret: labels,
 /// hints, fingerprint prefixes, states, organisation ids (which identify the pool's owner and
 /// are shown to admins only).
-pub fn status_json(
-    activity: &Activity,
-    pool_name: &'static str,
-    upstream: &str,
-    pool: &Pool,
-    now: Instant,
-) -> serde_json::Value {
+pub fn status_json(activity: &Activity, pools: &[PoolView<'_>], now: Instant) -> serde_json::Value {
     let wall = SystemTime::now();
     let probes = lock(&activity.probes).clone();
+    let pools: Vec<serde_json::Value> = pools
+        .iter()
+        .map(|view| pool_json(view, &probes, wall, now))
+        .collect();
+    let minute = activity.minute(now);
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "now_ms": unix_ms(wall),
+        "uptime_s": round_ms(now.saturating_duration_since(activity.origin)),
+        "started_ms": unix_ms(activity.started),
+        "pools": pools,
+        "transitions": activity.recent_json(wall),
+        "per_minute": {
+            "minutes": MINUTES,
+            "current_minute_s": round_ms(Duration::from_secs(now.saturating_duration_since(activity.origin).as_secs() % 60)),
+            "requests": activity.requests.read(minute),
+            "upstream_429": activity.upstream_429.read(minute),
+            "client_429": activity.client_429.read(minute),
+        },
+    })
+}
+
+/// One served pool, as the status view shows it.
+#[derive(Debug)]
+pub struct PoolView<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its mount path.
+    pub mount: &'a str,
+    /// Its provider's name.
+    pub provider: &'a str,
+    /// Its upstream base URL.
+    pub upstream: &'a str,
+    /// Its keys.
+    pub pool: Arc<Pool>,
+}
+
+fn pool_json(
+    view: &PoolView<'_>,
+    probes: &HashMap<(String, Fingerprint), ProbeRecord>,
+    wall: SystemTime,
+    now: Instant,
+) -> serde_json::Value {
+    let pool = &view.pool;
     let mut counts = [0usize; 3];
     let keys: Vec<serde_json::Value> = pool
         .ids()
@@ -639,16 +682,18 @@ pub fn status_json(
             }] += 1;
             let fingerprint = pool.fingerprint(id).to_string();
             let organisation = pool.scope(id);
-            let probe = probes.get(&pool.fingerprint(id)).map(|p| {
-                serde_json::json!({
-                    "at_ms": unix_ms(p.at),
-                    "ago_s": round_ms(wall.duration_since(p.at).unwrap_or_default()),
-                    "result": p.result,
-                    "status": p.status,
-                    "next_in_s": p.next.map(|n| round_ms(n.duration_since(wall).unwrap_or_default())),
-                    "count": p.count,
-                })
-            });
+            let probe = probes
+                .get(&(view.name.to_owned(), pool.fingerprint(id)))
+                .map(|p| {
+                    serde_json::json!({
+                        "at_ms": unix_ms(p.at),
+                        "ago_s": round_ms(wall.duration_since(p.at).unwrap_or_default()),
+                        "result": p.result,
+                        "status": p.status,
+                        "next_in_s": p.next.map(|n| round_ms(n.duration_since(wall).unwrap_or_default())),
+                        "count": p.count,
+                    })
+                });
             serde_json::json!({
                 "label": pool.label(id),
                 "hint": pool.secret(id).hint(),
@@ -665,28 +710,15 @@ pub fn status_json(
             })
         })
         .collect();
-    let minute = activity.minute(now);
     serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "now_ms": unix_ms(wall),
-        "uptime_s": round_ms(now.saturating_duration_since(activity.origin)),
-        "started_ms": unix_ms(activity.started),
-        "pools": [{
-            "name": pool_name,
-            "upstream": upstream,
-            "keys": keys,
-            "available": counts[0],
-            "cooling": counts[1],
-            "disabled": counts[2],
-        }],
-        "transitions": activity.recent_json(wall),
-        "per_minute": {
-            "minutes": MINUTES,
-            "current_minute_s": round_ms(Duration::from_secs(now.saturating_duration_since(activity.origin).as_secs() % 60)),
-            "requests": activity.requests.read(minute),
-            "upstream_429": activity.upstream_429.read(minute),
-            "client_429": activity.client_429.read(minute),
-        },
+        "name": view.name,
+        "mount": view.mount,
+        "provider": view.provider,
+        "upstream": view.upstream,
+        "keys": keys,
+        "available": counts[0],
+        "cooling": counts[1],
+        "disabled": counts[2],
     })
 }
 

@@ -265,19 +265,23 @@ fn check_config_rejects_broken_files_with_one_line() {
             "keys_file = \"keys.txt\"\norder = \"rr\"\n",
             &["order", "round-robin"],
         ),
-        // one pool today; openai and redis are not in this build
+        // several pools, each at its own mount; redis is not in this build
         (
             "[[pool]]\nkeys_file = \"keys.txt\"\n[[pool]]\nname = \"b\"\nkeys_file = \"keys.txt\"\n",
-            &["2 [[pool]] tables", "keep one"],
+            &["same name or mount (\"/\")", "give each pool its own"],
         ),
         (
-            "[[pool]]\nprovider = \"openai\"\nkeys_file = \"keys.txt\"\n",
-            &["\"openai\" is not available yet", "provider = \"anthropic\""],
+            "[[pool]]\nprovider = \"gemini\"\nkeys_file = \"keys.txt\"\n",
+            &["provider = \"gemini\" is unknown", "\"openai\""],
+        ),
+        (
+            "[[pool]]\nkeys_file = \"keys.txt\"\n[[pool]]\nprovider = \"openai\"\n",
+            &["[[pool]] \"openai\" has no keys", "keys_file"],
         ),
         ("[pool]\nkeys_file = \"keys.txt\"\n", &["[[pool]] (two brackets)"]),
         (
-            "keys_file = \"keys.txt\"\n[state]\nbackend = \"redis\"\nurl = \"redis://:hunter2-pw@cache:6379\"\n",
-            &["\"redis\" is not available in this build", "backend = \"memory\""],
+            "keys_file = \"keys.txt\"\n[state]\nbackend = \"redis\"\nurl = \"http://:hunter2-pw@cache:6379\"\n",
+            &["url must start with redis://"],
         ),
         (
             "keys_file = \"keys.txt\"\n[state]\nurl = \"redis://cache\"\n",
@@ -412,6 +416,61 @@ fn serve_runs_from_a_config_file_with_secrets_from_env_and_files() {
     );
     assert_no_secret(&body, &secrets());
     assert_no_secret(&gw.startup_logs(), &secrets());
+}
+
+#[test]
+fn serve_runs_two_pools_from_a_config_file_and_from_the_openai_shortcut() {
+    let mock = keypool_mock::MockServer::start_openai();
+    let d = dir("two-pools");
+    let file = write(
+        &d,
+        "keypool.toml",
+        &format!(
+            "listen = \"localhost:0\"\nadmin_token_env = \"ADMIN\"\n\
+             [[pool]]\nname = \"claude\"\nkeys_env = \"A_KEYS\"\nupstream = \"http://127.0.0.1:9\"\n\
+             [[pool]]\nname = \"gpt\"\nprovider = \"openai\"\nmount = \"/oai/\"\nkeys_env = \"O_KEYS\"\nupstream = \"{}\"\n",
+            mock.url()
+        ),
+    );
+    let env = [("A_KEYS", K0), ("O_KEYS", K1), ("ADMIN", ADMIN)];
+    let (gw, addr, _) = Serve::start(&["--config", file.to_str().unwrap()], &env);
+    let (status, body) = get(addr, "/admin/keys", Some(ADMIN));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pools: Vec<&str> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["pool"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, ["claude", "gpt"]);
+    // The OpenAI pool answers under its mount, with the key as Bearer, the mount cut off.
+    let (status, body) = get(addr, "/oai/v1/models", None);
+    assert_eq!(status, 200, "{body}");
+    let seen = mock.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/v1/models");
+    assert_eq!(seen[0].key.as_deref(), Some(K1));
+    let (_, metrics) = get(addr, "/metrics", None);
+    assert!(metrics.contains("pool=\"gpt\""), "{metrics}");
+    let (status, _) = get(addr, "/oai/nope", None);
+    assert_eq!(status, 404);
+    assert_no_secret(&gw.startup_logs(), &secrets());
+    drop(gw);
+
+    // Without a config file: KEYPOOL_OPENAI_KEYS alone serves OpenAI at /openai.
+    let upstream = mock.url();
+    let env = [
+        ("KEYPOOL_OPENAI_KEYS", K1),
+        ("KEYPOOL_OPENAI_UPSTREAM", upstream.as_str()),
+    ];
+    let (gw, addr, _) = Serve::start(&["--listen", "127.0.0.1:0"], &env);
+    let (status, body) = get(addr, "/openai/v1/models", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.requests()[1].uri, "/v1/models");
+    let (status, _) = get(addr, "/v1/models", None);
+    assert_eq!(status, 404, "no pool at /");
+    drop(gw);
 }
 
 #[test]

@@ -312,7 +312,8 @@ fn key_transitions_are_logged_both_ways_and_attempts_at_debug() {
         ("k1", "operator"),
         ("k1", "enabled"),
     ] {
-        let name = format!("keypool_key_transitions_total{{key=\"{key}\",reason=\"{reason}\"}}");
+        let name =
+            format!("keypool_key_transitions_total{{pool=\"anthropic\",key=\"{key}\",reason=\"{reason}\"}}");
         assert_eq!(sample(&metrics, &name), 1.0, "{name}\n{metrics}");
     }
     let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();

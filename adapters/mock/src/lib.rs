@@ -1,4 +1,5 @@
-//! keypool-mock: a scriptable fake Anthropic Messages API upstream.
+//! keypool-mock: a scriptable fake Anthropic Messages API upstream, and in OpenAI mode a fake
+//! OpenAI API (Chat Completions, Responses, models: see [`openai`]).
 //!
 //! A [`MockServer`] listens on `127.0.0.1` on a plain HTTP port and a TLS port (certificate for
 //! `localhost` and `127.0.0.1`, signed by a CA made at start: trust [`MockServer::ca_pem`] or
@@ -83,12 +84,13 @@
 
 mod anthropic;
 mod io;
+pub mod openai;
 mod script;
 mod server;
 mod tls;
 
 pub use script::{
-    Body, CREDIT_BALANCE_MESSAGE, Ending, Fault, KeyScript, Reply, RetryAfter, Scenario, SseEvent,
+    Body, CREDIT_BALANCE_MESSAGE, Ending, Fault, Flavor, KeyScript, Reply, RetryAfter, Scenario, SseEvent,
     StreamScript,
 };
 pub use server::{MockServer, Outcome, OutcomeEnd, Recorded, WaitTimeout, key_hint};

@@ -241,6 +241,7 @@ impl Reply {
         self.body(Body::Error {
             error_type: error_type.to_owned(),
             message: message.to_owned(),
+            code: None,
         })
     }
 
@@ -374,13 +375,17 @@ pub enum Body {
         /// The JSON value.
         json: serde_json::Value,
     },
-    /// An Anthropic-shaped error body with a fresh `request_id`.
+    /// An error body in the server's provider shape: Anthropic's with a fresh `request_id`,
+    /// or OpenAI's (`{"error":{"message","type","param","code"}}`) in OpenAI mode.
     Error {
-        /// `error.type`, e.g. `rate_limit_error`.
+        /// `error.type`, e.g. `rate_limit_error` (OpenAI: `requests`, `insufficient_quota`, …).
         error_type: String,
         /// `error.message`.
         #[serde(default)]
         message: String,
+        /// OpenAI's `error.code` (e.g. `rate_limit_exceeded`); not written in Anthropic mode.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
     /// A `text/event-stream` body.
     Stream(StreamScript),
@@ -397,7 +402,8 @@ pub enum Body {
 
 /// How a body ends once its scripted bytes (or part of them) are written.
 ///
-/// The *early cut* of a body: for an SSE stream, everything before a final `message_stop` event;
+/// The *early cut* of a body: for an SSE stream, everything before a final end event
+/// (`message_stop`, `data: [DONE]`, `response.completed`, see [`SseEvent::is_end`]);
 /// for any other body, its first half. Byte counts are of the body payload (not counting the
 /// HTTP/1.1 chunk framing) and are clamped to its length.
 ///
@@ -592,6 +598,20 @@ impl SseEvent {
         Self::new("error", &data.to_string())
     }
 
+    /// Whether this item ends a stream cleanly: `message_stop`, `response.completed`,
+    /// `response.failed`, `response.incomplete`, or an unnamed `[DONE]`.
+    pub fn is_end(&self) -> bool {
+        match self {
+            Self::Event { event, data } => {
+                matches!(
+                    event.as_str(),
+                    "message_stop" | "response.completed" | "response.failed" | "response.incomplete"
+                ) || (event.is_empty() && data == "[DONE]")
+            }
+            Self::Raw { .. } | Self::RawBytes { .. } => false,
+        }
+    }
+
     /// The event name, if this is not a raw item.
     pub fn name(&self) -> Option<&str> {
         match self {
@@ -629,6 +649,8 @@ impl SseEvent {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Scenario {
+    /// Which API the server fakes (default Anthropic); see [`crate::openai`].
+    pub provider: Flavor,
     /// The reply for a key with no script left and no default; `None` means [`Reply::ok`].
     pub fallback: Option<Reply>,
     /// The reply to a request with neither `x-api-key` nor `authorization: Bearer`; `None` means
@@ -636,6 +658,29 @@ pub struct Scenario {
     pub missing_key: Option<Reply>,
     /// Per-key scripts, by the full key string.
     pub keys: BTreeMap<String, KeyScript>,
+}
+
+impl Scenario {
+    /// An empty scenario in OpenAI mode.
+    pub fn openai() -> Self {
+        Self {
+            provider: Flavor::OpenAi,
+            ..Self::default()
+        }
+    }
+}
+
+/// Which API a [`MockServer`](crate::MockServer) fakes. In a scenario file:
+/// `provider = "anthropic"` (default) or `provider = "openai"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// The Anthropic Messages API.
+    #[default]
+    Anthropic,
+    /// The OpenAI API: Chat Completions, Responses, models ([`crate::openai`]).
+    #[serde(rename = "openai")]
+    OpenAi,
 }
 
 /// The script of one key: a queue of replies consumed one per request, then a default.

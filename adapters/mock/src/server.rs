@@ -23,10 +23,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::anthropic;
 use crate::io::{After, ConnCtl, ExchangeGuard, MockBody, Tracked, read_body};
-use crate::script::{Body, Ending, Fault, KeyScript, Reply, RetryAfter, Scenario, SseEvent, StreamScript};
+use crate::script::{
+    Body, Ending, Fault, Flavor, KeyScript, Reply, RetryAfter, Scenario, SseEvent, StreamScript,
+};
 use crate::tls;
+use crate::{anthropic, openai};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -221,6 +223,7 @@ struct KeyState {
 }
 
 struct State {
+    flavor: Flavor,
     fallback: Reply,
     missing_key: Reply,
     keys: HashMap<String, KeyState>,
@@ -232,10 +235,11 @@ struct State {
 }
 
 impl State {
-    fn new() -> Self {
+    fn new(flavor: Flavor) -> Self {
         Self {
+            flavor,
             fallback: Reply::ok(),
-            missing_key: missing_key_reply(),
+            missing_key: missing_key_reply(flavor),
             keys: HashMap::new(),
             requests: Vec::new(),
             outcomes: Vec::new(),
@@ -252,8 +256,11 @@ impl State {
     }
 
     fn load(&mut self, scenario: Scenario) {
+        self.flavor = scenario.provider;
         self.fallback = scenario.fallback.unwrap_or_else(Reply::ok);
-        self.missing_key = scenario.missing_key.unwrap_or_else(missing_key_reply);
+        self.missing_key = scenario
+            .missing_key
+            .unwrap_or_else(|| missing_key_reply(scenario.provider));
         self.keys.clear();
         for (k, KeyScript { script, default }) in scenario.keys {
             self.keys.insert(
@@ -282,8 +289,11 @@ impl State {
     }
 }
 
-fn missing_key_reply() -> Reply {
-    Reply::error(401, "authentication_error", "x-api-key header is required")
+fn missing_key_reply(flavor: Flavor) -> Reply {
+    match flavor {
+        Flavor::Anthropic => Reply::error(401, "authentication_error", "x-api-key header is required"),
+        Flavor::OpenAi => openai::missing_key(),
+    }
 }
 
 /// State shared by the handle and the server thread.
@@ -450,6 +460,19 @@ impl MockServer {
         }
     }
 
+    /// Starts a server in OpenAI mode ([`crate::openai`]) where every key gets [`Reply::ok`].
+    ///
+    /// # Panics
+    /// If it cannot bind a loopback port or start its thread.
+    pub fn start_openai() -> Self {
+        Self::start_with(Scenario::openai())
+    }
+
+    /// Which API the server fakes now.
+    pub fn flavor(&self) -> Flavor {
+        self.shared.lock().flavor
+    }
+
     /// Starts a server with the default setup, reporting failure.
     pub fn try_start() -> std::io::Result<Self> {
         Self::try_start_with(Scenario::default())
@@ -473,7 +496,7 @@ impl MockServer {
         let material = tls::generate().map_err(std::io::Error::other)?;
         let acceptor = TlsAcceptor::from(Arc::new(material.config));
 
-        let mut state = State::new();
+        let mut state = State::new(scenario.provider);
         state.load(scenario);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -571,7 +594,7 @@ impl MockServer {
         let mut st = self.shared.lock();
         let next = st.next_request_id;
         let open = st.open_connections;
-        *st = State::new();
+        *st = State::new(st.flavor);
         st.next_request_id = next;
         st.open_connections = open;
     }
@@ -827,9 +850,40 @@ enum Endpoint {
     Messages,
     CountTokens,
     Models,
+    ChatCompletions,
+    Responses,
+    OpenAiModels,
 }
 
-fn route(method: &Method, path: &str) -> Result<Endpoint, Box<Reply>> {
+/// OpenAI mode: the endpoint by the end of the path, so that `/v1/…`, `/openai/v1/…` and
+/// Azure's `/openai/deployments/NAME/…` all work.
+fn route_openai(method: &Method, path: &str) -> Result<Endpoint, Box<Reply>> {
+    let path = path.trim_end_matches('/');
+    let (endpoint, allowed) = if path.ends_with("/chat/completions") {
+        (Endpoint::ChatCompletions, Method::POST)
+    } else if path.ends_with("/responses") {
+        (Endpoint::Responses, Method::POST)
+    } else if path.ends_with("/models") {
+        (Endpoint::OpenAiModels, Method::GET)
+    } else {
+        return Err(Box::new(openai::not_found(method, path)));
+    };
+    if *method == allowed {
+        Ok(endpoint)
+    } else {
+        Err(Box::new(openai::error(
+            405,
+            "invalid_request_error",
+            None,
+            &format!("Method {method} not allowed on {path}"),
+        )))
+    }
+}
+
+fn route(flavor: Flavor, method: &Method, path: &str) -> Result<Endpoint, Box<Reply>> {
+    if flavor == Flavor::OpenAi {
+        return route_openai(method, path);
+    }
     let (endpoint, allowed) = match path {
         "/v1/messages" => (Endpoint::Messages, Method::POST),
         "/v1/messages/count_tokens" => (Endpoint::CountTokens, Method::POST),
@@ -857,11 +911,17 @@ fn extract_key(headers: &HeaderMap) -> Option<String> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.to_owned());
     }
-    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = auth.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|auth| auth.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
+    bearer.or_else(|| {
+        // Azure-style upstreams.
+        let v = headers.get("api-key")?.to_str().ok()?;
+        Some(v.trim().to_owned())
+    })
 }
 
 async fn handle(
@@ -872,7 +932,8 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let body = read_body(body).await?;
     let key = extract_key(&parts.headers);
-    let routed = route(&parts.method, parts.uri.path());
+    let flavor = shared.lock().flavor;
+    let routed = route(flavor, &parts.method, parts.uri.path());
     let uri = parts
         .uri
         .path_and_query()
@@ -950,9 +1011,13 @@ async fn handle(
             std::future::pending::<()>().await;
         }
     }
-    let endpoint = routed.unwrap_or(Endpoint::Messages);
+    let endpoint = routed.unwrap_or(match flavor {
+        Flavor::Anthropic => Endpoint::Messages,
+        Flavor::OpenAi => Endpoint::ChatCompletions,
+    });
     Ok(build_response(
         &reply,
+        flavor,
         endpoint,
         &body,
         &request_id,
@@ -982,7 +1047,7 @@ fn render_sse(events: &[SseEvent], script: &StreamScript) -> Rendered {
     let mut bounds = Vec::with_capacity(events.len());
     let mut early_cut = 0;
     for (i, e) in events.iter().enumerate() {
-        let is_last_stop = i + 1 == events.len() && e.name() == Some("message_stop");
+        let is_last_stop = i + 1 == events.len() && e.is_end();
         if !is_last_stop {
             early_cut = payload.len() + e.to_bytes().len();
         }
@@ -1018,40 +1083,58 @@ fn render_plain(payload: Bytes, content_type: Option<&'static str>, reply: &Repl
     }
 }
 
-fn render(reply: &Reply, endpoint: Endpoint, request_body: &[u8], request_id: &str) -> Rendered {
+fn render(
+    reply: &Reply,
+    flavor: Flavor,
+    endpoint: Endpoint,
+    request_body: &[u8],
+    request_id: &str,
+) -> Rendered {
     let request_json: Option<serde_json::Value> = serde_json::from_slice(request_body).ok();
     let model = request_json
         .as_ref()
         .and_then(|v| v.get("model").and_then(serde_json::Value::as_str))
         .unwrap_or("claude-mock-1")
         .to_owned();
-    let message_id = format!("msg_mock_{}", request_id.trim_start_matches("req_mock_"));
+    let serial = request_id.trim_start_matches("req_mock_");
+    let message_id = format!("msg_mock_{serial}");
+    let chat_id = format!("chatcmpl-mock-{serial}");
+    let response_id = format!("resp_mock_{serial}");
     let stream_script = |script: &StreamScript| match &script.events {
         Some(events) => render_sse(events, script),
-        None => render_sse(
-            &anthropic::standard_events(&message_id, &model, script.text_deltas),
-            script,
-        ),
+        None => {
+            let events = match (endpoint, flavor) {
+                (Endpoint::Responses, _) => openai::response_events(&response_id, &model, script.text_deltas),
+                (Endpoint::ChatCompletions, _) | (_, Flavor::OpenAi) => {
+                    openai::chat_chunks(&chat_id, &model, script.text_deltas)
+                }
+                (_, Flavor::Anthropic) => anthropic::standard_events(&message_id, &model, script.text_deltas),
+            };
+            render_sse(&events, script)
+        }
+    };
+    let wants_stream = request_json
+        .as_ref()
+        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    let auto_stream = || {
+        let script = StreamScript {
+            chunk_size: reply.chunk_size,
+            chunk_delay_ms: reply.chunk_delay_ms,
+            ending: reply.ending,
+            ..StreamScript::new()
+        };
+        stream_script(&script)
     };
     match &reply.body {
         Body::Auto => match endpoint {
-            Endpoint::Messages => {
-                let wants_stream = request_json
-                    .as_ref()
-                    .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
-                    .unwrap_or(false);
-                if wants_stream {
-                    let script = StreamScript {
-                        chunk_size: reply.chunk_size,
-                        chunk_delay_ms: reply.chunk_delay_ms,
-                        ending: reply.ending,
-                        ..StreamScript::new()
-                    };
-                    stream_script(&script)
-                } else {
-                    render_json(&anthropic::message(&message_id, &model), reply)
-                }
-            }
+            Endpoint::ChatCompletions if wants_stream => auto_stream(),
+            Endpoint::ChatCompletions => render_json(&openai::chat_completion(&chat_id, &model), reply),
+            Endpoint::Responses if wants_stream => auto_stream(),
+            Endpoint::Responses => render_json(&openai::response(&response_id, &model), reply),
+            Endpoint::OpenAiModels => render_json(&openai::models(), reply),
+            Endpoint::Messages if wants_stream => auto_stream(),
+            Endpoint::Messages => render_json(&anthropic::message(&message_id, &model), reply),
             Endpoint::CountTokens => render_json(&anthropic::count_tokens(request_body), reply),
             Endpoint::Models => render_json(&anthropic::models(), reply),
         },
@@ -1062,14 +1145,28 @@ fn render(reply: &Reply, endpoint: Endpoint, request_body: &[u8], request_id: &s
             reply,
         ),
         Body::Json { json } => render_json(json, reply),
-        Body::Error { error_type, message } => {
-            let message = if message.is_empty() {
-                anthropic::default_error_message(error_type)
-            } else {
-                message
-            };
-            render_json(&anthropic::error_body(error_type, message, request_id), reply)
-        }
+        Body::Error {
+            error_type,
+            message,
+            code,
+        } => match flavor {
+            Flavor::Anthropic => {
+                let message = if message.is_empty() {
+                    anthropic::default_error_message(error_type)
+                } else {
+                    message
+                };
+                render_json(&anthropic::error_body(error_type, message, request_id), reply)
+            }
+            Flavor::OpenAi => {
+                let message = if message.is_empty() {
+                    openai::default_error_message(error_type)
+                } else {
+                    message
+                };
+                render_json(&openai::error_body(error_type, code.as_deref(), message), reply)
+            }
+        },
         Body::Stream(script) => stream_script(script),
         Body::Repeated { text, times } => {
             let mut r = render_plain(
@@ -1085,8 +1182,10 @@ fn render(reply: &Reply, endpoint: Endpoint, request_body: &[u8], request_id: &s
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_response(
     reply: &Reply,
+    flavor: Flavor,
     endpoint: Endpoint,
     request_body: &[u8],
     request_id: &str,
@@ -1094,7 +1193,7 @@ fn build_response(
     http1: bool,
     mut guard: ExchangeGuard,
 ) -> Response<MockBody> {
-    let rendered = render(reply, endpoint, request_body, request_id);
+    let rendered = render(reply, flavor, endpoint, request_body, request_id);
     let len = rendered.payload.len().saturating_mul(rendered.repeat);
     let (cut, after) = match rendered.ending {
         Ending::Complete => (len, After::End),
@@ -1109,7 +1208,7 @@ fn build_response(
     guard.streaming = sse;
     let exact_len = !sse && rendered.ending == Ending::Complete;
 
-    let headers = match response_headers(reply, rendered.content_type, request_id) {
+    let headers = match response_headers(reply, flavor, rendered.content_type, request_id) {
         Ok(h) => h,
         Err(msg) => return script_error(&msg, conn, http1, guard),
     };
@@ -1172,12 +1271,32 @@ fn script_error(msg: &str, conn: Arc<ConnCtl>, http1: bool, guard: ExchangeGuard
 
 fn response_headers(
     reply: &Reply,
+    flavor: Flavor,
     content_type: Option<&'static str>,
     request_id: &str,
 ) -> Result<HeaderMap, String> {
     let mut h = HeaderMap::new();
     let value = |v: &str| HeaderValue::from_str(v).map_err(|_| format!("invalid header value {v:?}"));
-    if reply.auto_headers {
+    if reply.auto_headers && flavor == Flavor::OpenAi {
+        if let Some(ct) = content_type {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+        // Never an exhausted dimension, and no `openai-organization` (which would make the
+        // pool scope its cooldowns to the organisation): a reply that wants one says so.
+        for (name, v) in [
+            ("x-request-id", request_id),
+            ("openai-processing-ms", "1"),
+            ("openai-version", "2020-10-01"),
+            ("x-ratelimit-limit-requests", "5000"),
+            ("x-ratelimit-limit-tokens", "2000000"),
+            ("x-ratelimit-remaining-requests", "4999"),
+            ("x-ratelimit-remaining-tokens", "1999000"),
+            ("x-ratelimit-reset-requests", "12ms"),
+            ("x-ratelimit-reset-tokens", "30ms"),
+        ] {
+            h.insert(HeaderName::from_static(name), value(v)?);
+        }
+    } else if reply.auto_headers {
         if let Some(ct) = content_type {
             h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
         }

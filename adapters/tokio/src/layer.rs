@@ -9,6 +9,7 @@ use futures_core::future::BoxFuture;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body_util::{BodyExt, Full};
 use keypool_core::call::{Attempt, CallConfig, Credential, Request};
+use keypool_core::profile::Profile;
 use keypool_core::{Pool, Secret};
 use tower::{Layer, Service};
 
@@ -37,9 +38,16 @@ impl KeypoolLayer {
         }
     }
 
-    /// Policy, commit point and timeouts (the connect timeout is the inner service's business).
+    /// Policy, commit point, timeouts and profile (the connect timeout is the inner service's
+    /// business). Replaces the profile too: call [`profile`](Self::profile) after it.
     pub fn config(mut self, config: CallConfig) -> Self {
         self.config = config;
+        self
+    }
+
+    /// The upstream API (default [`Profile::anthropic`]), e.g. [`Profile::openai`].
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.config.profile = profile;
         self
     }
 }

@@ -87,6 +87,7 @@ pub use body::{Body, EventStream};
 pub use driver::BoxError;
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Outcome, Timeouts};
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
+pub use keypool_core::profile::Profile;
 pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;

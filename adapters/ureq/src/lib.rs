@@ -45,6 +45,7 @@ use keypool_core::{Pool, Secret};
 
 pub use keypool_core::call::{CallError, CallSummary, CommitPoint, Credential, Outcome, Timeouts};
 pub use keypool_core::client::{BodyError, ClientError as Error, DEFAULT_BASE_URL, StreamError};
+pub use keypool_core::profile::Profile;
 pub use keypool_core::{Policy, sse};
 
 /// The README's Rust examples, compiled and run as doctests.

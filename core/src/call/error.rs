@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::profile::{Profile, human_duration};
+use crate::profile::{Dialect, Profile, human_duration};
 use crate::walk::Exhausted;
 
 /// A transport failure reported by an adapter (the single input enum for every runtime).
@@ -228,11 +228,12 @@ impl CallError {
     /// The Anthropic SSE `error` event written after the last whole event when a committed
     /// stream breaks: [`to_event_for`](Self::to_event_for) with the default profile.
     pub fn to_event(&self) -> Bytes {
-        self.to_event_for(&Profile::anthropic())
+        self.to_event_for(&Profile::anthropic(), Dialect::DEFAULT)
     }
 
-    /// The profile's SSE error event for this error.
-    pub fn to_event_for(&self, profile: &Profile) -> Bytes {
-        profile.error_event(&self.to_string())
+    /// The profile's SSE error event for this error, in the stream's dialect
+    /// ([`Provider::stream_dialect`](crate::profile::Provider::stream_dialect)).
+    pub fn to_event_for(&self, profile: &Profile, dialect: Dialect) -> Bytes {
+        profile.error_event(&self.to_string(), dialect)
     }
 }

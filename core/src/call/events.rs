@@ -50,11 +50,6 @@ impl Kind {
     }
 }
 
-/// Whether an event ends the stream: after it, the end of the body is a clean end.
-pub(super) fn end_event(profile: &Profile, frame: &RawEvent) -> Option<EndEvent> {
-    kind(profile, frame).end_event()
-}
-
 /// Whether a frame carries no field but comments and blank lines.
 fn is_blank_frame(bytes: &[u8]) -> bool {
     bytes

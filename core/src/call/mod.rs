@@ -61,7 +61,7 @@ pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
 pub use io::{Abort, Attempt, BodyKind, BodyOutput, CallSummary, Failure, Head, KeyMark, Output, Request};
 pub use outcome::{FailureKind, Outcome};
 
-use events::{EndEvent, Kind, end_event, event_data, kind};
+use events::{EndEvent, Kind, event_data, kind};
 use io::request_family;
 use relay::Joiner;
 use timer::{Timer, Timers};
@@ -69,6 +69,7 @@ use timer::{Timer, Timers};
 use crate::mark::{Change, Family, Mark, Target};
 use crate::policy::{MAX_CLASSIFY_BODY, Verdict};
 use crate::pool::{CoolReason, DisableReason, KeyId};
+use crate::profile::Dialect;
 use crate::sse::{Framer, Limits};
 use crate::walk::Walker;
 
@@ -90,6 +91,8 @@ enum State {
     Streaming {
         framer: Box<Framer>,
         end: Option<EndEvent>,
+        /// The stream's dialect, once its first non-blank frame was seen.
+        dialect: Option<Dialect>,
     },
     /// Over.
     Finished,
@@ -100,6 +103,8 @@ struct Holding {
     headers: HeaderMap,
     framer: Framer,
     held: Vec<Bytes>,
+    /// The stream's dialect, once its first non-blank frame was seen.
+    dialect: Option<Dialect>,
 }
 
 /// The failover state machine of one upstream call. See the [module docs](self).
@@ -359,13 +364,21 @@ impl Call {
                 h.framer.feed(&chunk);
                 self.pump_holding(&chunk, now);
             }
-            State::Streaming { framer, end } => {
+            State::Streaming { framer, end, dialect } => {
                 let mut out = Joiner::within(chunk.clone());
                 framer.feed(&chunk);
                 loop {
                     match framer.next_frame() {
                         Some(Ok(frame)) => {
-                            if let Some(ends) = end_event(&self.config.profile, &frame) {
+                            let kind = kind(&self.config.profile, &frame);
+                            if dialect.is_none() && kind != Kind::Blank {
+                                *dialect = Some(
+                                    self.config
+                                        .profile
+                                        .stream_dialect(self.path_and_query.path(), Some(&frame)),
+                                );
+                            }
+                            if let Some(ends) = kind.end_event() {
                                 *end = Some(ends);
                             }
                             out.push(frame.into_bytes());
@@ -659,6 +672,7 @@ impl Call {
                 headers,
                 framer,
                 held: Vec::new(),
+                dialect: None,
             }));
         } else {
             self.deliver_plain(status, headers);
@@ -719,6 +733,13 @@ impl Call {
                 Some(Ok(frame)) => frame,
             };
             let kind = kind(&self.config.profile, &frame);
+            if h.dialect.is_none() && kind != Kind::Blank {
+                h.dialect = Some(
+                    self.config
+                        .profile
+                        .stream_dialect(self.path_and_query.path(), Some(&frame)),
+                );
+            }
             let ends = kind.end_event();
             if !first_content {
                 let mut out = Joiner::within(chunk.clone());
@@ -767,6 +788,7 @@ impl Call {
             headers,
             mut framer,
             held,
+            mut dialect,
         } = *h;
         self.timers.stop(Timer::Hold);
         let headers = self.response_headers(headers, BodyKind::EventStream);
@@ -787,7 +809,15 @@ impl Call {
         loop {
             match framer.next_frame() {
                 Some(Ok(frame)) => {
-                    if let Some(ends) = end_event(&self.config.profile, &frame) {
+                    let kind = kind(&self.config.profile, &frame);
+                    if dialect.is_none() && kind != Kind::Blank {
+                        dialect = Some(
+                            self.config
+                                .profile
+                                .stream_dialect(self.path_and_query.path(), Some(&frame)),
+                        );
+                    }
+                    if let Some(ends) = kind.end_event() {
                         end = Some(ends);
                     }
                     all.push(frame.into_bytes());
@@ -805,6 +835,7 @@ impl Call {
         self.state = State::Streaming {
             framer: Box::new(framer),
             end,
+            dialect,
         };
         if too_large {
             self.abort(StreamBreak::EventTooLarge);
@@ -834,9 +865,12 @@ impl Call {
 
     fn abort(&mut self, why: StreamBreak) {
         let (error, event) = match self.state {
-            State::Streaming { .. } => {
+            State::Streaming { dialect, .. } => {
+                let profile = &self.config.profile;
+                let dialect =
+                    dialect.unwrap_or_else(|| profile.stream_dialect(self.path_and_query.path(), None));
                 let error = CallError::StreamBroken(why);
-                let event = error.to_event_for(&self.config.profile);
+                let event = error.to_event_for(profile, dialect);
                 (error, Some(event))
             }
             _ => (CallError::BodyBroken(why), None),

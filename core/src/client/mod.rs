@@ -249,9 +249,17 @@ impl<C: ClientAdapter> ClientBuilder<C> {
         self.base_url = Some(url.into());
         self
     }
-    /// Policy, commit point, timeouts and provider profile.
+    /// Policy, commit point, timeouts and provider profile. Replaces the whole configuration,
+    /// the profile included: call [`profile`](Self::profile) after it to change only that.
     pub fn config(mut self, config: CallConfig) -> Self {
         self.config = config;
+        self
+    }
+    /// The upstream API (default [`Profile::anthropic`](crate::profile::Profile::anthropic)):
+    /// how keys are sent, answers classified and errors shaped, and the default base URL —
+    /// `Client::builder().profile(Profile::openai())` talks to `https://api.openai.com`.
+    pub fn profile(mut self, profile: crate::profile::Profile) -> Self {
+        self.config.profile = profile;
         self
     }
     /// Also trust this root certificate (DER), e.g. a private CA or a test upstream's.
@@ -269,8 +277,18 @@ impl<C: ClientAdapter> ClientBuilder<C> {
     }
     /// Builds a client on an existing (shared) pool; the builder's keys are ignored.
     pub fn build_with_pool(self, pool: Arc<Pool>) -> Result<C, ClientError> {
-        let default = self.config.profile.default_base_url();
-        let upstream = Upstream::parse(self.base_url.as_deref().unwrap_or(default))?;
+        let profile = &self.config.profile;
+        let url = match self.base_url.as_deref() {
+            Some(url) => url,
+            None if profile.default_base_url().is_empty() => {
+                return Err(ClientError::Config(format!(
+                    "the {} profile has no default base URL; set base_url(...)",
+                    profile.name()
+                )));
+            }
+            None => profile.default_base_url(),
+        };
+        let upstream = Upstream::parse(url)?;
         C::from_settings(ClientSettings {
             pool,
             upstream,

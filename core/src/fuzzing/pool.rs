@@ -3,7 +3,9 @@
 //! [`pool_ops`] applies a vector of operations to a pool of 1–8 keys and to a plain reference
 //! model side by side, checking SPEC §8 invariants 1–3 (and full agreement with the model)
 //! after every step; [`retry_delay`] feeds arbitrary header bytes to
-//! [`Policy::retry_delay`]. Both panic on any violation.
+//! [`Policy::retry_delay`] and to the OpenAI profile's retry delay and classification
+//! (`x-ratelimit-*` Go-duration resets, "try again in" messages, error bodies), and the Go
+//! duration and message parsers alone. All panic on any violation.
 //!
 //! The pool needs an origin `Instant`, and core never reads a clock, so the fuzz target passes
 //! one in.
@@ -557,6 +559,13 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
                 let policy = policy_for(policy, configured);
                 let body: &[u8] = if credit_body { CREDIT_BODY } else { b"{}" };
                 let wall = wall_at(0) + elapsed;
+                // The OpenAI table on the same answer: any cooldown is within the bounds.
+                if let Verdict::CoolDown { duration, .. } =
+                    crate::profile::Profile::openai().classify(&policy, status, &headers, body, wall)
+                {
+                    assert!(duration >= Duration::from_millis(1));
+                    assert!(duration <= policy.max_cooldown.max(Duration::from_millis(1)));
+                }
                 match policy.classify(status, &headers, body, wall) {
                     Verdict::Deliver => {}
                     Verdict::CoolDown { duration, reason } => {
@@ -748,12 +757,27 @@ pub fn pool_ops(data: &[u8], origin: Instant) {
     }
 }
 
-/// Arbitrary bytes for `retry-after-ms`, `retry-after` and `date`, and an arbitrary wall clock
-/// and cap: never panics, and the delay is within [1 ms, cap] (1 ms if the cap is below it).
+/// The headers the retry-delay fuzz body fills with arbitrary bytes: the standard retry headers
+/// and OpenAI's rate-limit headers.
+const RETRY_HEADERS: [&str; 7] = [
+    "retry-after-ms",
+    "retry-after",
+    "date",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+/// Arbitrary bytes for `retry-after-ms`, `retry-after`, `date` and OpenAI's
+/// `x-ratelimit-{remaining,reset}-{requests,tokens}`, an arbitrary error body (raw, or an OpenAI
+/// error whose message is arbitrary), and an arbitrary wall clock and cap: never panics, every
+/// delay is within [1 ms, cap] (1 ms if the cap is below it), and a 429 that cools does so for
+/// exactly the retry delay.
 pub fn retry_delay(data: &[u8]) {
     let mut u = Unstructured::new(data);
     let mut headers = HeaderMap::new();
-    for name in ["retry-after-ms", "retry-after", "date"] {
+    for name in RETRY_HEADERS {
         let Ok(bytes) = <Option<&[u8]>>::arbitrary(&mut u) else {
             return;
         };
@@ -761,10 +785,24 @@ pub fn retry_delay(data: &[u8]) {
             headers.insert(name, v);
         }
     }
-    let (Ok(wall_secs), Ok(cap_ms), Ok(default_ms)) =
-        (u.arbitrary::<u32>(), u.arbitrary::<u32>(), u.arbitrary::<u32>())
-    else {
+    let (Ok(wall_secs), Ok(cap_ms), Ok(default_ms), Ok(wrap), Ok(text)) = (
+        u.arbitrary::<u32>(),
+        u.arbitrary::<u32>(),
+        u.arbitrary::<u32>(),
+        u.arbitrary::<bool>(),
+        <&str>::arbitrary(&mut u),
+    ) else {
         return;
+    };
+    // The parsers alone, on the raw text.
+    let _ = crate::profile::openai::parse_go_duration(text);
+    let _ = crate::profile::openai::message_delay(text);
+    let body = if wrap {
+        serde_json::json!({"error": {"message": text, "type": "requests", "param": null, "code": "rate_limit_exceeded"}})
+            .to_string()
+            .into_bytes()
+    } else {
+        text.as_bytes().to_vec()
     };
     let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(wall_secs) * 4);
     let configured = Policy {
@@ -791,5 +829,25 @@ pub fn retry_delay(data: &[u8]) {
                 reason: CoolReason::RateLimited
             }
         );
+
+        let openai = crate::profile::Profile::openai();
+        let d = openai.retry_delay(&policy, &headers, &body, wall);
+        assert!(d >= Duration::from_millis(1), "OpenAI: zero delay {d:?}");
+        assert!(
+            d <= policy.max_cooldown.max(Duration::from_millis(1)),
+            "OpenAI: delay {d:?} above the cap {:?}",
+            policy.max_cooldown
+        );
+        match openai.classify(&policy, StatusCode::TOO_MANY_REQUESTS, &headers, &body, wall) {
+            Verdict::CoolDown { duration, reason } => {
+                assert_eq!((duration, reason), (d, CoolReason::RateLimited));
+            }
+            // "Request too large" is delivered; an arbitrary text never names a billing code
+            // inside this wrapped body, but a raw body may.
+            Verdict::Deliver => {}
+            Verdict::Disable { reason } => assert_eq!(reason, DisableReason::Billing),
+        }
+        let _ = openai.exhaustion_hint(&headers, wall);
+        let _ = openai.in_band_status(&body);
     }
 }

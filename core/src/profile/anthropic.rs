@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::{EventRole, Provider};
+use super::{Dialect, EventRole, Provider};
 pub use super::{human_duration, retry_after_headers};
 use crate::policy::{MAX_CLASSIFY_BODY, OnForbidden, OnUnauthorized, Policy, Verdict};
 use crate::pool::{CoolReason, DisableReason};
@@ -187,7 +187,7 @@ impl Provider for Anthropic {
         })
     }
 
-    fn error_event(&self, message: &str) -> Bytes {
+    fn error_event(&self, message: &str, _dialect: Dialect) -> Bytes {
         error_event(message)
     }
 

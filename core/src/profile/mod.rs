@@ -12,6 +12,7 @@
 //! implements [`Provider`], plus a mock mode.
 
 pub mod anthropic;
+pub mod openai;
 
 use std::fmt;
 use std::ops::Deref;
@@ -44,6 +45,24 @@ pub enum EventRole {
     Error,
 }
 
+/// Which of a provider's streaming APIs a stream speaks, by the provider's own name for it
+/// (OpenAI: `chat.completions` or `responses`; a provider with one stream API has only
+/// [`Dialect::DEFAULT`]). A call asks [`Provider::stream_dialect`] once per stream, and keypool's
+/// error event for that stream is written in it ([`Provider::error_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dialect(pub &'static str);
+
+impl Dialect {
+    /// The provider's only (or main) stream API.
+    pub const DEFAULT: Self = Self("");
+}
+
+impl Default for Dialect {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// Everything provider-specific. Implemented once per upstream API; see [`anthropic::Anthropic`].
 ///
 /// Methods that read an answer get the operator's [`Policy`] (the configurable rows of SPEC §4)
@@ -52,7 +71,8 @@ pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// A short lowercase name for logs and configuration (`anthropic`).
     fn name(&self) -> &'static str;
 
-    /// The upstream base URL when none is configured.
+    /// The upstream base URL when none is configured; empty when the provider has none (every
+    /// upstream has its own, e.g. an Azure resource).
     fn default_base_url(&self) -> &'static str;
 
     /// Adds the headers a request built by [`Request::post_json`](crate::call::Request::post_json)
@@ -109,8 +129,18 @@ pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// delivered as an HTTP error keeps its body then).
     fn is_error_body(&self, body: &[u8]) -> bool;
 
-    /// The SSE event keypool writes after the last whole event when a committed stream breaks.
-    fn error_event(&self, message: &str) -> Bytes;
+    /// Which stream API a stream speaks, from the request's path (without the query) and the
+    /// stream's first frame (`None` when the stream was committed before any frame arrived).
+    /// Asked once per stream, at its first frame, or when it breaks before one. Default:
+    /// [`Dialect::DEFAULT`].
+    fn stream_dialect(&self, path: &str, first: Option<&RawEvent<'_>>) -> Dialect {
+        let _ = (path, first);
+        Dialect::DEFAULT
+    }
+
+    /// The SSE event keypool writes after the last whole event when a committed stream breaks,
+    /// in the stream's dialect ([`stream_dialect`](Self::stream_dialect)).
+    fn error_event(&self, message: &str, dialect: Dialect) -> Bytes;
 
     /// The response header that carries keypool's request id in its own error responses.
     fn request_id_header(&self) -> HeaderName;
@@ -211,6 +241,29 @@ impl Profile {
     /// The Anthropic Messages API (SPEC §4–§6).
     pub fn anthropic() -> Self {
         Self(&anthropic::Anthropic)
+    }
+
+    /// The OpenAI API (SPEC §12), and OpenAI-compatible upstreams by base URL: the key goes in
+    /// `Authorization: Bearer`.
+    pub fn openai() -> Self {
+        Self(&openai::OPENAI)
+    }
+
+    /// An Azure-style OpenAI upstream: as [`openai`](Self::openai), but the key goes in
+    /// `api-key`. It has no default base URL (set the resource's).
+    pub fn azure_openai() -> Self {
+        Self(&openai::AZURE_OPENAI)
+    }
+
+    /// The built-in profile of this name (`anthropic`, `openai`, `azure-openai`), for
+    /// configuration files and flags.
+    pub fn by_name(name: &str) -> Option<Self> {
+        match name {
+            "anthropic" => Some(Self::anthropic()),
+            "openai" => Some(Self::openai()),
+            "azure-openai" => Some(Self::azure_openai()),
+            _ => None,
+        }
     }
 
     /// A profile of any provider.

@@ -32,6 +32,16 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `keypool serve` in front of `upstream` with these keys and extra flags.
     pub fn start(upstream: &str, keys: &[String], extra: &[&str]) -> Self {
+        Self::start_with_env(upstream, keys, extra, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_env(upstream: &str, keys: &[String], extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_env(upstream, keys, extra, env)
+    }
+
+    /// As [`Gateway::start`], with extra environment variables.
+    pub fn start_with_env(upstream: &str, keys: &[String], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keypool"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--grace", "2s"])
@@ -41,6 +51,7 @@ impl Gateway {
             .env_remove("KEYPOOL_CLIENT_TOKENS")
             .env_remove("KEYPOOL_ADMIN_TOKEN")
             .env("RUST_LOG", "trace")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
