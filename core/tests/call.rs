@@ -525,16 +525,20 @@ fn first_content_malformed_in_band_error_still_fails_with_an_anthropic_body() {
         );
         assert_eq!(json["request_id"], "req_test");
     }
-    // A well-formed one is still relayed byte for byte.
+    // A well-formed one is still relayed byte for byte, with the call's request id added.
     let mut sim = Sim::new(1);
     let err = in_band("overloaded_error");
     sim.script(0, vec![vec![sse_head(), body(&err), Step::End]]);
     let out = sim.run(&first_content());
     assert_eq!(out.status(), 529);
     let data = err.strip_prefix("event: error\ndata: ").unwrap().trim_end();
+    let expected = format!(
+        "{},\"request_id\":\"req_test\"}}",
+        data.strip_suffix('}').unwrap()
+    );
     assert_eq!(
         out.fail.as_ref().unwrap().response.body().as_ref(),
-        data.as_bytes()
+        expected.as_bytes()
     );
 }
 

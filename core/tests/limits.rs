@@ -93,9 +93,16 @@ fn a_rate_limit_cools_the_organisation_for_that_family_only() {
     let mut sim = Sim::new(3);
     introduce(&mut sim, &[("org-a", None), ("org-a", None), ("org-b", None)]);
     sim.script(0, vec![limited_from("org-a", None, "30")]);
-    let (keys, status) = run(&mut sim, ask(SONNET));
+    let out = sim.run_with(ask(SONNET), Credential::Pool(sim.pool.clone()), &cfg());
     // k1 shares k0's organisation: it is not tried; k2 answers.
-    assert_eq!((keys, status), (vec![Some(0), Some(2)], 200));
+    assert_eq!((out.keys(), out.status()), (vec![Some(0), Some(2)], 200));
+    // One answer, two marks: k0's own, and k1's for sharing k0's organisation.
+    let marked: Vec<(usize, usize)> = out
+        .marks
+        .iter()
+        .map(|m| (m.key.index(), m.attempted.index()))
+        .collect();
+    assert_eq!(marked, vec![(0, 0), (1, 0)]);
     // Later sonnet requests go to k2 only...
     for _ in 0..3 {
         assert_eq!(run(&mut sim, ask("claude-sonnet-4-5")).0, vec![Some(2)]);

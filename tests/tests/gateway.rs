@@ -114,6 +114,7 @@ impl Adapter for Gateway {
                 allow_byok: true,
             },
             admin_token: Some(Secret::new(ADMIN_TOKEN).unwrap()),
+            pass_identity_headers: false,
             order: Order::PrimaryWithFallback,
             call: first_call,
             max_body: 1 << 20,

@@ -87,6 +87,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub allow_byok: bool,
 
+    /// Pass the upstream's identity headers (Anthropic: anthropic-organization-id,
+    /// anthropic-workspace-id) on to clients. By default they are removed: they identify the
+    /// pool's owner. Rate-limit headers always pass.
+    #[arg(long)]
+    pub pass_identity_headers: bool,
+
     /// Token for /admin routes (x-api-key or Authorization: Bearer). Without it they are off.
     #[arg(
         long,
@@ -185,6 +191,7 @@ impl std::fmt::Debug for ServeArgs {
             .field("openai_keys", &masked(self.openai_keys.is_some()))
             .field("client_tokens", &self.client_tokens.len())
             .field("allow_byok", &self.allow_byok)
+            .field("pass_identity_headers", &self.pass_identity_headers)
             .field("admin_token", &masked(self.admin_token.is_some()))
             .field("order", &self.order)
             .field("commit", &self.commit)
@@ -330,6 +337,8 @@ pub struct Config {
     pub access: AccessPolicy,
     /// Admin token.
     pub admin_token: Option<Secret>,
+    /// Whether the upstream's identity headers reach clients (SPEC §13; off by default).
+    pub pass_identity_headers: bool,
     /// Walk order.
     pub order: Order,
     /// Policy, commit point, timeouts.
@@ -556,6 +565,7 @@ impl ServeArgs {
                 allow_byok: self.allow_byok,
             },
             admin_token,
+            pass_identity_headers: self.pass_identity_headers,
             order,
             call,
             max_body: self.max_body,

@@ -109,6 +109,7 @@ pool_settings! {
         grace: Option<Dur>,
         log_format: Option<Choice<LogFormat>>,
         allow_byok: Option<bool>,
+        pass_identity_headers: Option<bool>,
         client_tokens: Option<SecretList>,
         client_tokens_env: Option<String>,
         client_tokens_file: Option<PathBuf>,
@@ -1036,6 +1037,9 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
     take_top!(grace, "--grace", |v: &Dur| ok(v.0));
     take_top!(log_format, "--log-format", |v: &Choice<LogFormat>| ok(v.0));
     take_top!(allow_byok, "--allow-byok", |v: &bool| ok(*v));
+    take_top!(pass_identity_headers, "--pass-identity-headers", |v: &bool| ok(
+        *v
+    ));
     take!(upstream, "--upstream / KEYPOOL_UPSTREAM", |v: &String| {
         config::check_upstream(v, place).map_err(|e| err(format!("{name}: {e}")))
     });
@@ -1241,6 +1245,7 @@ pub fn render(loaded: &Loaded, file: Option<&Path>) -> String {
     let _ = writeln!(s, "grace = \"{}\"", fmt_duration(c.grace));
     let _ = writeln!(s, "log_format = \"{}\"", name_of(&a.log_format));
     let _ = writeln!(s, "allow_byok = {}", c.access.allow_byok);
+    let _ = writeln!(s, "pass_identity_headers = {}", c.pass_identity_headers);
     match &loaded.origins.client_tokens {
         Some(origin) if !c.access.tokens.is_empty() => {
             let masked = vec!["\"***\""; c.access.tokens.len()].join(", ");

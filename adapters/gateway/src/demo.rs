@@ -79,6 +79,7 @@ async fn demo() -> Result<(), String> {
         key_source: KeySource::Env,
         access: AccessPolicy::default(),
         admin_token: None,
+        pass_identity_headers: false,
         order: Order::PrimaryWithFallback,
         call: keypool_core::call::CallConfig::default(),
         max_body: 1 << 20,

@@ -12,11 +12,13 @@ pub mod config;
 pub mod config_file;
 pub mod demo;
 pub mod keys;
+pub mod keys_cli;
 pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod server;
 pub mod state;
+pub mod status;
 
 /// Sets up logging to stderr (`RUST_LOG` filters; default `info`).
 pub fn init_logging(format: config::LogFormat) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keypool_gateway::config::{self, ServeArgs};
 use keypool_gateway::config_file::{self, Explicit, Loaded};
-use keypool_gateway::{demo, init_logging, keys, mock_upstream, server};
+use keypool_gateway::{demo, init_logging, keys, keys_cli, mock_upstream, server};
 
 /// API-key failover gateway for the Anthropic Messages API.
 ///
@@ -31,6 +31,11 @@ enum Command {
     /// Check a config file: print the effective configuration (secrets masked), or one line
     /// naming the problem and its fix. KEYPOOL_* variables apply as they would to `serve`.
     CheckConfig(CheckConfigArgs),
+    /// List the keys of a running gateway, or enable or disable one (its admin API, without
+    /// curl). Needs the gateway's admin token.
+    #[command(after_help = "Examples:\n  KEYPOOL_ADMIN_TOKEN=... keypool keys list\n  \
+        keypool keys --url http://gateway:8787 disable key-3f9a2c")]
+    Keys(keypool_gateway::keys_cli::KeysArgs),
     /// Run a scriptable fake Anthropic API (plain HTTP and TLS) for tests and demos.
     MockUpstream(mock_upstream::MockArgs),
     /// Run the gateway against an embedded fake API and show failover happening (no keys or
@@ -63,6 +68,16 @@ fn main() -> ExitCode {
             serve(&args, &explicit)
         }
         Command::CheckConfig(args) => check_config(&args.file),
+        Command::Keys(args) => match keys_cli::run(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keypool: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::MockUpstream(args) => report(mock_upstream::run(&args)),
         Command::Demo(args) => report(demo::run(&args)),
     }

@@ -42,6 +42,19 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabels {
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    pool: String,
+    key: String,
+    result: &'static str,
+}
+
 /// Metrics of the shared state backend (`--state`), registered only when one is configured.
 #[derive(Debug, Clone)]
 pub struct StateMetrics {
@@ -63,6 +76,8 @@ pub struct Metrics {
     upstream_status: Family<StatusLabel, Counter>,
     responses: Family<StatusLabel, Counter>,
     outcomes: Family<OutcomeLabels, Counter>,
+    gateway_responses: Family<RouteStatusLabels, Counter>,
+    probes: Family<ProbeLabels, Counter>,
     latency: Histogram,
     ttfb: Histogram,
     /// Requests finished so far (the count of `latency`, readable without rendering).
@@ -101,7 +116,7 @@ impl Metrics {
         let transitions = Family::<TransitionLabels, Counter>::default();
         registry.register(
             "key_transitions",
-            "Key state transitions by pool, key and reason (rate_limited, auth, overloaded, unauthorized, forbidden, billing, operator, enabled)",
+            "Key state transitions by pool, key and reason: going out (rate_limited, overloaded, auth, spend_capped, unauthorized, forbidden, billing, operator) and coming back (cooldown_over, enabled, probe_succeeded)",
             transitions.clone(),
         );
         let attempts = Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0]);
@@ -134,6 +149,18 @@ impl Metrics {
             "Forwarded requests by pool and how their call ended: complete, upstream_broke, upstream_error, timeout, client_gone, or failed_ and the kind of keypool's own error",
             outcomes.clone(),
         );
+        let gateway_responses = Family::<RouteStatusLabels, Counter>::default();
+        registry.register(
+            "gateway_responses",
+            "Responses the gateway made itself without asking the upstream (401 client token, 404, 413, malformed requests, admin, health and metrics), by route (api, unknown, admin, healthz, metrics, malformed) and status",
+            gateway_responses.clone(),
+        );
+        let probes = Family::<ProbeLabels, Counter>::default();
+        registry.register(
+            "probes",
+            "Probes of disabled keys by pool, key and result (enabled, failed, stale)",
+            probes.clone(),
+        );
         let latency = Histogram::new(latency_buckets());
         registry.register(
             "request_duration_seconds",
@@ -155,6 +182,8 @@ impl Metrics {
             upstream_status,
             responses,
             outcomes,
+            gateway_responses,
+            probes,
             latency,
             ttfb,
             finished: AtomicU64::new(0),
@@ -232,6 +261,24 @@ impl Metrics {
             .get_or_create(&OutcomeLabels {
                 pool: pool.clone(),
                 outcome,
+            })
+            .inc();
+    }
+
+    /// The gateway answered a request on `route` itself with `status`.
+    pub fn gateway_response(&self, route: &'static str, status: u16) {
+        self.gateway_responses
+            .get_or_create(&RouteStatusLabels { route, status })
+            .inc();
+    }
+
+    /// A probe of `key` in `pool` ended with `result` (`enabled`, `failed`, `stale`).
+    pub fn probe(&self, pool: &str, key: &str, result: &'static str) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                pool: pool.to_owned(),
+                key: key.to_owned(),
+                result,
             })
             .inc();
     }

@@ -23,12 +23,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use keypool_core::call::{
     CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
 };
-use keypool_core::{Exhausted, KeyState, Pool, Profile, Transition, Verdict};
+use keypool_core::{Exhausted, KeyState, Pool, Profile, Transition};
 use tokio::net::TcpListener;
 
 use crate::access::{self, Access};
 use crate::config::{Config, PoolConfig};
 use crate::metrics::Metrics;
+use crate::status::{self, Activity, KeyChange};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,6 +38,8 @@ pub struct Shared {
     config: Config,
     pools: Vec<Served>,
     metrics: Arc<Metrics>,
+    /// Recent transitions, per-minute counts and probes, for the status page.
+    activity: Arc<Activity>,
 }
 
 /// One pool being served: its configuration, its keys (replaced on reload) and its client.
@@ -82,25 +85,16 @@ impl Served {
 struct MarkLog {
     pool: String,
     metrics: Arc<Metrics>,
+    activity: Arc<Activity>,
 }
 
 impl MarkSink for MarkLog {
     fn mark(&self, pool: &Arc<Pool>, mark: &KeyMark) {
-        self.metrics.upstream_status(mark.status.as_u16());
-        if mark.transition == Transition::Unchanged {
-            return;
+        // One upstream answer, however many keys of its organisation it marks.
+        if mark.key == mark.attempted {
+            self.metrics.upstream_status(mark.status.as_u16());
         }
-        let label = pool.label(mark.key);
-        let reason = match mark.verdict {
-            Verdict::CoolDown { reason, .. } => snake(&format!("{reason:?}")),
-            Verdict::Disable { reason } => snake(&format!("{reason:?}")),
-            Verdict::Deliver => "none".into(),
-        };
-        self.metrics.transition(&self.pool, label, &reason);
-        tracing::warn!(
-            target: "keypool::key", pool = %self.pool, key = %label, status = mark.status.as_u16(), reason = %reason,
-            transition = ?mark.transition, "key state changed"
-        );
+        self.activity.mark(&self.metrics, &self.pool, pool, mark);
     }
 }
 
@@ -119,6 +113,7 @@ impl Shared {
         let mut metrics = Metrics::new();
         let state_metrics = config.state.as_ref().map(|_| metrics.register_state());
         let metrics = Arc::new(metrics);
+        let activity = Arc::new(Activity::new(Instant::now()));
         let mut pools = Vec::new();
         for pc in config.pools() {
             let pool = Pool::new(pc.keys.clone(), pc.order, Instant::now())
@@ -136,6 +131,7 @@ impl Shared {
             let log = Arc::new(MarkLog {
                 pool: pc.name.clone(),
                 metrics: metrics.clone(),
+                activity: activity.clone(),
             });
             let sink = crate::state::sink(log, state.as_ref());
             let mut builder = keypool_tokio::Client::builder()
@@ -159,7 +155,21 @@ impl Shared {
             config,
             pools,
             metrics,
+            activity,
         }))
+    }
+
+    /// What the status page shows besides the pools.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// Each pool served, by name, as it is now (for the sweeper of cooldowns).
+    fn named_pools(&self) -> Vec<(String, Arc<Pool>)> {
+        self.pools
+            .iter()
+            .map(|p| (p.name().to_owned(), p.pool()))
+            .collect()
     }
 
     /// The current pool (replaced on reload) of the pool named `name`.
@@ -287,6 +297,8 @@ pub struct RequestLog {
     attempts: usize,
     key: KeyLabel,
     started: Instant,
+    /// The request id of keypool's own error response, if it made one.
+    request_id: Option<String>,
 }
 
 /// Which key answered, for the request log.
@@ -334,8 +346,9 @@ impl RequestLog {
             status = self.status,
             attempts = self.attempts,
             key = %self.key,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            latency_ms = status::latency_ms(elapsed),
             outcome = outcome.as_str(),
+            request_id = self.request_id.as_deref(),
             error = error.map(tracing::field::display),
             "request"
         );
@@ -410,13 +423,10 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     res
 }
 
-/// An error made by the gateway itself, in the shape of the profile of the pool it belongs to.
+/// An error made by the gateway itself, in the shape of the profile of the pool it belongs to,
+/// with a request id (logged by [`handle`]).
 fn error(profile: &Profile, status: StatusCode, message: &str) -> Response<GatewayBody> {
-    full(
-        status,
-        "application/json",
-        profile.error_body(status, message, None),
-    )
+    status::error_response(profile, status, message).map(|b| GatewayBody::Full(Some(b)))
 }
 
 fn json(value: &serde_json::Value) -> Response<GatewayBody> {
@@ -427,8 +437,23 @@ fn json(value: &serde_json::Value) -> Response<GatewayBody> {
     )
 }
 
-/// Handles one request.
+/// Handles one request. A response the gateway makes itself is logged and counted here (a
+/// relayed one when its call ends, see [`RequestLog`]).
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut res = route(shared.clone(), req).await;
+    let profile = shared.profile_for(uri.path());
+    status::reason_phrase(profile, &mut res);
+    shared.activity.answered(uri.path(), started, res.status());
+    if matches!(res.body(), GatewayBody::Full(_)) {
+        status::log_answered(&shared.metrics, profile, &method, uri.path(), started, &mut res);
+    }
+    res
+}
+
+async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
     let path = req.uri().path();
     if let Some((served, rest)) = shared.route(path)
         && rest.starts_with("/v1/")
@@ -515,12 +540,20 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             "admin routes are off: start keypool with --admin-token",
         );
     };
-    if !presented(token) {
-        return error(
-            profile,
-            StatusCode::UNAUTHORIZED,
-            "admin routes need the admin token",
+    // A browser answers the challenge with Basic auth (any user name, the token as password),
+    // accepted for reads only.
+    let basic = status::basic_allowed(req.method())
+        .then(|| status::basic_password(req.headers()))
+        .flatten();
+    if !presented(token) && !basic.is_some_and(|b| token.ct_eq(&b)) {
+        let message = format!(
+            "admin routes need the admin token in {} (in a browser: as the password of Basic auth)",
+            profile.credential_help()
         );
+        let mut res = error(profile, StatusCode::UNAUTHORIZED, &message);
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(status::REALM));
+        return res;
     }
     let now = Instant::now();
     let parts: Vec<&str> = req.uri().path().trim_end_matches('/').split('/').collect();
@@ -546,6 +579,20 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
         );
     }
     match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["", "admin"]) => status::page_response().map(|b| GatewayBody::Full(Some(b))),
+        (&Method::GET, ["", "admin", "status"]) => {
+            let views: Vec<status::PoolView<'_>> = pools
+                .iter()
+                .map(|served| status::PoolView {
+                    name: served.name(),
+                    mount: &served.config.mount,
+                    provider: served.profile().name(),
+                    upstream: &served.config.upstream,
+                    pool: served.pool(),
+                })
+                .collect();
+            json(&status::status_json(&shared.activity, &views, now))
+        }
         (&Method::GET, ["", "admin", "keys"]) => {
             let keys: Vec<serde_json::Value> = pools
                 .iter()
@@ -591,23 +638,24 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             let pool_name = served.name();
             let t = crate::state::operator(served.state.as_ref(), &pool, id, *action == "enable", now);
             if t == Transition::Entered {
-                shared.metrics.transition(
-                    pool_name,
-                    label,
-                    if *action == "enable" {
-                        "enabled"
-                    } else {
-                        "operator"
-                    },
-                );
-                tracing::info!(target: "keypool::key", pool = %pool_name, key = %label, action = %action, "operator {action}d key");
+                let change = if *action == "enable" {
+                    KeyChange::Enabled { by: "operator" }
+                } else {
+                    KeyChange::Disabled {
+                        reason: "operator",
+                        status: None,
+                    }
+                };
+                shared
+                    .activity
+                    .key_changed(&shared.metrics, pool_name, pool.label(id), change);
             }
             json(&serde_json::json!({"pool": pool_name, "label": label, "changed": t == Transition::Entered}))
         }
         _ => error(
             profile,
             StatusCode::NOT_FOUND,
-            "admin routes: GET /admin/keys, POST /admin/keys/{label}/enable|disable (also under /admin/pools/{pool}/)",
+            "admin routes: GET /admin (status page), GET /admin/status, GET /admin/keys, POST /admin/keys/{label}/enable|disable (also under /admin/pools/{pool}/)",
         ),
     }
 }
@@ -708,8 +756,20 @@ async fn forward(
     let key_label = KeyLabel::new(pool.as_ref(), summary.key);
     match result {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
             shared.metrics.response(parts.status.as_u16(), ttfb);
+            if parts.status == StatusCode::TOO_MANY_REQUESTS {
+                shared.activity.upstream_429(started);
+            }
+            tracing::debug!(
+                target: "keypool::attempt", pool = %served.name(), key = %key_label, status = parts.status.as_u16(),
+                attempt = summary.attempts, verdict = "deliver", next = "relay to the client", "attempt answered"
+            );
+            if !shared.config.pass_identity_headers {
+                for name in profile.identity_headers() {
+                    parts.headers.remove(name);
+                }
+            }
             let log = RequestLog {
                 shared: shared.clone(),
                 pool: index,
@@ -719,6 +779,7 @@ async fn forward(
                 attempts: summary.attempts,
                 key: key_label,
                 started,
+                request_id: None,
             };
             Response::from_parts(
                 parts,
@@ -747,6 +808,11 @@ async fn forward(
             }
             let status = response.status().as_u16();
             shared.metrics.response(status, ttfb);
+            let request_id = response
+                .headers()
+                .get(profile.request_id_header())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let log = RequestLog {
                 shared: shared.clone(),
                 pool: index,
@@ -756,11 +822,13 @@ async fn forward(
                 attempts: summary.attempts,
                 key: key_label,
                 started,
+                request_id,
             };
             if let Some(outcome) = e.outcome() {
                 log.emit(outcome, Some(&e));
             }
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            parts.extensions.insert(status::AlreadyLogged);
             Response::from_parts(parts, GatewayBody::Full(Some(body)))
         }
     }
@@ -891,6 +959,14 @@ impl Server {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         let releaser = tokio::spawn(crate::memory::release_when_quiet(shared.clone()));
+        let sweeper = {
+            let pools = shared.clone();
+            tokio::spawn(status::sweep(
+                shared.activity.clone(),
+                shared.metrics.clone(),
+                move || pools.named_pools(),
+            ))
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -905,6 +981,7 @@ impl Server {
                         }
                     };
                     let _ = stream.set_nodelay(true);
+                    let metrics = shared.metrics.clone();
                     let shared = shared.clone();
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
@@ -913,7 +990,9 @@ impl Server {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());
                     tokio::spawn(async move {
-                        let _ = conn.await;
+                        if let Err(e) = conn.await {
+                            status::connection_error(&metrics, &*e);
+                        }
                     });
                 }
                 () = &mut shutdown => break,
@@ -921,6 +1000,7 @@ impl Server {
         }
         drop(listener);
         releaser.abort();
+        sweeper.abort();
         let grace = shared.config.grace;
         tracing::info!(
             grace_s = grace.as_secs_f64(),

@@ -310,7 +310,7 @@ fn access_control_byok_admin_and_no_secret_anywhere() {
     assert_eq!(s, 429, "{b}");
     let (_, metrics) = get(&gw, "/metrics", &[]);
     let (_, admin) = get(&gw, "/admin/keys", &[("x-api-key", ADMIN)]);
-    gw.wait_log("key state changed");
+    gw.wait_log("key cooling");
     let everything = format!("{}\n{metrics}\n{admin}\n{b}", gw.logs());
     assert!(
         everything.contains("\"status\":429")

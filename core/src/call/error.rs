@@ -108,15 +108,19 @@ pub enum CallError {
         /// Its length.
         after: Duration,
     },
-    /// The upstream opened an event stream but it ended or broke before its first event:
-    /// `502 api_error`.
-    #[error("the upstream event stream ended before its first event")]
+    /// The upstream opened an event stream but it ended before its first content event (it may
+    /// have sent preamble events, such as Anthropic's `message_start`, that the `first-content`
+    /// commit point held back): `502 api_error`.
+    #[error("the upstream event stream ended before its first content event")]
     EmptyStream,
     /// An in-band error event arrived before commit and is delivered as the matching HTTP error
     /// (for example Anthropic's `overloaded_error` as 529). The body is the event's data,
     /// unchanged when it is the profile's error object; anything else is replaced by one that
     /// keypool renders, so the caller always gets the profile's shape (SPEC §6).
-    #[error("the upstream answered with an in-band {status} error before any content")]
+    #[error(
+        "the upstream sent an in-band error event before any content (answered as HTTP {})",
+        .status.as_u16()
+    )]
     InBand {
         /// The HTTP status matching the event's error type.
         status: StatusCode,
@@ -199,10 +203,13 @@ impl CallError {
 
     /// The HTTP response for this error in the profile's shape (SPEC §6), with `request_id` in
     /// the body and in the profile's request-id header. An in-band error keeps its body when it
-    /// already is the profile's error object.
+    /// already is the profile's error object, with the request id added
+    /// ([`Provider::with_request_id`](crate::profile::Provider::with_request_id)).
     pub fn to_response_for(&self, profile: &Profile, request_id: &str) -> Response<Bytes> {
         let body = match self {
-            Self::InBand { body, .. } if profile.is_error_body(body) => body.clone(),
+            Self::InBand { body, .. } if profile.is_error_body(body) => {
+                profile.with_request_id(body, request_id)
+            }
             _ => profile.error_body(self.status(), &self.to_string(), Some(request_id)),
         };
         let mut res = Response::new(body);

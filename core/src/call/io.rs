@@ -147,6 +147,9 @@ pub enum BodyOutput {
 pub struct KeyMark {
     /// The key, in the pool the call walks.
     pub key: KeyId,
+    /// The key whose attempt got the answer: `key` itself, unless the answer spoke for its
+    /// whole organisation and this mark is for another key known to share it (SPEC §11).
+    pub attempted: KeyId,
     /// The mark as applied (fingerprint, change, status, generation).
     pub mark: Mark,
     /// The upstream status that caused it (for in-band errors, the matching status).

@@ -598,6 +598,7 @@ impl Call {
             let transition = pool.apply(&mark, now, wall);
             self.outputs.push_back(Output::Mark(KeyMark {
                 key: k,
+                attempted: key,
                 mark,
                 status,
                 verdict,

@@ -191,6 +191,38 @@ impl Provider for Anthropic {
         error_event(message)
     }
 
+    /// `529 Overloaded` (the status of `overloaded_error`).
+    fn reason_phrase(&self, status: StatusCode) -> Option<&'static str> {
+        (status.as_u16() == 529).then_some("Overloaded")
+    }
+
+    /// The top-level `request_id` of Anthropic's error bodies, added when missing: the upstream's
+    /// bytes are kept as they are and `,"request_id":"..."` goes before the closing brace.
+    fn with_request_id(&self, body: &Bytes, request_id: &str) -> Bytes {
+        #[derive(Deserialize)]
+        struct Id<'a> {
+            #[serde(borrow, default)]
+            request_id: Option<std::borrow::Cow<'a, str>>,
+        }
+        let has_id = match serde_json::from_slice::<Id<'_>>(body) {
+            Ok(id) => id.request_id.is_some_and(|id| !id.is_empty()),
+            Err(_) => return body.clone(),
+        };
+        let text = body.trim_ascii_end();
+        let (Some(head), false) = (text.strip_suffix(b"}"), has_id) else {
+            return body.clone();
+        };
+        let Ok(id) = serde_json::to_string(request_id) else {
+            return body.clone();
+        };
+        let mut out = Vec::with_capacity(text.len() + id.len() + 16);
+        out.extend_from_slice(head);
+        out.extend_from_slice(b",\"request_id\":");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'}');
+        Bytes::from(out)
+    }
+
     fn request_id_header(&self) -> HeaderName {
         HeaderName::from_static("request-id")
     }
@@ -490,6 +522,35 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(3600)), "1h");
         // The longest duration renders without overflow (found by the call_ops fuzzer).
         assert!(human_duration(Duration::MAX).ends_with('m'));
+    }
+
+    #[test]
+    fn in_band_bodies_get_a_request_id_and_529_a_phrase() {
+        let p = Anthropic;
+        let upstream = Bytes::from_static(
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&p.with_request_id(&upstream, "req_keypool_1")).unwrap();
+        assert_eq!(v["request_id"], "req_keypool_1");
+        assert_eq!(v["error"]["message"], "Overloaded");
+        assert_eq!(
+            p.with_request_id(&upstream, "req_keypool_1"),
+            Bytes::from_static(
+                br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"},"request_id":"req_keypool_1"}"#
+            )
+        );
+        let own = error_body("api_error", "x", Some("req_upstream"));
+        assert_eq!(p.with_request_id(&own, "req_keypool_2"), own);
+        assert_eq!(
+            p.with_request_id(&Bytes::from_static(b"nope"), "r"),
+            Bytes::from_static(b"nope")
+        );
+        assert_eq!(
+            p.reason_phrase(StatusCode::from_u16(529).unwrap()),
+            Some("Overloaded")
+        );
+        assert_eq!(p.reason_phrase(StatusCode::OK), None);
     }
 
     #[test]

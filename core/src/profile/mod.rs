@@ -183,6 +183,23 @@ pub trait Provider: fmt::Debug + Send + Sync + 'static {
         &[]
     }
 
+    /// The reason phrase of a status that has no standard one, for an HTTP/1.1 status line
+    /// (Anthropic: `529 Overloaded`); `None` for a standard status, or when the provider has
+    /// none (a server then writes no phrase). Default: none.
+    fn reason_phrase(&self, status: StatusCode) -> Option<&'static str> {
+        let _ = status;
+        None
+    }
+
+    /// An error body in the provider's shape ([`is_error_body`](Self::is_error_body)) with
+    /// keypool's request id added where the provider's own error bodies carry one, unless it
+    /// already has one: what an in-band error answered as an HTTP error is sent as. Default: the
+    /// body unchanged.
+    fn with_request_id(&self, body: &Bytes, request_id: &str) -> Bytes {
+        let _ = request_id;
+        body.clone()
+    }
+
     /// Path and query of the probe that tests a disabled key without spending tokens
     /// (SPEC §11.5), sent with `GET`.
     fn probe_path(&self) -> &'static str {
