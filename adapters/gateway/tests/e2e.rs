@@ -399,6 +399,35 @@ fn sighup_reloads_keys_without_failing_requests() {
 }
 
 #[test]
+fn sighup_reloads_a_config_file_and_keeps_cooldowns() {
+    let mock = MockServer::start();
+    let config = |keys: &str| {
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[pool]]\nname = \"anthropic\"\nupstream = \"{}\"\nkeys = [{keys}]\n",
+            mock.url()
+        )
+    };
+    let file = temp_file("reload-config", &config(&format!("\"zero={K0}\", \"one={K1}\"")));
+    let gw = Gateway::start(&["--config", file.to_str().unwrap()], &[]);
+    // k0 cools for a minute; the call goes to k1.
+    mock.script(K0, [Reply::rate_limited(RetryAfter::Seconds("60".into()))]);
+    assert_eq!(post(&gw, &[], BODY).0, 200);
+    assert_eq!(mock.requests().last().unwrap().key.as_deref(), Some(K1));
+    // The file now lists k0 again and a new k2 instead of k1.
+    std::fs::write(&file, config(&format!("\"zero={K0}\", \"two={K2}\""))).unwrap();
+    gw.signal("-HUP");
+    gw.wait_log("reloaded the keys");
+    let before = mock.request_count();
+    assert_eq!(post(&gw, &[], BODY).0, 200);
+    let after: Vec<_> = mock.requests()[before..]
+        .iter()
+        .map(|r| r.key.clone().unwrap())
+        .collect();
+    // k0 kept its cooldown across the reload (not tried), k2 serves.
+    assert_eq!(after, vec![K2.to_owned()]);
+}
+
+#[test]
 fn sigterm_lets_a_stream_finish_and_exits_zero() {
     let mock = MockServer::start();
     mock.script(
