@@ -43,7 +43,11 @@
 //!   state. On return the local state is written again (including every mark made meanwhile)
 //!   and the hash re-read. Values that are not keypool's are ignored with a rate-limited warning.
 //!
-//! Nothing secret is stored or published: fingerprints, deadlines, reasons and generations only.
+//! - **Leases.** [`RedisState::probe_lease`] takes `{ns}:probe:{fingerprint}` for one replica
+//!   (`SET … NX PX`), so that a disabled key is probed by one replica at a time (SPEC §11.5).
+//!
+//! Nothing secret is stored or published: fingerprints, deadlines, reasons and generations only
+//! (and a lease's holder, a random replica id).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,11 +59,13 @@ use keypool_core::{KeyId, KeyState, Mark, Pool, Transition};
 use tokio::sync::{Notify, watch};
 
 mod driver;
+mod lease;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
 pub mod value;
 
+pub use lease::{LEASE_SCRIPT, Lease};
 use value::{Field, Stored, StoredState};
 
 /// Why a state backend cannot be set up. Messages never contain the URL's password.
@@ -81,6 +87,9 @@ pub enum Error {
     /// [`RedisState::start`] was called outside a tokio runtime.
     #[error("the Redis state driver needs a tokio runtime: start it from inside one")]
     NoRuntime,
+    /// The backend did not answer a request made outside the driver (a lease).
+    #[error("the state backend did not answer: {0}")]
+    Unavailable(String),
 }
 
 /// Where and how to share state.
@@ -272,6 +281,10 @@ struct Inner {
     /// The last value seen in Redis (read, received or written) per fingerprint: values equal
     /// to it are not applied again.
     seen: Mutex<Seen>,
+    /// This process's id, the holder named by its leases.
+    replica: String,
+    /// The connection leases use, once made.
+    lease_conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 impl Inner {
@@ -446,6 +459,8 @@ impl RedisState {
             applied: AtomicU64::new(0),
             ignored: AtomicU64::new(0),
             seen: Mutex::new(Seen::default()),
+            replica: lease::new_replica_id(),
+            lease_conn: Mutex::new(None),
         });
         let task = runtime.spawn(driver::run(inner.clone()));
         Ok(Self {

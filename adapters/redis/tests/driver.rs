@@ -418,3 +418,78 @@ async fn a_key_added_by_a_reload_takes_the_shared_state() {
     })
     .await;
 }
+
+/// The probe lease of a key is one replica's at a time: the other is told how long it stays
+/// taken, the holder renews it, and once it runs out the other replica takes it. Redis holds
+/// the replica's id under `{ns}:probe:{fingerprint}`, nothing of the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_lease_is_one_replicas_at_a_time() {
+    use keypool_redis::Lease;
+    let redis = RedisServer::start();
+    let (pa, pb) = (pool(&[0, 1, 2]), pool(&[2, 0, 1]));
+    let (a, b) = (start(&redis, &pa), start(&redis, &pb));
+    assert_ne!(a.replica_id(), b.replica_id());
+    let fp = pa.fingerprint(key_of(&pa, 1));
+    assert_eq!(a.probe_lease_key(fp), format!("t:probe:{fp}"));
+    let ttl = Duration::from_secs(30);
+    assert_eq!(a.probe_lease(fp, ttl).await.unwrap(), Lease::Acquired);
+    match b.probe_lease(fp, ttl).await.unwrap() {
+        Lease::Held { remaining } => assert!(remaining <= ttl && remaining > ttl / 2, "{remaining:?}"),
+        Lease::Acquired => panic!("two replicas hold one lease"),
+    }
+    // The holder renews (here: shortens) its own lease.
+    assert_eq!(
+        a.probe_lease(fp, Duration::from_millis(200)).await.unwrap(),
+        Lease::Acquired
+    );
+    let mut c = redis.connection();
+    let holder: String = redis::cmd("GET")
+        .arg(format!("t:probe:{fp}"))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(holder, a.replica_id());
+    for secret in keys() {
+        assert!(!holder.contains(&secret[..12]));
+    }
+    // Another key's lease is free.
+    let other = pa.fingerprint(key_of(&pa, 2));
+    assert_eq!(b.probe_lease(other, ttl).await.unwrap(), Lease::Acquired);
+    // Once A's lease runs out, B takes it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match b.probe_lease(fp, ttl).await.unwrap() {
+            Lease::Acquired => break,
+            Lease::Held { remaining } => {
+                assert!(Instant::now() < deadline, "A's lease never ran out");
+                assert!(remaining <= Duration::from_millis(200), "{remaining:?}");
+                tokio::time::sleep(remaining).await;
+            }
+        }
+    }
+    assert!(matches!(
+        a.probe_lease(fp, ttl).await.unwrap(),
+        Lease::Held { .. }
+    ));
+}
+
+/// Without an answering backend a lease is an error (the caller decides what to do), after
+/// the configured timeout at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_without_a_backend_is_an_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut config = StateConfig::new(&format!("redis://127.0.0.1:{port}"), "t").unwrap();
+    config.timeout = Duration::from_millis(300);
+    let p = pool(&[0]);
+    let state = RedisState::start(config, p.clone(), None).unwrap();
+    let started = Instant::now();
+    let e = state
+        .probe_lease(p.fingerprint(key_of(&p, 0)), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, keypool_redis::Error::Unavailable(_)), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
