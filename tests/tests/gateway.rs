@@ -91,6 +91,7 @@ impl Adapter for Gateway {
                 order: Order::PrimaryWithFallback,
                 call: setup.config.clone(),
                 upstream_roots: roots.clone(),
+                probe: keypool_core::probe::ProbeConfig::default(),
             };
             let unused = vec![KeySpec::new("sk-ant-api03-unused-anthropic-key-0000")];
             let anthropic = setup
@@ -121,6 +122,7 @@ impl Adapter for Gateway {
             grace: Duration::from_secs(1),
             upstream_roots: roots,
             state: None,
+            probe: keypool_core::probe::ProbeConfig::default(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use keypool_core::call::{CallConfig, CommitPoint, Timeouts};
-use keypool_core::{KeySpec, OnForbidden, OnUnauthorized, Order, Policy, Secret};
+use keypool_core::probe::ProbeConfig;
+use keypool_core::{KeySpec, OnForbidden, OnUnauthorized, Order, Policy, Rule, Secret};
 
 use crate::access::AccessPolicy;
 use crate::keys;
@@ -175,6 +176,25 @@ pub struct ServeArgs {
         env = "KEYPOOL_STATE_NAMESPACE"
     )]
     pub state_namespace: String,
+
+    /// How long after the upstream disabled a key (401, 403, billing) it is probed with one
+    /// request that spends no tokens (GET /v1/models); a success enables it. `0s`: never.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub probe_delay: Duration,
+
+    /// The longest wait between two probes of a key: each failed probe doubles the wait, up to
+    /// this.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub probe_max_delay: Duration,
+
+    /// Ignore the upstream's rate-limit headers: without this, a key whose answer says a limit
+    /// is used up is tried after the others until the limit resets (never refused).
+    #[arg(long)]
+    pub no_hints: bool,
+
+    /// The classification rules of a config file's pool (`[[pool.rule]]`); no flag sets them.
+    #[arg(skip)]
+    pub rules: Vec<Rule>,
 }
 
 impl std::fmt::Debug for ServeArgs {
@@ -207,6 +227,10 @@ impl std::fmt::Debug for ServeArgs {
             .field("grace", &self.grace)
             .field("upstream_ca", &self.upstream_ca)
             .field("log_format", &self.log_format)
+            .field("probe_delay", &self.probe_delay)
+            .field("probe_max_delay", &self.probe_max_delay)
+            .field("no_hints", &self.no_hints)
+            .field("rules", &self.rules)
             .finish()
     }
 }
@@ -310,6 +334,8 @@ pub struct PoolConfig {
     pub call: CallConfig,
     /// Extra upstream root certificates (DER).
     pub upstream_roots: Vec<Vec<u8>>,
+    /// When disabled keys are probed.
+    pub probe: ProbeConfig,
 }
 
 /// The mount path of the OpenAI pool the `KEYPOOL_OPENAI_KEYS` shortcut makes.
@@ -351,6 +377,8 @@ pub struct Config {
     pub upstream_roots: Vec<Vec<u8>>,
     /// The shared state backend (`--state`); `None`: in-process.
     pub state: Option<keypool_redis::StateConfig>,
+    /// When the first pool's disabled keys are probed.
+    pub probe: ProbeConfig,
 }
 
 impl Config {
@@ -365,6 +393,7 @@ impl Config {
             order: self.order,
             call: self.call.clone(),
             upstream_roots: self.upstream_roots.clone(),
+            probe: self.probe,
         };
         std::iter::once(first).chain(self.more.iter().cloned()).collect()
     }
@@ -517,6 +546,21 @@ impl ServeArgs {
         };
         policy.default_cooldown = self.default_cooldown;
         policy.max_cooldown = self.max_cooldown;
+        policy.hints = !self.no_hints;
+        policy.rules.clone_from(&self.rules);
+        // A config file's rules were checked where it names them; this is the backstop.
+        policy.validate().map_err(|e| err(e.to_string()))?;
+        if !self.probe_delay.is_zero() && self.probe_max_delay < self.probe_delay {
+            return Err(err(format!(
+                "probe_max_delay (--probe-max-delay) {} is shorter than probe_delay (--probe-delay) {}: make it at least as long (default 24h), or set probe_delay to 0s for no probes",
+                crate::config_file::fmt_duration(self.probe_max_delay),
+                crate::config_file::fmt_duration(self.probe_delay)
+            )));
+        }
+        let probe = ProbeConfig {
+            first_delay: self.probe_delay,
+            max_delay: self.probe_max_delay,
+        };
         let commit = match self.commit {
             CommitArg::FirstByte => CommitPoint::FirstByte,
             CommitArg::FirstContent => CommitPoint::FirstContent { hold: self.hold },
@@ -544,6 +588,7 @@ impl ServeArgs {
                 order,
                 call: openai_call.clone(),
                 upstream_roots: upstream_roots.clone(),
+                probe,
             })
             .into_iter()
             .collect();
@@ -572,6 +617,7 @@ impl ServeArgs {
             grace: self.grace,
             upstream_roots,
             state,
+            probe,
         })
     }
 }

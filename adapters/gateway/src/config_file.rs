@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use clap::parser::ValueSource;
-use keypool_core::KeySpec;
+use keypool_core::{Action, DisableReason, KeySpec, Policy, PolicyError, Rule};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
@@ -95,6 +95,10 @@ macro_rules! pool_settings {
             connect_timeout: Option<Dur>,
             first_byte_timeout: Option<Dur>,
             idle_timeout: Option<Dur>,
+            probe_delay: Option<Dur>,
+            probe_max_delay: Option<Dur>,
+            hints: Option<bool>,
+            rule: Option<Vec<RawRule>>,
         }
     };
 }
@@ -141,6 +145,99 @@ struct RawState {
     url: Option<SecretValue>,
     url_env: Option<String>,
     namespace: Option<String>,
+}
+
+/// One `[[pool.rule]]` table (SPEC §11.6): for answers with this status (and error type and
+/// code, when given), do this.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    status: u16,
+    error_type: Option<String>,
+    code: Option<String>,
+    action: Choice<RuleAction>,
+    /// `cool` only: a fixed cooldown instead of the answer's retry delay.
+    #[serde(rename = "for")]
+    for_: Option<Dur>,
+    /// `disable` only: why.
+    reason: Option<Choice<RuleReason>>,
+}
+
+/// A rule's `action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuleAction {
+    /// Cool the key (for `for`, else the answer's retry delay) and fail over.
+    Cool,
+    /// Disable the key (with `reason`) and fail over.
+    Disable,
+    /// Hand the answer to the client as it is.
+    Deliver,
+}
+
+/// A `disable` rule's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuleReason {
+    /// As a 401.
+    Unauthorized,
+    /// As a 403.
+    Forbidden,
+    /// As a 402 (out of credit).
+    Billing,
+}
+
+/// The rules of a pool as the core takes them, checked: `place` names the pool in messages
+/// (`[[pool]] "anthropic" `, or nothing for top-level `[[rule]]` tables).
+fn rules_of(name: &str, place: &str, raw: Option<&Vec<RawRule>>) -> Result<Vec<Rule>, ConfigError> {
+    let mut rules = Vec::new();
+    for (i, r) in raw.into_iter().flatten().enumerate() {
+        let at = |msg: String| err(format!("{name}: {place}rule #{}: {msg}", i + 1));
+        let action = match (r.action.0, r.for_, r.reason) {
+            (RuleAction::Cool, Some(d), None) => Action::CoolFor(d.0),
+            (RuleAction::Cool, None, None) => Action::CoolRetryDelay,
+            (RuleAction::Disable, None, Some(reason)) => Action::Disable(match reason.0 {
+                RuleReason::Unauthorized => DisableReason::Unauthorized,
+                RuleReason::Forbidden => DisableReason::Forbidden,
+                RuleReason::Billing => DisableReason::Billing,
+            }),
+            (RuleAction::Disable, None, None) => {
+                return Err(at(
+                    "action = \"disable\" needs a reason: add reason = \"unauthorized\", \"forbidden\" or \"billing\""
+                        .into(),
+                ));
+            }
+            (RuleAction::Deliver, None, None) => Action::Deliver,
+            (action, Some(_), _) => {
+                return Err(at(format!(
+                    "`for` goes with action = \"cool\" only; remove it from this \"{}\" rule",
+                    name_of(&action)
+                )));
+            }
+            (action, None, Some(_)) => {
+                return Err(at(format!(
+                    "`reason` goes with action = \"disable\" only; remove it from this \"{}\" rule",
+                    name_of(&action)
+                )));
+            }
+        };
+        rules.push(Rule {
+            status: r.status,
+            error_type: r.error_type.clone(),
+            code: r.code.clone(),
+            action,
+        });
+    }
+    let mut policy = Policy::default();
+    policy.rules = rules;
+    policy.validate().map_err(|e| {
+        let fix = match e {
+            PolicyError::Shadowed { earlier, .. } => {
+                format!("; remove it, or move it above rule #{earlier}")
+            }
+            _ => String::new(),
+        };
+        err(format!("{name}: {place}{e}{fix}"))
+    })?;
+    Ok(policy.rules)
 }
 
 /// Where key state lives.
@@ -458,6 +555,14 @@ fn toml_error(name: &str, text: &str, e: &toml::de::Error) -> String {
             }
         };
         return format!("{name} line {line_no}: unknown setting `{field}`: {fix}");
+    }
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        return format!(
+            "{name} line {line_no}: this table needs `{field}`: add it (adapters/gateway/keypool.example.toml shows every setting)"
+        );
     }
     if line.trim_start().starts_with("[pool]") {
         return format!("{name} line {line_no}: write [[pool]] (two brackets): pools are a list of tables");
@@ -964,6 +1069,16 @@ fn extra_pool(
     pick!(connect_timeout, |v: &Dur| v.0);
     pick!(first_byte_timeout, |v: &Dur| v.0);
     pick!(idle_timeout, |v: &Dur| v.0);
+    pick!(probe_delay, |v: &Dur| v.0);
+    pick!(probe_max_delay, |v: &Dur| v.0);
+    if let Some(hints) = p.hints.or(r.hints) {
+        a.no_hints = !hints;
+    }
+    a.rules = rules_of(
+        name,
+        &format!("[[pool]] {:?} ", info.name),
+        p.rule.as_ref().or(r.rule.as_ref()),
+    )?;
     let Some((keys, _)) = parsed.pool_keys(env, index)? else {
         return Err(err(format!(
             "{name}: [[pool]] {:?} has no keys: add keys_file = \"keys.txt\" (or keys_env = \"VAR\", or keys = [...])",
@@ -985,6 +1100,7 @@ fn extra_pool(
         order: c.order,
         call: c.call.with_profile(profile),
         upstream_roots: c.upstream_roots,
+        probe: c.probe,
     })
 }
 
@@ -1056,6 +1172,25 @@ pub fn load(path: &Path, args: &ServeArgs, explicit: &Explicit, env: Env<'_>) ->
     take!(connect_timeout, "--connect-timeout", |v: &Dur| ok(v.0));
     take!(first_byte_timeout, "--first-byte-timeout", |v: &Dur| ok(v.0));
     take!(idle_timeout, "--idle-timeout", |v: &Dur| ok(v.0));
+    take!(probe_delay, "--probe-delay", |v: &Dur| ok(v.0));
+    take!(probe_max_delay, "--probe-max-delay", |v: &Dur| ok(v.0));
+    if let Some(hints) = p.and_then(|p| p.hints).or(r.hints) {
+        if explicit.contains("no_hints") {
+            overridden.push("hints (overridden by --no-hints)".into());
+        } else {
+            out.no_hints = !hints;
+        }
+    }
+    let first_place = parsed
+        .pools
+        .first()
+        .map(|info| format!("[[pool]] {:?} ", info.name))
+        .unwrap_or_default();
+    out.rules = rules_of(
+        &name,
+        &first_place,
+        p.and_then(|p| p.rule.as_ref()).or(r.rule.as_ref()),
+    )?;
 
     if let Some(st) = &r.state
         && st.backend.is_some_and(|b| b.0 == Backend::Redis)
@@ -1297,6 +1432,9 @@ pub fn render(loaded: &Loaded, file: Option<&Path>) -> String {
         fmt_duration(a.first_byte_timeout)
     );
     let _ = writeln!(s, "idle_timeout = \"{}\"", fmt_duration(a.idle_timeout));
+    let _ = writeln!(s, "probe_delay = \"{}\"", fmt_duration(a.probe_delay));
+    let _ = writeln!(s, "probe_max_delay = \"{}\"", fmt_duration(a.probe_max_delay));
+    let _ = writeln!(s, "hints = {}", !a.no_hints);
     let reload = match &c.key_source {
         KeySource::Env => "",
         _ => ", re-read on SIGHUP",
@@ -1322,7 +1460,52 @@ pub fn render(loaded: &Loaded, file: Option<&Path>) -> String {
     for warning in keys::implausible(&c.keys) {
         let _ = writeln!(s, "# warning: {warning}");
     }
+    render_rules(&mut s, &c.call.policy.rules);
     s
+}
+
+/// The rules as `[[pool.rule]]` tables, as a file would write them.
+fn render_rules(s: &mut String, rules: &[Rule]) {
+    use std::fmt::Write as _;
+    if rules.is_empty() {
+        let _ = writeln!(
+            s,
+            "# no [[pool.rule]]: the provider's classification table decides"
+        );
+    }
+    for rule in rules {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "[[pool.rule]]");
+        let _ = writeln!(s, "status = {}", rule.status);
+        if let Some(t) = &rule.error_type {
+            let _ = writeln!(s, "error_type = {t:?}");
+        }
+        if let Some(c) = &rule.code {
+            let _ = writeln!(s, "code = {c:?}");
+        }
+        match rule.action {
+            Action::CoolRetryDelay => {
+                let _ = writeln!(s, "action = \"cool\"  # for the answer's retry delay");
+            }
+            Action::CoolFor(d) => {
+                let _ = writeln!(s, "action = \"cool\"");
+                let _ = writeln!(s, "for = \"{}\"", fmt_duration(d));
+            }
+            Action::Disable(reason) => {
+                let reason = match reason {
+                    DisableReason::Unauthorized => "unauthorized",
+                    DisableReason::Forbidden => "forbidden",
+                    DisableReason::Billing => "billing",
+                    DisableReason::Operator => "operator",
+                };
+                let _ = writeln!(s, "action = \"disable\"");
+                let _ = writeln!(s, "reason = \"{reason}\"");
+            }
+            Action::Deliver => {
+                let _ = writeln!(s, "action = \"deliver\"");
+            }
+        }
+    }
 }
 
 /// `1500ms`, `2s`, `10m`, `1h`: the largest unit that is exact, as `parse_duration` reads it.

@@ -86,6 +86,7 @@ async fn demo() -> Result<(), String> {
         grace: Duration::from_secs(2),
         upstream_roots: Vec::new(),
         state: None,
+        probe: keypool_core::probe::ProbeConfig::default(),
     };
     let server = Server::bind(config).await?;
     let addr = server.local_addr();

@@ -342,6 +342,122 @@ fn check_config_rejects_broken_files_with_one_line() {
     assert!(line.contains("cannot read config file"), "{line}");
 }
 
+/// Probe settings and policy rules (SPEC §11.5, §11.6): `check-config` shows them as the file
+/// would write them, and a broken rule is one line naming the file, the pool, the rule and the
+/// fix.
+#[test]
+fn check_config_shows_probes_and_rules_and_rejects_a_broken_rule() {
+    let d = dir("rules");
+    write(&d, "keys.txt", &format!("{K0}\n"));
+    let good = "probe_delay = \"5m\"\n\
+                [[pool]]\nname = \"main\"\nkeys_file = \"keys.txt\"\nprobe_max_delay = \"6h\"\nhints = false\n\
+                [[pool.rule]]\nstatus = 529\naction = \"cool\"\nfor = \"30s\"\n\
+                [[pool.rule]]\nstatus = 429\nerror_type = \"rate_limit_error\"\naction = \"cool\"\n\
+                [[pool.rule]]\nstatus = 400\ncode = \"spent\"\naction = \"disable\"\nreason = \"billing\"\n\
+                [[pool.rule]]\nstatus = 500\naction = \"deliver\"\n";
+    let file = write(&d, "good.toml", good);
+    let out = run(&["check-config", file.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "probe_delay = \"5m\"\nprobe_max_delay = \"6h\"\nhints = false\n",
+        "[[pool.rule]]\nstatus = 529\naction = \"cool\"\nfor = \"30s\"\n",
+        "[[pool.rule]]\nstatus = 429\nerror_type = \"rate_limit_error\"\naction = \"cool\"  # for the answer's retry delay\n",
+        "[[pool.rule]]\nstatus = 400\ncode = \"spent\"\naction = \"disable\"\nreason = \"billing\"\n",
+        "[[pool.rule]]\nstatus = 500\naction = \"deliver\"\n",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    }
+    // The defaults, and the flags over the file.
+    let plain = write(&d, "plain.toml", "keys_file = \"keys.txt\"\n");
+    let out = run(&["check-config", plain.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("probe_delay = \"10m\"\nprobe_max_delay = \"24h\"\nhints = true\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("# no [[pool.rule]]"), "{stdout}");
+
+    let rule = |body: &str| {
+        format!(
+            "[[pool]]\nname = \"main\"\nkeys_file = \"keys.txt\"\n[[pool.rule]]\nstatus = 529\naction = \"cool\"\n{body}"
+        )
+    };
+    let cases: &[(String, &[&str])] = &[
+        (
+            rule("[[pool.rule]]\nstatus = 529\naction = \"deliver\"\n"),
+            &[
+                "[[pool]] \"main\" rule #2 never applies",
+                "rule #1",
+                "remove it, or move it above rule #1",
+            ],
+        ),
+        (
+            rule("[[pool.rule]]\nstatus = 700\naction = \"deliver\"\n"),
+            &["rule #2", "status 700", "100-599"],
+        ),
+        (
+            rule("[[pool.rule]]\nstatus = 403\naction = \"disable\"\n"),
+            &["rule #2", "needs a reason", "reason = \"unauthorized\""],
+        ),
+        (
+            rule("[[pool.rule]]\nstatus = 403\naction = \"deliver\"\nfor = \"1s\"\n"),
+            &["rule #2", "`for` goes with action = \"cool\" only"],
+        ),
+        (rule("for = \"0s\"\n"), &["rule #1", "longer than 0"]),
+        (
+            rule("[[pool.rule]]\nstatus = 200\naction = \"cool\"\n"),
+            &["rule #2", "only `deliver`"],
+        ),
+        (
+            rule("[[pool.rule]]\nstatus = 500\naction = \"retry\"\n"),
+            &["line 9", "\"retry\"", "\"cool\", \"disable\", \"deliver\""],
+        ),
+        (
+            rule("[[pool.rule]]\nstatus = 500\naction = \"cool\"\nfro = \"1s\"\n"),
+            &["line 10", "`fro`", "did you mean `for`"],
+        ),
+        (
+            rule("[[pool.rule]]\naction = \"cool\"\n"),
+            &["line 7", "needs `status`"],
+        ),
+        (
+            "keys_file = \"keys.txt\"\nprobe_delay = \"1h\"\nprobe_max_delay = \"10m\"\n".into(),
+            &["probe_max_delay", "shorter than probe_delay", "0s"],
+        ),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let file = write(&d, &format!("broken-{i}.toml"), text);
+        let line = one_line_error(&["check-config", file.to_str().unwrap()], &[]);
+        assert!(
+            line.contains(&format!("broken-{i}.toml")),
+            "the file is not named: {line}"
+        );
+        for needle in *needles {
+            assert!(line.contains(needle), "case {i}: {needle:?} not in: {line}");
+        }
+    }
+    // `--no-hints` beats the file; `--probe-delay 0s` turns probes off.
+    let file = write(&d, "hints.toml", "keys_file = \"keys.txt\"\nhints = true\n");
+    let (gw, _, _) = Serve::start(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--no-hints",
+            "--probe-delay",
+            "0s",
+        ],
+        &[],
+    );
+    let logs = gw.startup_logs();
+    assert!(
+        logs.contains("the file's hints (overridden by --no-hints)"),
+        "{logs}"
+    );
+}
+
 #[test]
 fn the_command_line_and_environment_override_the_file() {
     let d = dir("precedence");
