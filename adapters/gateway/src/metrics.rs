@@ -55,6 +55,11 @@ struct ProbeLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabel {
+    pool: String,
+}
+
 /// Metrics of the shared state backend (`--state`), registered only when one is configured.
 #[derive(Debug, Clone)]
 pub struct StateMetrics {
@@ -78,6 +83,7 @@ pub struct Metrics {
     outcomes: Family<OutcomeLabels, Counter>,
     gateway_responses: Family<RouteStatusLabels, Counter>,
     probes: Family<ProbeLabels, Counter>,
+    single_organisation: Family<PoolLabel, Gauge>,
     latency: Histogram,
     ttfb: Histogram,
     /// Requests finished so far (the count of `latency`, readable without rendering).
@@ -161,6 +167,12 @@ impl Metrics {
             "Probes of disabled keys by pool, key and result (enabled, failed, stale)",
             probes.clone(),
         );
+        let single_organisation = Family::<PoolLabel, Gauge>::default();
+        registry.register(
+            "pool_single_organisation",
+            "1 when every key of the pool is known to belong to one organisation (failing over on 429 buys little there), else 0",
+            single_organisation.clone(),
+        );
         let latency = Histogram::new(latency_buckets());
         registry.register(
             "request_duration_seconds",
@@ -184,6 +196,7 @@ impl Metrics {
             outcomes,
             gateway_responses,
             probes,
+            single_organisation,
             latency,
             ttfb,
             finished: AtomicU64::new(0),
@@ -298,6 +311,11 @@ impl Metrics {
     pub fn render(&self, pools: &[(&str, Arc<Pool>)], now: Instant) -> String {
         self.key_state.clear();
         for (name, pool) in pools {
+            self.single_organisation
+                .get_or_create(&PoolLabel {
+                    pool: (*name).to_owned(),
+                })
+                .set(i64::from(crate::limits::single_organisation(pool).is_some()));
             for key in pool.snapshot(now) {
                 let value = match key.state {
                     KeyState::Available => 0,

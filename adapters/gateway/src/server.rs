@@ -51,6 +51,10 @@ struct Served {
     client: keypool_tokio::Client,
     /// The shared state backend (`--state`) for this pool, if any.
     state: Option<crate::state::Backend>,
+    /// Its probe schedule (SPEC §11.5).
+    probes: Arc<crate::probe::Probes>,
+    /// Whether the single-organisation notice has been logged (SPEC §11.1).
+    single_organisation: crate::limits::SingleOrganisation,
 }
 
 impl Served {
@@ -119,6 +123,7 @@ impl Shared {
             let pool = Pool::new(pc.keys.clone(), pc.order, Instant::now())
                 .map_err(|e| format!("pool {:?}: {e}", pc.name))?;
             let pool = Arc::new(pool);
+            let probes = crate::probe::Probes::new(pc.probe);
             // Every pool shares state through the same namespace: fields are fingerprints, so
             // a pool's driver applies its own keys and passes over the others'.
             let state = crate::state::start(
@@ -127,13 +132,14 @@ impl Shared {
                 &metrics,
                 state_metrics.clone(),
                 &pc.name,
+                &probes,
             )?;
             let log = Arc::new(MarkLog {
                 pool: pc.name.clone(),
                 metrics: metrics.clone(),
                 activity: activity.clone(),
             });
-            let sink = crate::state::sink(log, state.as_ref());
+            let sink = crate::state::sink(crate::probe::waking(log, &probes), state.as_ref());
             let mut builder = keypool_tokio::Client::builder()
                 .base_url(pc.upstream.clone())
                 .config(pc.call.clone().with_mark_sink(sink));
@@ -149,6 +155,8 @@ impl Shared {
                 pool: RwLock::new(pool),
                 client,
                 state,
+                probes,
+                single_organisation: crate::limits::SingleOrganisation::default(),
             });
         }
         Ok(Arc::new(Self {
@@ -169,6 +177,28 @@ impl Shared {
         self.pools
             .iter()
             .map(|p| (p.name().to_owned(), p.pool()))
+            .collect()
+    }
+
+    /// Starts one probe task per pool (SPEC §11.5); they run until aborted.
+    fn start_probes(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.pools.len())
+            .filter_map(|i| {
+                let served = self.pools.get(i)?;
+                let shared = self.clone();
+                // `i` stays in bounds: the pools are fixed when `Shared` is made.
+                let task = crate::probe::Task {
+                    name: served.label.clone(),
+                    probes: served.probes.clone(),
+                    profile: served.profile().clone(),
+                    client: served.client.clone(),
+                    backend: served.state.as_ref().map(|b| b.driver().clone()),
+                    metrics: self.metrics.clone(),
+                    activity: self.activity.clone(),
+                    current: Box::new(move || shared.pools[i].pool()),
+                };
+                Some(tokio::spawn(task.run()))
+            })
             .collect()
     }
 
@@ -594,33 +624,51 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             json(&status::status_json(&shared.activity, &views, now))
         }
         (&Method::GET, ["", "admin", "keys"]) => {
+            let wall = std::time::SystemTime::now();
             let keys: Vec<serde_json::Value> = pools
                 .iter()
                 .flat_map(|served| {
-                    let name = served.name();
-                    served.pool().snapshot(now).into_iter().map(move |k| (name, k))
+                    let pool = served.pool();
+                    pool.snapshot(now)
+                        .into_iter()
+                        .map(move |k| (served, pool.clone(), k))
                 })
-                .map(|(pool_name, k)| {
-                    let (state, reason, seconds) = match k.state {
-                        KeyState::Available => ("available", None, None),
+                .map(|(served, pool, k)| {
+                    let (reason, seconds) = match k.state {
+                        KeyState::Available => (None, None),
                         KeyState::Cooling { until, reason } => (
-                            "cooling",
                             Some(format!("{reason:?}")),
                             Some(until.saturating_duration_since(now).as_secs_f64()),
                         ),
-                        KeyState::Disabled { reason } => ("disabled", Some(format!("{reason:?}")), None),
+                        KeyState::Disabled { reason } => (Some(format!("{reason:?}")), None),
                     };
-                    serde_json::json!({
-                        "pool": pool_name, "label": k.label, "hint": k.hint,
-                        "fingerprint": k.fingerprint.to_string(), "generation": k.generation, "state": state,
+                    let mut key = serde_json::json!({
+                        "pool": served.name(), "label": k.label, "hint": k.hint,
+                        "fingerprint": k.fingerprint.to_string(), "generation": k.generation,
+                        "state": crate::limits::state_name(&k.state),
                         "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
-                    })
+                    });
+                    let next_probe = served.probes.next_probe(&pool, k.id);
+                    if let Some(key) = key.as_object_mut() {
+                        key.extend(crate::limits::key_view(&pool, k.id, next_probe, now, wall));
+                    }
+                    key
                 })
                 .collect();
             let state = pools.first().map_or(serde_json::Value::Null, |served| {
                 crate::state::admin_view(served.state.as_ref())
             });
-            json(&serde_json::json!({ "keys": keys, "state_backend": state }))
+            let pools: Vec<serde_json::Value> = pools
+                .iter()
+                .map(|served| {
+                    let pool = served.pool();
+                    serde_json::json!({
+                        "name": served.name(),
+                        "single_organisation": crate::limits::single_organisation(&pool),
+                    })
+                })
+                .collect();
+            json(&serde_json::json!({ "keys": keys, "pools": pools, "state_backend": state }))
         }
         (&Method::POST, ["", "admin", "keys", label, action @ ("enable" | "disable")]) => {
             let found = pools.iter().find_map(|served| {
@@ -637,6 +685,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             };
             let pool_name = served.name();
             let t = crate::state::operator(served.state.as_ref(), &pool, id, *action == "enable", now);
+            served.probes.wake();
             if t == Transition::Entered {
                 let change = if *action == "enable" {
                     KeyChange::Enabled { by: "operator" }
@@ -742,6 +791,9 @@ async fn forward(
     };
     let result = served.client.send_with(request, credential).await;
     let ttfb = started.elapsed();
+    if let Some(pool) = &pool {
+        served.single_organisation.check(served.name(), pool);
+    }
     let summary = match &result {
         Ok(res) => res.extensions().get::<CallSummary>().cloned(),
         Err(e) => e.summary().cloned(),
@@ -967,6 +1019,7 @@ impl Server {
                 move || pools.named_pools(),
             ))
         };
+        let probes = shared.start_probes();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -1001,6 +1054,7 @@ impl Server {
         drop(listener);
         releaser.abort();
         sweeper.abort();
+        probes.iter().for_each(tokio::task::JoinHandle::abort);
         let grace = shared.config.grace;
         tracing::info!(
             grace_s = grace.as_secs_f64(),

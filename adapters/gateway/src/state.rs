@@ -15,6 +15,7 @@ use keypool_redis::{Events, Health, RedisState, StateConfig};
 
 use crate::config::ConfigError;
 use crate::metrics::{Metrics, StateMetrics};
+use crate::probe::Probes;
 
 /// Test-only: shifts the wall clock the state driver uses by this many milliseconds, to run
 /// replicas whose clocks disagree on one machine. Not a flag: nobody should set it in
@@ -41,13 +42,15 @@ pub struct Backend {
     metrics: StateMetrics,
 }
 
-/// Starts the driver for `pool` when a backend is configured (inside the tokio runtime).
+/// Starts the driver for `pool` when a backend is configured (inside the tokio runtime); marks
+/// from other replicas wake the pool's probe task.
 pub(crate) fn start(
     config: Option<&StateConfig>,
     pool: &Arc<Pool>,
     metrics: &Arc<Metrics>,
     state_metrics: Option<StateMetrics>,
     pool_name: &str,
+    probes: &Arc<Probes>,
 ) -> Result<Option<Backend>, String> {
     let (Some(config), Some(state_metrics)) = (config, state_metrics) else {
         return Ok(None);
@@ -56,6 +59,7 @@ pub(crate) fn start(
         pool: pool_name.to_owned(),
         metrics: metrics.clone(),
         state: state_metrics.clone(),
+        probes: probes.clone(),
     });
     let driver = RedisState::start(config.clone(), pool.clone(), Some(events)).map_err(|e| e.to_string())?;
     tracing::info!(
@@ -66,6 +70,13 @@ pub(crate) fn start(
         driver,
         metrics: state_metrics,
     }))
+}
+
+impl Backend {
+    /// The driver (leases, publishing marks made outside calls).
+    pub(crate) fn driver(&self) -> &RedisState {
+        &self.driver
+    }
 }
 
 /// The sink for the calls' marks: the log, then the backend when there is one.
@@ -175,6 +186,7 @@ struct RemoteLog {
     pool: String,
     metrics: Arc<Metrics>,
     state: StateMetrics,
+    probes: Arc<Probes>,
 }
 
 impl Events for RemoteLog {
@@ -190,6 +202,8 @@ impl Events for RemoteLog {
             target: "keypool::key", pool = %self.pool, key = %label, reason = %reason, transition = ?transition,
             source = "shared", generation = mark.generation, "key state changed"
         );
+        // Disabled here: schedule its probe; enabled: forget it.
+        self.probes.wake();
     }
 
     fn propagation(&self, lag: Duration) {
