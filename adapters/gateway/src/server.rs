@@ -648,7 +648,13 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                         "state": crate::limits::state_name(&k.state),
                         "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
                     });
-                    let next_probe = served.probes.next_probe(&pool, k.id);
+                    // Only a disabled key has a next probe (an enabled one leaves the schedule
+                    // when the probe task next looks).
+                    let next_probe = k
+                        .state
+                        .is_disabled()
+                        .then(|| served.probes.next_probe(&pool, k.id))
+                        .flatten();
                     if let Some(key) = key.as_object_mut() {
                         key.extend(crate::limits::key_view(&pool, k.id, next_probe, now, wall));
                     }
