@@ -445,3 +445,53 @@ fn replicas_probe_a_key_one_at_a_time() {
     a.assert_no_secret(&keys, &[]);
     b.assert_no_secret(&keys, &[]);
 }
+
+/// The OpenAI pool probes too, with its own key header, at its upstream.
+#[test]
+fn an_openai_key_comes_back_after_a_successful_probe() {
+    let anthropic = MockServer::start();
+    let openai = MockServer::start_openai();
+    let keys = support::keys(1);
+    let openai_keys: Vec<String> = (0..2)
+        .map(|i| format!("sk-proj-limits{i}-{}", "Vb7Nm2Qw9Er".repeat(4)))
+        .collect();
+    openai.script(&openai_keys[0], [Reply::unauthorized()]);
+    let gw = Gateway::start_env(
+        &anthropic.url(),
+        &keys,
+        &["--openai-upstream", &openai.url(), "--probe-delay", "100ms"],
+        &[("KEYPOOL_OPENAI_KEYS", &openai_keys.join(","))],
+    );
+    let (status, body) = gw.request(
+        "POST",
+        "/openai/v1/chat/completions",
+        &[("content-type", "application/json")],
+        br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let openai_key = |gw: &Gateway| {
+        admin(gw)["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["pool"] == "openai")
+            .cloned()
+            .unwrap()
+    };
+    wait_for("the OpenAI key is probed and enabled", || {
+        openai_key(&gw)["state"] == "available" && !probes(&openai, &openai_keys[0]).is_empty()
+    });
+    let sent = probes(&openai, &openai_keys[0]);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].headers["authorization"].to_str().unwrap(),
+        format!("Bearer {}", openai_keys[0])
+    );
+    let probed = log_lines(&gw, "key probed");
+    assert_eq!(probed.len(), 1);
+    assert_eq!(probed[0]["fields"]["pool"], "openai");
+    assert!(anthropic.requests().is_empty());
+    let mut secrets = keys.clone();
+    secrets.extend(openai_keys);
+    gw.assert_no_secret(&secrets, &[]);
+}
