@@ -66,6 +66,18 @@ impl Probes {
         }
     }
 
+    /// The disabled keys of `pool` that are scheduled, with their next probe.
+    pub(crate) fn scheduled(&self, pool: &Pool, now: Instant) -> Vec<(KeyId, Instant)> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        let prober = self.prober();
+        pool.ids()
+            .filter(|&id| pool.state(id, now).is_disabled())
+            .filter_map(|id| Some((id, prober.next_probe(pool, id)?)))
+            .collect()
+    }
+
     /// When key `id` of `pool` is probed next, if it is scheduled.
     pub(crate) fn next_probe(&self, pool: &Pool, id: KeyId) -> Option<Instant> {
         if !self.enabled {

@@ -618,6 +618,7 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                     mount: &served.config.mount,
                     provider: served.profile().name(),
                     upstream: &served.config.upstream,
+                    next_probes: served.probes.scheduled(&served.pool(), now),
                     pool: served.pool(),
                 })
                 .collect();

@@ -625,6 +625,8 @@ pub struct PoolView<'a> {
     pub upstream: &'a str,
     /// Its keys.
     pub pool: Arc<Pool>,
+    /// When its disabled keys are probed next (SPEC §11.5).
+    pub next_probes: Vec<(KeyId, Instant)>,
 }
 
 fn pool_json(
@@ -707,6 +709,11 @@ fn pool_json(
                 "workspace": organisation.and_then(|s| s.workspace.as_deref()),
                 "hinted": pool.is_hinted_at(id, None, now),
                 "probe": probe,
+                "next_probe_s": view
+                    .next_probes
+                    .iter()
+                    .find(|(k, _)| *k == id)
+                    .map(|(_, at)| round_ms(at.saturating_duration_since(now))),
             })
         })
         .collect();
@@ -715,6 +722,7 @@ fn pool_json(
         "mount": view.mount,
         "provider": view.provider,
         "upstream": view.upstream,
+        "single_organisation": crate::limits::single_organisation(pool),
         "keys": keys,
         "available": counts[0],
         "cooling": counts[1],

@@ -125,10 +125,13 @@ fn a_failed_probe_backs_off() {
     );
     let gw = Gateway::start(&mock.url(), &keys, &["--probe-delay", "200ms"]);
     assert_eq!(gw.message(false).0, 200);
-    // While it is disabled, the admin view says when the next probe is due.
+    // While it is disabled, the admin view and the status page say when the next probe is due.
     let view = key(&gw, 0);
-    if view["state"] == "disabled" {
+    let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();
+    let shown = &status["pools"][0]["keys"][0];
+    if view["state"] == "disabled" && shown["state"] == "disabled" {
         assert!(view["next_probe_seconds"].as_f64().is_some(), "{view}");
+        assert!(shown["next_probe_s"].as_f64().is_some(), "{shown}");
     }
     wait_for("three probes, the last one enabling the key", || {
         probes(&mock, &keys[0]).len() == 3 && key(&gw, 0)["state"] == "available"
@@ -208,6 +211,22 @@ fn no_probes_when_off_or_for_an_operators_disable() {
     let operators = key(&gw, 1);
     assert_eq!(operators["state"], "disabled");
     assert!(operators["next_probe"].is_null(), "{operators}");
+    drop(gw);
+
+    // A disabled key's next probe, in the admin view and on the status page.
+    let mock = MockServer::start();
+    mock.script(&keys[0], [Reply::unauthorized()]);
+    let gw = Gateway::start(&mock.url(), &keys, &["--probe-delay", "1h"]);
+    assert_eq!(gw.message(false).0, 200);
+    let view = key(&gw, 0);
+    let left = view["next_probe_seconds"].as_f64().unwrap();
+    assert!(left > 3500.0 && left <= 3600.0, "{view}");
+    assert!(view["next_probe"].as_str().unwrap().ends_with('Z'), "{view}");
+    let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();
+    let shown = &status["pools"][0]["keys"][0];
+    let left = shown["next_probe_s"].as_f64().unwrap();
+    assert!(left > 3500.0 && left <= 3600.0, "{shown}");
+    assert!(status["pools"][0]["keys"][1]["next_probe_s"].is_null());
 }
 
 /// An answer from `organisation` (and `workspace`).
@@ -263,6 +282,8 @@ fn the_single_organisation_notice_is_logged_once() {
     assert_eq!(notices[0]["fields"]["pool"], "anthropic");
     let view = admin(&gw);
     assert_eq!(view["pools"][0]["single_organisation"], "org-one");
+    let status: serde_json::Value = serde_json::from_str(&gw.admin_get("/admin/status")).unwrap();
+    assert_eq!(status["pools"][0]["single_organisation"], "org-one");
     for k in view["keys"].as_array().unwrap() {
         assert_eq!(k["organisation"], "org-one", "{k}");
         assert_eq!(k["workspace"], "wrk-1", "{k}");

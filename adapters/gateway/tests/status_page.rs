@@ -264,6 +264,16 @@ fn status_page_shows_every_key_and_follows_their_states_live() {
             |v| v["state"] == "disabled",
         )
         .await;
+        // Its first probe is due in 10 minutes (the default --probe-delay).
+        let probe = eval(
+            &client,
+            r#"return document.querySelector('tr[data-key="bravo"] td[data-th="Probe"]').textContent"#,
+        )
+        .await;
+        assert!(probe.as_str().is_some_and(|p| p.starts_with("first in ")), "{probe}");
+        // Two organisations: no single-organisation note.
+        let note = eval(&client, "return document.querySelectorAll('.single-org').length").await;
+        assert_eq!(note, 0);
         let charlie = eval(&client, &row_script("charlie")).await;
         assert_eq!(charlie["state"], "available", "{charlie}");
         let events = wait_until(
