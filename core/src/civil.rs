@@ -1,4 +1,5 @@
-//! Calendar arithmetic on UTC wall-clock times, for the deadlines the upstreams write as dates:
+//! Calendar arithmetic on UTC wall-clock times (public for adapters and tests that write the
+//! same dates), for the deadlines the upstreams write as dates:
 //! RFC 3339 rate-limit resets, "the 1st of next month" of a spend cap, "regain access on
 //! 2026-01-01". No time zone data: every date here is UTC or carries a numeric offset.
 
@@ -44,8 +45,24 @@ fn days_in_month(year: i64, month: u32) -> u32 {
     }
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ`: `t` in UTC, whole seconds (truncated), as the upstreams write
+/// rate-limit resets; times before 1970 are the epoch.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2));
+    let (year, month, day) = civil_from_days(secs.div_euclid(DAY));
+    let rest = secs.rem_euclid(DAY);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 /// 00:00 UTC on the 1st of the month after the one `wall` is in (SPEC §11.3).
-pub(crate) fn first_of_next_month(wall: SystemTime) -> SystemTime {
+pub fn first_of_next_month(wall: SystemTime) -> SystemTime {
     let secs = wall
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2));
@@ -83,7 +100,7 @@ fn date(s: &[u8]) -> Option<(i64, u32, u32, &[u8])> {
 
 /// An RFC 3339 timestamp (`2026-01-01T00:00:40Z`, `2026-01-01T00:00:40.5+01:00`), as the
 /// `anthropic-ratelimit-*-reset` headers carry them.
-pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let (year, month, day, rest) = date(s.trim().as_bytes())?;
     if !matches!(rest.first(), Some(b'T' | b't' | b' ')) {
         return None;
@@ -125,7 +142,7 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 
 /// The first `YYYY-MM-DD` date in a message, with an optional ` at HH:MM` after it, read as UTC
 /// ("You will regain access on 2026-01-01 at 00:00 UTC").
-pub(crate) fn find_date(message: &str) -> Option<SystemTime> {
+pub fn find_date(message: &str) -> Option<SystemTime> {
     let bytes = message.as_bytes();
     (0..bytes.len()).find_map(|i| {
         if i > 0 && bytes[i - 1].is_ascii_digit() {
@@ -171,6 +188,15 @@ mod tests {
         assert_eq!(first_of_next_month(at(1_797_292_800)), at(1_798_761_600));
         // Exactly the 1st → the 1st of the month after.
         assert_eq!(first_of_next_month(at(1_769_904_000)), at(1_772_323_200));
+    }
+
+    #[test]
+    fn rfc3339_both_ways() {
+        for secs in [0, 1_767_225_640, 1_709_251_199, 4_102_444_799] {
+            let text = format_rfc3339(at(secs));
+            assert_eq!(parse_rfc3339(&text), Some(at(secs)), "{text}");
+        }
+        assert_eq!(format_rfc3339(at(1_709_251_199)), "2024-02-29T23:59:59Z");
     }
 
     #[test]

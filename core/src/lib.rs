@@ -128,7 +128,7 @@
 #![forbid(unsafe_code)]
 
 pub mod call;
-mod civil;
+pub mod civil;
 pub mod client;
 pub mod mark;
 pub mod policy;

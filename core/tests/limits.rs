@@ -290,26 +290,7 @@ fn an_exhausted_key_is_preferred_last_but_still_used() {
 
 /// An RFC 3339 timestamp `secs` after `wall`.
 fn httpdate_plus(wall: SystemTime, secs: u64) -> String {
-    let t = wall + Duration::from_secs(secs);
-    let s = t.duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let days = s / 86_400;
-    let rem = s % 86_400;
-    // days → civil (same algorithm as the core's, in its simplest form for dates after 1970)
-    let z = days as i64 + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    keypool_core::civil::format_rfc3339(wall + Duration::from_secs(secs))
 }
 
 #[test]

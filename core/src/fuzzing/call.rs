@@ -651,7 +651,7 @@ impl World {
                         .unwrap_or(wall);
                     put(
                         "anthropic-ratelimit-tokens-reset",
-                        HeaderValue::from_str(&rfc3339(at)),
+                        HeaderValue::from_str(&crate::civil::format_rfc3339(at)),
                     );
                 }
                 let ct = match content_type {
@@ -732,30 +732,6 @@ impl World {
             );
         }
     }
-}
-
-/// An RFC 3339 UTC timestamp, for `anthropic-ratelimit-*-reset`.
-fn rfc3339(t: SystemTime) -> String {
-    let s = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (s / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let r = s % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        r / 3600,
-        r % 3600 / 60,
-        r % 60
-    )
 }
 
 /// Feeds `bytes` to the call in two chunks, recording them as the current attempt's body.
