@@ -808,6 +808,29 @@ impl Pool {
         cell.fetch_max(until_ns, Ordering::AcqRel) < until_ns
     }
 
+    /// Every soft hint `id` carries at `now`: `(None, until)` for a key-wide one, `(Some(family),
+    /// until)` for a family's (for admin views).
+    pub fn hints(&self, id: KeyId, now: Instant) -> Vec<(Option<Family>, Instant)> {
+        let now_ns = self.now_ns(now);
+        let base = id.0 * (1 + FAMILY_SLOTS);
+        (0..=FAMILY_SLOTS)
+            .filter_map(|slot| {
+                let until = self.hints[base + slot].load(Ordering::Acquire);
+                if until <= now_ns {
+                    return None;
+                }
+                let family = match slot {
+                    0 => None,
+                    s => match self.families[s - 1].load(Ordering::Acquire) {
+                        0 => return None,
+                        raw => Some(Family::from_raw(raw)),
+                    },
+                };
+                Some((family, self.origin + Duration::from_nanos(until)))
+            })
+            .collect()
+    }
+
     /// Whether `id` carries a soft hint at `now` (key-wide, or for `family`).
     pub fn is_hinted_at(&self, id: KeyId, family: Option<Family>, now: Instant) -> bool {
         let slot = family.and_then(|f| self.family_slot(f));

@@ -790,3 +790,19 @@ fn a_tried_key_that_is_free_again_counts_as_freeing_up_now() {
         })
     );
 }
+
+#[test]
+fn hints_are_listed_key_wide_and_per_family() {
+    let t0 = Instant::now();
+    let p = pool(3, Order::PrimaryWithFallback, t0);
+    let k = id(&p, 0);
+    assert!(p.hints(k, t0).is_empty());
+    let sonnet = keypool_core::Family::of("sonnet");
+    assert!(p.hint(k, Some(sonnet), t0 + secs(10), t0));
+    assert!(p.hint(k, None, t0 + secs(5), t0));
+    let mut h = p.hints(k, t0);
+    h.sort_by_key(|(f, _)| f.is_some());
+    assert_eq!(h, vec![(None, t0 + secs(5)), (Some(sonnet), t0 + secs(10))]);
+    assert_eq!(p.hints(k, t0 + secs(6)), vec![(Some(sonnet), t0 + secs(10))]);
+    assert!(p.hints(id(&p, 1), t0).is_empty());
+}

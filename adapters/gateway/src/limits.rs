@@ -96,7 +96,7 @@ pub(crate) fn key_view(
     put("workspace", scope.and_then(|s| s.workspace.as_deref()).into());
     put("until", until.into());
     put("family_cooldowns", families.into());
-    put("hinted", pool.is_hinted_at(id, None, now).into());
+    put("hinted", (!pool.hints(id, now).is_empty()).into());
     put("next_probe", next_probe.map(|t| rfc3339(at(t))).into());
     put(
         "next_probe_seconds",

@@ -707,7 +707,7 @@ fn pool_json(
                 "model_family_cooldowns": families.len(),
                 "organisation": organisation.map(|s| &*s.organisation),
                 "workspace": organisation.and_then(|s| s.workspace.as_deref()),
-                "hinted": pool.is_hinted_at(id, None, now),
+                "hinted": !pool.hints(id, now).is_empty(),
                 "probe": probe,
                 "next_probe_s": view
                     .next_probes
