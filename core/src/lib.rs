@@ -32,11 +32,14 @@
 //! fn next_io(_deadline: Option<Instant>) -> Io { unimplemented!("read head or body, until the deadline") }
 //! fn to_caller(_what: &dyn std::fmt::Debug) { /* head, body bytes, error response, abort */ }
 //!
+//! /// The adapter's two clocks (the core never reads one).
+//! const CLOCKS: (fn() -> Instant, fn() -> SystemTime) = (Instant::now, SystemTime::now);
+//!
 //! /// Hands what happened to the call, with the adapter's clocks.
 //! fn feed(call: &mut Call, io: Io) {
-//!     let now = Instant::now();
+//!     let (now, wall) = (CLOCKS.0(), CLOCKS.1());
 //!     match io {
-//!         Io::Head(status, headers) => call.handle_response_head(status, headers, now, SystemTime::now()),
+//!         Io::Head(status, headers) => call.handle_response_head(status, headers, now, wall),
 //!         Io::Chunk(bytes) => call.handle_body(bytes, now),
 //!         Io::End => call.handle_body_end(now),
 //!         Io::Error(e) => call.handle_transport_error(e, now),
@@ -44,10 +47,10 @@
 //!     }
 //! }
 //!
-//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), Instant::now())?);
+//! let pool = Arc::new(Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), CLOCKS.0())?);
 //! let config = CallConfig::default();
 //! let request = Request::post_json("/v1/messages", r#"{"model":"claude-sonnet-4-5","max_tokens":64}"#);
-//! let mut call = Call::new(request, Credential::Pool(pool), &config, "req_01", Instant::now());
+//! let mut call = Call::new(request, Credential::Pool(pool), &config, "req_01", CLOCKS.0());
 //! // Before the head: attempts, marks, and the answer.
 //! loop {
 //!     match call.poll_output() {

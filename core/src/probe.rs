@@ -15,7 +15,8 @@
 //! use keypool_core::probe::{ProbeConfig, Prober, ProbeResult};
 //! use keypool_core::{DisableReason, Order, Pool, Profile};
 //!
-//! let t0 = Instant::now();
+//! let clock = Instant::now; // the driver's clock; the core never reads one
+//! let t0 = clock();
 //! let pool = Pool::new(["sk-ant-api03-first-key-000000000000"], Order::default(), t0)?;
 //! let id = pool.key_at(0).unwrap();
 //! let _ = pool.disable(id, DisableReason::Unauthorized);
@@ -26,7 +27,7 @@
 //! assert_eq!(later, t0 + Duration::from_secs(600));
 //! let probe = prober.poll_probe(&pool, &Profile::anthropic(), later).unwrap();
 //! // ... the driver sends `probe.attempt` upstream; the key works again ...
-//! let result = prober.handle_result(&pool, &probe, Some(StatusCode::OK), later, SystemTime::now());
+//! let result = prober.handle_result(&pool, &probe, Some(StatusCode::OK), later, SystemTime::UNIX_EPOCH);
 //! assert!(matches!(result, ProbeResult::Enabled { .. }));
 //! assert!(pool.state(id, later).is_available());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
