@@ -75,6 +75,19 @@ pub enum CoolReason {
     SpendCapped,
 }
 
+impl CoolReason {
+    /// The snake-case name logs, metrics, admin views and state backends use (`rate_limited`,
+    /// `auth`, `overloaded`, `spend_capped`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::Auth => "auth",
+            Self::Overloaded => "overloaded",
+            Self::SpendCapped => "spend_capped",
+        }
+    }
+}
+
 /// Why a key is disabled. Disabled keys take no traffic until [`Pool::enable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DisableReason {
@@ -86,6 +99,18 @@ pub enum DisableReason {
     Billing,
     /// An operator disabled the key by hand.
     Operator,
+}
+
+impl DisableReason {
+    /// The snake-case name (`unauthorized`, `forbidden`, `billing`, `operator`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::Billing => "billing",
+            Self::Operator => "operator",
+        }
+    }
 }
 
 /// The state of one key at some instant.

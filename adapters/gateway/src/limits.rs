@@ -84,7 +84,7 @@ pub(crate) fn key_view(
                 "family": format!("{:016x}", family.raw()),
                 "until": rfc3339(at(until)),
                 "seconds_left": until.saturating_duration_since(now).as_secs_f64(),
-                "reason": reason_name(reason),
+                "reason": reason.as_str(),
             })
         })
         .collect();
@@ -105,15 +105,6 @@ pub(crate) fn key_view(
             .into(),
     );
     view
-}
-
-fn reason_name(reason: CoolReason) -> &'static str {
-    match reason {
-        CoolReason::RateLimited => "rate_limited",
-        CoolReason::Auth => "auth",
-        CoolReason::Overloaded => "overloaded",
-        CoolReason::SpendCapped => "spend_capped",
-    }
 }
 
 /// `2025-08-01T00:00:00Z` (UTC, whole seconds).

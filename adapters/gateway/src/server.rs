@@ -638,16 +638,16 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
                     let (reason, seconds) = match k.state {
                         KeyState::Available => (None, None),
                         KeyState::Cooling { until, reason } => (
-                            Some(format!("{reason:?}")),
+                            Some(reason.as_str()),
                             Some(until.saturating_duration_since(now).as_secs_f64()),
                         ),
-                        KeyState::Disabled { reason } => (Some(format!("{reason:?}")), None),
+                        KeyState::Disabled { reason } => (Some(reason.as_str()), None),
                     };
                     let mut key = serde_json::json!({
                         "pool": served.name(), "label": k.label, "hint": k.hint,
                         "fingerprint": k.fingerprint.to_string(), "generation": k.generation,
                         "state": crate::limits::state_name(&k.state),
-                        "reason": reason.map(|r| snake(&r)), "cooling_seconds_left": seconds,
+                        "reason": reason, "cooling_seconds_left": seconds,
                     });
                     // Only a disabled key has a next probe (an enabled one leaves the schedule
                     // when the probe task next looks).
@@ -714,21 +714,6 @@ fn admin(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
             "admin routes: GET /admin (status page), GET /admin/status, GET /admin/keys, POST /admin/keys/{label}/enable|disable (also under /admin/pools/{pool}/)",
         ),
     }
-}
-
-pub(crate) fn snake(debug: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in debug.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Forwards a request for pool `index`; the last `rest_len` bytes of its path are the path

@@ -193,8 +193,8 @@ impl Events for RemoteLog {
     fn remote_mark(&self, pool: &Arc<Pool>, key: KeyId, mark: &Mark, transition: Transition) {
         let label = pool.label(key);
         let reason = match mark.change {
-            Change::CoolUntil { reason, .. } => crate::server::snake(&format!("{reason:?}")),
-            Change::Disable { reason } => crate::server::snake(&format!("{reason:?}")),
+            Change::CoolUntil { reason, .. } => reason.as_str().to_owned(),
+            Change::Disable { reason } => reason.as_str().to_owned(),
             Change::Enable => "enabled".to_owned(),
         };
         self.metrics.transition(&self.pool, label, &reason);

@@ -193,22 +193,12 @@ impl KeyChange {
 
 /// The snake-case name of a cool reason, as logs, metrics and the admin API show it.
 pub fn cool_reason(reason: CoolReason) -> &'static str {
-    match reason {
-        CoolReason::RateLimited => "rate_limited",
-        CoolReason::Auth => "auth",
-        CoolReason::Overloaded => "overloaded",
-        CoolReason::SpendCapped => "spend_capped",
-    }
+    reason.as_str()
 }
 
 /// The snake-case name of a disable reason.
 pub fn disable_reason(reason: DisableReason) -> &'static str {
-    match reason {
-        DisableReason::Unauthorized => "unauthorized",
-        DisableReason::Forbidden => "forbidden",
-        DisableReason::Billing => "billing",
-        DisableReason::Operator => "operator",
-    }
+    reason.as_str()
 }
 
 /// One entry of the recent transitions.

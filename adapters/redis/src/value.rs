@@ -116,12 +116,7 @@ pub enum StoredState {
 }
 
 fn cool_name(r: CoolReason) -> &'static str {
-    match r {
-        CoolReason::RateLimited => "rate_limited",
-        CoolReason::Auth => "auth",
-        CoolReason::Overloaded => "overloaded",
-        CoolReason::SpendCapped => "spend_capped",
-    }
+    r.as_str()
 }
 
 fn cool_rank(r: CoolReason) -> u8 {
@@ -134,12 +129,7 @@ fn cool_rank(r: CoolReason) -> u8 {
 }
 
 fn disable_name(r: DisableReason) -> &'static str {
-    match r {
-        DisableReason::Unauthorized => "unauthorized",
-        DisableReason::Forbidden => "forbidden",
-        DisableReason::Billing => "billing",
-        DisableReason::Operator => "operator",
-    }
+    r.as_str()
 }
 
 fn disable_rank(r: DisableReason) -> u8 {
