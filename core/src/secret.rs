@@ -20,6 +20,9 @@ use http::HeaderValue;
 pub struct Secret {
     value: Box<str>,
     hint: Box<str>,
+    /// The key as a sensitive header value, made once: every attempt sends a copy of it, which
+    /// shares these bytes instead of copying them.
+    header: HeaderValue,
 }
 
 /// Why a string cannot be a key. Never carries the secret itself.
@@ -51,9 +54,14 @@ impl Secret {
             return Err(SecretError::NotHeaderValue);
         }
         let hint = hint_of(&value).into_boxed_str();
+        // Cannot fail: visible ASCII only (checked above) is always a valid header value.
+        let mut header = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(value.as_bytes()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        header.set_sensitive(true);
         Ok(Self {
             value: value.into_boxed_str(),
             hint,
+            header,
         })
     }
 
@@ -70,10 +78,7 @@ impl Secret {
 
     /// The key as a header value, marked sensitive (HPACK never indexes it and `Debug` hides it).
     pub fn header_value(&self) -> HeaderValue {
-        // Cannot fail: `new` admits visible ASCII only, which is always a valid header value.
-        let mut v = HeaderValue::from_str(&self.value).unwrap_or_else(|_| HeaderValue::from_static(""));
-        v.set_sensitive(true);
-        v
+        self.header.clone()
     }
 
     /// Compares with a presented credential in time that does not depend on where they differ.

@@ -36,9 +36,9 @@ type Step = (&'static str, Box<dyn Fn(&MockServer)>, bool);
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<(), String> {
-    if args.verbose {
-        crate::init_logging(crate::config::LogFormat::Text);
-    }
+    let _logs = args
+        .verbose
+        .then(|| crate::init_logging(crate::config::LogFormat::Text));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

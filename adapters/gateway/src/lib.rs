@@ -14,6 +14,8 @@ pub mod demo;
 pub mod keys;
 pub mod keys_cli;
 mod limits;
+pub mod log_format;
+pub mod log_writer;
 pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
@@ -22,8 +24,11 @@ pub mod server;
 pub mod state;
 pub mod status;
 
-/// Sets up logging to stderr (`RUST_LOG` filters; default `info`).
-pub fn init_logging(format: config::LogFormat) {
+/// Sets up logging to stderr (`RUST_LOG` filters; default `info`), batched under load (see
+/// [`log_writer`]). Keep the returned guard until the process ends: dropping it writes out the
+/// lines still buffered.
+pub fn init_logging(format: config::LogFormat) -> log_writer::LogFlush {
+    let (writer, flush) = log_writer::LogWriter::stderr();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a terminal: in a file, a pipe or the journal they are noise (and
@@ -31,9 +36,10 @@ pub fn init_logging(format: config::LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
-        config::LogFormat::Text => builder.try_init(),
+        config::LogFormat::Text => builder.event_format(log_format::TextFormat::default()).try_init(),
         config::LogFormat::Json => builder.json().try_init(),
     };
+    flush
 }

@@ -147,7 +147,7 @@ fn serve(args: &ServeArgs, explicit: &Explicit) -> ExitCode {
         Ok(l) => l,
         Err(e) => return report(Err(e.to_string())),
     };
-    init_logging(loaded.args.log_format);
+    let _logs = init_logging(loaded.args.log_format);
     if let Some(path) = &args.config {
         tracing::info!(config = %path.display(), keys = %loaded.origins.keys, "configuration loaded");
         for o in &loaded.overridden {

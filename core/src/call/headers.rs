@@ -15,19 +15,35 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` is hop-by-hop (or `Upgrade`), whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::UPGRADE
+}
+
+/// Removes every header whose name is `unwanted`. A map usually holds none or a few of them,
+/// so its names are scanned (a comparison each) instead of hashing every unwanted name for a
+/// removal that finds nothing.
+fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
+    while let Some(name) = headers.keys().find(|name| unwanted(name)).cloned() {
+        headers.remove(&name);
+    }
+}
+
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::UPGRADE);
+    remove_where(headers, is_hop_by_hop);
 }
 
 /// The headers every attempt of a call sends, before the key is added: hop-by-hop headers,
@@ -36,12 +52,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// are removed, and so are the client credential headers `credentials` (the profile's, or none).
 pub(crate) fn outbound(mut headers: HeaderMap, credentials: &[HeaderName]) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::ACCEPT_ENCODING);
-    for name in credentials {
-        headers.remove(name);
-    }
+    remove_where(&mut headers, |name| {
+        name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::ACCEPT_ENCODING
+            || credentials.contains(name)
+    });
     headers
 }
 
@@ -68,6 +84,9 @@ mod tests {
         h.insert("authorization", "Bearer client".parse().unwrap());
         h.insert("host", "gw".parse().unwrap());
         h.insert("accept-encoding", "gzip".parse().unwrap());
+        h.append("accept-encoding", "br".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("anthropic-version", "2023-06-01".parse().unwrap());
         let out = outbound(h.clone(), &crate::profile::anthropic::CREDENTIAL_HEADERS);
         assert_eq!(out.len(), 1, "{out:?}");

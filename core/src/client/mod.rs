@@ -370,7 +370,23 @@ pub fn request_id(wall: SystemTime) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    format!("req_keypool_{t:x}{n:04x}")
+    // Formatted by hand: this runs for every call, and `format!` costs more than the rest.
+    let mut id = String::with_capacity(PREFIX.len() + 32);
+    id.push_str(PREFIX);
+    push_hex(&mut id, t, 1);
+    push_hex(&mut id, n, 4);
+    id
+}
+
+const PREFIX: &str = "req_keypool_";
+
+/// Appends `value` in lower-case hex, at least `min_digits` digits (as `{value:0min_digits$x}`).
+fn push_hex(out: &mut String, value: u64, min_digits: usize) {
+    let digits = (64 - value.leading_zeros() as usize).div_ceil(4).max(min_digits);
+    for i in (0..digits).rev() {
+        let nibble = value.checked_shr(4 * i as u32).unwrap_or(0) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+    }
 }
 
 /// Whether a delivered response is an event stream that `stream` can parse.
@@ -435,6 +451,20 @@ mod tests {
         b.handle_body(Ok(None));
         assert!(matches!(b.step(), Step::Item(Ok(e)) if e.data() == "1"));
         assert!(matches!(b.step(), Step::End));
+    }
+
+    #[test]
+    fn request_ids_are_hex_as_format_would_write_them() {
+        for (value, min) in [(0u64, 1usize), (0, 4), (0xabc, 4), (0x1_2345, 4), (u64::MAX, 1), (7, 1)] {
+            let mut out = String::new();
+            push_hex(&mut out, value, min);
+            assert_eq!(out, format!("{value:0min$x}"));
+        }
+        let wall = UNIX_EPOCH + std::time::Duration::from_micros(0x1234_5678_9abc);
+        let id = request_id(wall);
+        assert!(id.starts_with("req_keypool_123456789abc"), "{id}");
+        let counter = &id["req_keypool_123456789abc".len()..];
+        assert!(counter.len() >= 4 && counter.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
     }
 
     #[test]

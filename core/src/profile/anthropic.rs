@@ -245,33 +245,37 @@ impl Provider for Anthropic {
     }
 
     fn scope<'h>(&self, headers: &'h HeaderMap) -> Option<(&'h str, Option<&'h str>)> {
-        let text = |name: &str| {
+        let text = |name: &HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
         };
-        Some((text(ORGANIZATION_HEADER)?, text(WORKSPACE_HEADER)))
+        Some((text(&ORGANIZATION_HEADER)?, text(&WORKSPACE_HEADER)))
     }
 
     /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-remaining: 0` → the
     /// matching `-reset` (RFC 3339), measured from the answer's `date` (else `wall`).
     fn exhaustion_hint(&self, headers: &HeaderMap, wall: SystemTime) -> Option<Duration> {
+        // Every answer is looked at: find an exhausted dimension before parsing any date.
+        let mut exhausted = RATE_LIMIT_DIMENSIONS
+            .iter()
+            .filter(|(remaining, _)| {
+                headers
+                    .get(remaining)
+                    .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
+            })
+            .peekable();
+        exhausted.peek()?;
         let base = headers
             .get(http::header::DATE)
             .and_then(|d| d.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok())
             .unwrap_or(wall);
-        RATE_LIMIT_DIMENSIONS
-            .iter()
-            .filter(|(remaining, _)| {
-                headers
-                    .get(*remaining)
-                    .is_some_and(|v| v.as_bytes().trim_ascii() == b"0")
-            })
+        exhausted
             .filter_map(|(_, reset)| {
-                let at = crate::civil::parse_rfc3339(headers.get(*reset)?.to_str().ok()?)?;
+                let at = crate::civil::parse_rfc3339(headers.get(reset)?.to_str().ok()?)?;
                 at.duration_since(base).ok().filter(|d| !d.is_zero())
             })
             .max()
@@ -291,10 +295,7 @@ impl Provider for Anthropic {
     }
 
     fn identity_headers(&self) -> &'static [HeaderName] {
-        static HEADERS: [HeaderName; 2] = [
-            HeaderName::from_static(ORGANIZATION_HEADER),
-            HeaderName::from_static(WORKSPACE_HEADER),
-        ];
+        static HEADERS: [HeaderName; 2] = [ORGANIZATION_HEADER, WORKSPACE_HEADER];
         &HEADERS
     }
 
@@ -314,28 +315,28 @@ impl Provider for Anthropic {
 }
 
 /// The header that names a key's organisation.
-const ORGANIZATION_HEADER: &str = "anthropic-organization-id";
+const ORGANIZATION_HEADER: HeaderName = HeaderName::from_static("anthropic-organization-id");
 /// The header that names a key's workspace.
-const WORKSPACE_HEADER: &str = "anthropic-workspace-id";
+const WORKSPACE_HEADER: HeaderName = HeaderName::from_static("anthropic-workspace-id");
 /// `error.details.error_code` of a 429 that is a spend cap, not a rate limit (SPEC §11.3).
 const SPEND_LIMIT_CODE: &str = "enforced_spend_limit_reached";
 /// The rate-limit dimensions: `(remaining header, reset header)`.
-const RATE_LIMIT_DIMENSIONS: [(&str, &str); 4] = [
+static RATE_LIMIT_DIMENSIONS: [(HeaderName, HeaderName); 4] = [
     (
-        "anthropic-ratelimit-requests-remaining",
-        "anthropic-ratelimit-requests-reset",
+        HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-requests-reset"),
     ),
     (
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
     ),
     (
-        "anthropic-ratelimit-input-tokens-remaining",
-        "anthropic-ratelimit-input-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-input-tokens-reset"),
     ),
     (
-        "anthropic-ratelimit-output-tokens-remaining",
-        "anthropic-ratelimit-output-tokens-reset",
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-remaining"),
+        HeaderName::from_static("anthropic-ratelimit-output-tokens-reset"),
     ),
 ];
 

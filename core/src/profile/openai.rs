@@ -451,12 +451,18 @@ impl ErrorInfo {
 }
 
 /// The two rate-limit dimensions whose headers OpenAI sends.
-const DIMENSIONS: [(&str, &str); 2] = [
-    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
-    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+static DIMENSIONS: [(HeaderName, HeaderName); 2] = [
+    (
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ),
+    (
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ),
 ];
 
-fn remaining(headers: &HeaderMap, name: &str) -> Option<u64> {
+fn remaining(headers: &HeaderMap, name: &HeaderName) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
@@ -466,7 +472,7 @@ fn exhausted_reset(headers: &HeaderMap) -> Option<Duration> {
     DIMENSIONS
         .iter()
         .filter(|(left, _)| remaining(headers, left) == Some(0))
-        .filter_map(|(_, reset)| parse_go_duration(headers.get(*reset)?.to_str().ok()?))
+        .filter_map(|(_, reset)| parse_go_duration(headers.get(reset)?.to_str().ok()?))
         .max()
 }
 
@@ -478,7 +484,7 @@ fn is_request_too_large(info: &ErrorInfo, headers: &HeaderMap) -> bool {
         return false;
     }
     let requests = message.contains("(rpm)") || message.contains("requests per");
-    let (left, _) = DIMENSIONS[usize::from(!requests)];
+    let (left, _) = &DIMENSIONS[usize::from(!requests)];
     remaining(headers, left) != Some(0)
 }
 
