@@ -305,7 +305,7 @@ pub enum GatewayBody {
         /// The body.
         body: keypool_tokio::Body,
         /// For the end-of-request log line and metrics, written once the call has ended.
-        log: Option<Box<RequestLog>>,
+        log: Option<RequestLog>,
     },
 }
 
@@ -515,8 +515,12 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayB
     }
 }
 
-fn short(path: &str) -> String {
-    path.chars().take(100).collect()
+/// At most the first 100 characters of `path`, for messages and logs.
+fn short(path: &str) -> &str {
+    match path.char_indices().nth(100) {
+        Some((end, _)) => &path[..end],
+        None => path,
+    }
 }
 
 fn health(shared: &Shared) -> Response<GatewayBody> {
@@ -829,7 +833,7 @@ async fn forward(
                 parts,
                 GatewayBody::Relay {
                     body,
-                    log: Some(Box::new(log)),
+                    log: Some(log),
                 },
             )
         }

@@ -18,8 +18,31 @@ use keypool_core::client::{AsyncTransport, ClientCall, Clocks, Io, Transport};
 /// A boxed error, as tower services and bodies produce them.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// An upstream response body, whatever produced it.
-pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+/// An upstream response body: hyper's own (the client's, not boxed), or whatever a tower
+/// service produced.
+pub(crate) enum UpstreamBody {
+    /// From the hyper-util client.
+    Hyper(hyper::body::Incoming),
+    /// From another service (the tower layer's inner service).
+    Boxed(UnsyncBoxBody<Bytes, BoxError>),
+}
+
+impl UpstreamBody {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    /// The next frame; its error as the transport sees it.
+    async fn next_frame(&mut self) -> Option<Result<http_body::Frame<Bytes>, TransportError>> {
+        match self {
+            Self::Hyper(body) => Some(body.frame().await?.map_err(|e| transport_error(&e))),
+            Self::Boxed(body) => Some(body.frame().await?.map_err(|e| transport_error(&*e))),
+        }
+    }
+}
 
 /// A started upstream request: resolves to its response head.
 pub(crate) type Exchange = BoxFuture<'static, Result<http::Response<UpstreamBody>, BoxError>>;
@@ -138,7 +161,7 @@ impl Current {
             if body.is_end_stream() {
                 return Io::End;
             }
-            match body.frame().await {
+            match body.next_frame().await {
                 None => return Io::End,
                 Some(Ok(frame)) => {
                     // A frame that is not data (trailers) has nothing to report: read on.
@@ -146,7 +169,7 @@ impl Current {
                         return Io::Chunk(bytes);
                     }
                 }
-                Some(Err(e)) => return Io::Error(transport_error(&*e)),
+                Some(Err(e)) => return Io::Error(e),
             }
         }
     }

@@ -13,7 +13,7 @@ use keypool_core::profile::Profile;
 use keypool_core::{Pool, Secret};
 use tower::{Layer, Service};
 
-use crate::driver::{BoxError, Exchange, Upstream, driver};
+use crate::driver::{BoxError, Exchange, Upstream, UpstreamBody, driver};
 use crate::{Body, Error, respond};
 
 /// Adds key failover over a shared [`Pool`] to an HTTP service.
@@ -178,7 +178,7 @@ where
             let request = request?;
             poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into)?;
             let response = service.call(request).await.map_err(Into::into)?;
-            Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+            Ok(response.map(|body| UpstreamBody::Boxed(body.map_err(Into::into).boxed_unsync())))
         })
     }
 }

@@ -70,7 +70,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -92,7 +92,7 @@ pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;
 
-use driver::{Driver, Exchange, Upstream, driver};
+use driver::{Driver, Exchange, Upstream, UpstreamBody, driver};
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
@@ -172,8 +172,12 @@ struct ClientUpstream(Arc<Inner>);
 
 impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
-        let url = self.0.upstream.url(&attempt.path_and_query);
-        let mut builder = http::Request::builder().method(attempt.method).uri(url);
+        let builder = http::Request::builder().method(attempt.method);
+        let mut builder = match self.0.upstream.uri(&attempt.path_and_query) {
+            Ok(uri) => builder.uri(uri),
+            // Fails the same way when the request is built: the error goes to the call.
+            Err(_) => builder.uri(self.0.upstream.url(&attempt.path_and_query)),
+        };
         if let Some(headers) = builder.headers_mut() {
             *headers = attempt.headers;
         }
@@ -181,7 +185,7 @@ impl Upstream for ClientUpstream {
         let http = self.0.http.clone();
         Box::pin(async move {
             let response = http.request(request?).await?;
-            Ok(response.map(|body| body.map_err(Into::into).boxed_unsync()))
+            Ok(response.map(UpstreamBody::Hyper))
         })
     }
 }

@@ -76,6 +76,11 @@ where
         loop {
             match self.pump.take() {
                 Some(Pump::Idle(mut call)) => {
+                    // Nothing to wait for: no read to set up.
+                    if let Some(ready) = call.try_next_chunk() {
+                        self.pump = Some(Pump::Idle(call));
+                        return Poll::Ready(ready);
+                    }
                     self.pump = Some(Pump::Busy(Box::pin(async move {
                         let read = call.next_chunk().await;
                         (call, read)

@@ -179,6 +179,17 @@ impl<T: Transport> ClientCall<T> {
         }
     }
 
+    /// The next chunk of the delivered body if the call has it without waiting for its
+    /// exchange (a chunk already in hand, or the end), else `None`: then
+    /// [`next_chunk`](Self::next_chunk) must wait. Lets a body skip setting up an asynchronous
+    /// read when nothing needs to be awaited (for example the end after a whole body).
+    pub fn try_next_chunk(&mut self) -> Option<Result<Option<Bytes>, BodyError>> {
+        match self.poll_body() {
+            Next::Ready(r) => Some(r),
+            Next::Wait(_) => None,
+        }
+    }
+
     /// Hands an input of the exchange to the call, with the time it arrived.
     fn handle(&mut self, io: Io) {
         let now = (T::CLOCKS.now)();

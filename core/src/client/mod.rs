@@ -116,6 +116,8 @@ pub struct Upstream {
     port: u16,
     authority: String,
     prefix: String,
+    /// The scheme and authority, parsed once: [`uri`](Self::uri) shares them with every URI.
+    parts: (http::uri::Scheme, http::uri::Authority),
 }
 
 impl Upstream {
@@ -142,8 +144,17 @@ impl Upstream {
                 "base URL {base:?} must not have a query"
             )));
         }
+        let parts = (
+            if https {
+                http::uri::Scheme::HTTPS
+            } else {
+                http::uri::Scheme::HTTP
+            },
+            authority.clone(),
+        );
         Ok(Self {
             https,
+            parts,
             host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
             port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
@@ -174,6 +185,21 @@ impl Upstream {
     /// The full URL of an attempt.
     pub fn url(&self, path_and_query: &PathAndQuery) -> String {
         format!("{}{}", self.base, path_and_query)
+    }
+    /// The URI of an attempt ([`url`](Self::url) as a `Uri`). Without a path prefix it shares
+    /// the bytes of the base and of `path_and_query` instead of formatting and parsing a string.
+    pub fn uri(&self, path_and_query: &PathAndQuery) -> Result<http::Uri, ClientError> {
+        let invalid = || ClientError::Config(format!("invalid URL {:?}", self.url(path_and_query)));
+        let path_and_query = if self.prefix.is_empty() {
+            path_and_query.clone()
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.prefix, path_and_query)).map_err(|_| invalid())?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.parts.0.clone());
+        parts.authority = Some(self.parts.1.clone());
+        parts.path_and_query = Some(path_and_query);
+        http::Uri::from_parts(parts).map_err(|_| invalid())
     }
 }
 
@@ -419,12 +445,22 @@ mod tests {
             u.url(&PathAndQuery::from_static("/v1/messages?x=1")),
             "https://api.anthropic.com/v1/messages?x=1"
         );
+        assert_eq!(
+            u.uri(&PathAndQuery::from_static("/v1/messages?x=1")).unwrap(),
+            "https://api.anthropic.com/v1/messages?x=1"
+        );
         let u = Upstream::parse("http://127.0.0.1:8080/proxy").unwrap();
         assert_eq!((u.port(), u.prefix()), (8080, "/proxy"));
         assert_eq!(
             u.url(&PathAndQuery::from_static("/v1/models")),
             "http://127.0.0.1:8080/proxy/v1/models"
         );
+        assert_eq!(
+            u.uri(&PathAndQuery::from_static("/v1/models?a=b")).unwrap(),
+            "http://127.0.0.1:8080/proxy/v1/models?a=b"
+        );
+        let v6 = Upstream::parse("http://[::1]:9/").unwrap();
+        assert_eq!(v6.uri(&PathAndQuery::from_static("/v1/x")).unwrap(), "http://[::1]:9/v1/x");
         for bad in ["ftp://x", "not a url", "http://", "/v1", "https://h/?q=1"] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }
