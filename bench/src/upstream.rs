@@ -9,7 +9,9 @@
 //! - [`FAIL_FIRST_HEADER`] and the first bench key ([`KEYS`]`[0]`): `429 rate_limit_error` with
 //!   `retry-after: 0.001`, so the key is available again a millisecond later.
 //!
-//! Every answer carries [`KEY_INDEX_HEADER`]: the index in [`KEYS`] of the key that was sent.
+//! Every answer carries [`KEY_INDEX_HEADER`]: the index in [`KEYS`] of the key that was sent;
+//! and, as a real upstream does, the key's organisation (one per key) and rate-limit headers
+//! (far from exhausted).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,6 +36,14 @@ pub const FAIL_FIRST_HEADER: &str = "x-bench-429";
 pub const KEY_INDEX_HEADER: &str = "x-bench-key-index";
 /// The fake keys the gateway is given, in order.
 pub const KEYS: [&str; 3] = ["sk-bench-key-0", "sk-bench-key-1", "sk-bench-key-2"];
+
+const ORGANIZATION_HEADER: &str = "anthropic-organization-id";
+const RATE_LIMIT_HEADERS: [(&str, &str); 4] = [
+    ("anthropic-ratelimit-requests-limit", "4000"),
+    ("anthropic-ratelimit-requests-remaining", "3999"),
+    ("anthropic-ratelimit-requests-reset", "2099-01-01T00:00:00Z"),
+    ("anthropic-ratelimit-tokens-remaining", "399000"),
+];
 
 const MESSAGE: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench","content":[{"type":"text","text":"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":10}}"#;
 const RATE_LIMITED: &str =
@@ -97,6 +107,20 @@ async fn handle(req: Request<Incoming>) -> Result<Response<OutBody>, Infallible>
         r
     };
     response.headers_mut().insert(KEY_INDEX_HEADER, key_header);
+    // What a real upstream sends on every answer: the key's organisation (keypool learns it)
+    // and its rate-limit state, far from exhausted (keypool reads it for hints).
+    let headers = response.headers_mut();
+    // One organisation per key: keys of one organisation share its rate limits (a 429 on one
+    // rests the others), which the failover measurement must not hit.
+    let organisation = match key {
+        Some(0) => "org-bench-0",
+        Some(1) => "org-bench-1",
+        _ => "org-bench-2",
+    };
+    headers.insert(ORGANIZATION_HEADER, HeaderValue::from_static(organisation));
+    for (name, value) in RATE_LIMIT_HEADERS {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
     Ok(response)
 }
 

@@ -28,14 +28,27 @@ pub mod status;
 /// [`log_writer`]). Keep the returned guard until the process ends: dropping it writes out the
 /// lines still buffered.
 pub fn init_logging(format: config::LogFormat) -> log_writer::LogFlush {
-    let (writer, flush) = log_writer::LogWriter::stderr();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a terminal: in a file, a pipe or the journal they are noise (and
     // cost time on every line).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init(format, Box::new(std::io::stderr()), ansi)
+}
+
+/// [`init_logging`] to another destination (tests, benchmarks), without colours.
+pub fn init_logging_to(
+    format: config::LogFormat,
+    out: Box<dyn std::io::Write + Send>,
+) -> log_writer::LogFlush {
+    init(format, out, false)
+}
+
+fn init(format: config::LogFormat, out: Box<dyn std::io::Write + Send>, ansi: bool) -> log_writer::LogFlush {
+    let (writer, flush) = log_writer::LogWriter::new(out);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(writer);
     let _ = match format {
         config::LogFormat::Text => builder.event_format(log_format::TextFormat::default()).try_init(),

@@ -304,6 +304,9 @@ mod tests {
         writer.make_writer().write_all(b"start\n").unwrap();
         let big = vec![b'x'; MAX_BUFFERED];
         writer.make_writer().write_all(&big).unwrap();
-        assert!(text(&sink).len() > MAX_BUFFERED, "written before the writer returned");
+        assert!(
+            text(&sink).len() > MAX_BUFFERED,
+            "written before the writer returned"
+        );
     }
 }

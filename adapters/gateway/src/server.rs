@@ -829,13 +829,7 @@ async fn forward(
                 started,
                 request_id: None,
             };
-            Response::from_parts(
-                parts,
-                GatewayBody::Relay {
-                    body,
-                    log: Some(log),
-                },
-            )
+            Response::from_parts(parts, GatewayBody::Relay { body, log: Some(log) })
         }
         Err(e) => {
             let Some(response) = e.to_response() else {

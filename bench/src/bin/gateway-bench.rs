@@ -484,6 +484,9 @@ struct Row {
     ratio: String,
     target: String,
     met: Option<bool>,
+    /// The gateway in its round-2 configuration (state on Redis, two pools, organisations
+    /// learnt, hints on): its figure, ratio and verdict against the same target.
+    round2: Option<(f64, String, Option<bool>)>,
 }
 
 impl Row {
@@ -495,6 +498,7 @@ impl Row {
             ratio: "-".into(),
             target: "-".into(),
             met: None,
+            round2: None,
         }
     }
     fn judge(mut self, ratio: String, target: impl Into<String>, met: Option<bool>) -> Self {
@@ -502,6 +506,19 @@ impl Row {
         self.target = target.into();
         self.met = met;
         self
+    }
+}
+
+/// Added latency of the round-2 gateway `r` over the bare forwarder's: the same ratio and target.
+fn with_round2_added(row: Row, r: Option<f64>, judged: bool) -> Row {
+    let (Some(r), Some(d), Some(b)) = (r, row.values[0], row.values[1]) else {
+        return row;
+    };
+    let (ra, ba) = (r - d, b - d);
+    let ratio = format!("{:.2}× (+{ra:.1} vs +{ba:.1})", ra / ba);
+    Row {
+        round2: Some((r, ratio, judged.then_some(ra <= 1.25 * ba))),
+        ..row
     }
 }
 
@@ -531,6 +548,8 @@ struct Env {
     client: HttpClient,
     uris: [Uri; 3],
     pids: [u32; 3],
+    /// The round-2 gateway: its URI and process id.
+    round2: Option<(Uri, u32)>,
 }
 
 impl Env {
@@ -573,7 +592,14 @@ fn role(listen: Option<Result<SocketAddr, std::net::AddrParseError>>, upstream: 
     }
 }
 
-const USAGE: &str = "usage: gateway-bench [--quick] [--json PATH] [--keypool PATH] [--streams N]";
+const USAGE: &str =
+    "usage: gateway-bench [--quick] [--json PATH] [--keypool PATH] [--streams N] [--no-round2]
+
+The gateway column runs `keypool serve` with its defaults and one pool; the round-2 column
+(unless --no-round2) runs a second `keypool serve` with shared state on a redis-server this
+tool starts on 127.0.0.1 (redis-server must be installed), an Anthropic and an OpenAI pool,
+organisations learnt from the answers and rate-limit hints on. Afterwards it runs the sibling
+`state-bench` for the multi-replica figures.";
 
 fn run(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -639,6 +665,37 @@ fn run(args: &[String]) -> Result<(), String> {
             .env_remove("KEYPOOL_UPSTREAM"),
         gateway_addr,
     )?;
+    // The round-2 configuration: shared state on Redis, both pools, the same upstream (which
+    // names an organisation and sends rate-limit headers on every answer).
+    let round2_wanted = !args.iter().any(|a| a == "--no-round2");
+    let redis = round2_wanted.then(keypool_redis::testing::RedisServer::start);
+    let round2_addr = free_addr()?;
+    let round2 = match &redis {
+        Some(redis) => Some(Proc::spawn(
+            "keypool serve (round 2)",
+            Command::new(&keypool)
+                .args([
+                    "serve",
+                    "--listen",
+                    &round2_addr.to_string(),
+                    "--upstream",
+                    &upstream_url,
+                    "--openai-upstream",
+                    &upstream_url,
+                    "--state",
+                    &redis.url(),
+                ])
+                .args(["--grace", "1s"])
+                .env("KEYPOOL_KEYS", KEYS.join(","))
+                .env("KEYPOOL_OPENAI_KEYS", KEYS.join(","))
+                .env_remove("RUST_LOG")
+                .env_remove("KEYPOOL_LISTEN")
+                .env_remove("KEYPOOL_UPSTREAM")
+                .env_remove("KEYPOOL_OPENAI_UPSTREAM"),
+            round2_addr,
+        )?),
+        None => None,
+    };
     std::thread::sleep(Duration::from_millis(200));
     let idle_start = [None, Some(rss(bare.pid())), Some(rss(gateway.pid()))];
 
@@ -653,7 +710,32 @@ fn run(args: &[String]) -> Result<(), String> {
         client: Client::builder(TokioExecutor::new()).build(connector),
         uris: [uri(upstream_addr), uri(bare_addr), uri(gateway_addr)],
         pids: [upstream.pid(), bare.pid(), gateway.pid()],
+        round2: round2.as_ref().map(|p| (uri(round2_addr), p.pid())),
     };
+    if let Some((uri, _)) = &env.round2 {
+        // Ready once the shared state has been read (`/healthz` answers 503 until then).
+        let health: Uri = uri
+            .to_string()
+            .replace("/v1/messages", "/healthz")
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = runtime.block_on(async {
+                let request = Request::get(health.clone())
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                matches!(env.client.request(request).await, Ok(r) if r.status().is_success())
+            });
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the round-2 gateway did not read its shared state within 10 s".into());
+            }
+            runtime.block_on(tokio::time::sleep(Duration::from_millis(20)));
+        }
+    }
     let mut rows = runtime.block_on(measure(&env, &plan, quick))?;
 
     // Memory rows come from outside the async measurement (idle-at-start was read above).
@@ -689,6 +771,8 @@ fn run(args: &[String]) -> Result<(), String> {
         },
     );
     rows.insert(rows.len() - 3, idle_row("RSS idle, after start", idle_start));
+    drop(round2);
+    drop(redis);
     drop(gateway);
     drop(bare);
     drop(upstream);
@@ -696,11 +780,30 @@ fn run(args: &[String]) -> Result<(), String> {
     let elapsed = run_started.elapsed();
 
     let headers = [
-        "metric", "unit", "direct", "bare fwd", "gateway", "ratio", "target", "met?",
+        "metric",
+        "unit",
+        "direct",
+        "bare fwd",
+        "gateway",
+        "ratio",
+        "target",
+        "met?",
+        "gateway, round 2",
+        "ratio",
+        "met?",
     ];
-    let table: Vec<[String; 8]> = rows
+    let verdict = |met: Option<bool>| match met {
+        Some(true) => "yes".to_owned(),
+        Some(false) => "NO".to_owned(),
+        None => "-".to_owned(),
+    };
+    let table: Vec<[String; 11]> = rows
         .iter()
         .map(|r| {
+            let (r2, r2_ratio, r2_met) = match &r.round2 {
+                Some((v, ratio, met)) => (fmt_value(Some(*v)), ratio.clone(), verdict(*met)),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
             [
                 r.metric.clone(),
                 r.unit.to_owned(),
@@ -709,11 +812,10 @@ fn run(args: &[String]) -> Result<(), String> {
                 fmt_value(r.values[2]),
                 r.ratio.clone(),
                 r.target.clone(),
-                match r.met {
-                    Some(true) => "yes".into(),
-                    Some(false) => "NO".into(),
-                    None => "-".into(),
-                },
+                verdict(r.met),
+                r2,
+                r2_ratio,
+                r2_met,
             ]
         })
         .collect();
@@ -736,6 +838,7 @@ fn run(args: &[String]) -> Result<(), String> {
                     "metric": r.metric, "unit": r.unit,
                     "direct": v(r.values[0]), "bare": v(r.values[1]), "gateway": v(r.values[2]),
                     "ratio": r.ratio, "target": r.target, "met": r.met,
+                    "round2": r.round2.as_ref().map(|(v, ratio, met)| json!({"value": v, "ratio": ratio, "met": met})),
                 })
             })
             .collect();
@@ -753,6 +856,19 @@ fn run(args: &[String]) -> Result<(), String> {
         let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
         write(&path, &text)?;
     }
+    if round2_wanted {
+        // The multi-replica figures (mark propagation, 429s with three replicas) come from
+        // state-bench, built next to this tool.
+        let state_bench = exe.with_file_name("state-bench");
+        println!();
+        let status = Command::new(&state_bench)
+            .args(quick.then_some("--quick"))
+            .status()
+            .map_err(|e| format!("cannot run {}: {e}", state_bench.display()))?;
+        if !status.success() {
+            return Err(format!("{} failed: {status}", state_bench.display()));
+        }
+    }
     Ok(())
 }
 
@@ -760,7 +876,7 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn print_markdown(headers: &[&str; 8], rows: &[[String; 8]]) {
+fn print_markdown<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
     let mut width = headers.map(|h| h.chars().count());
     for row in rows {
         for (w, cell) in width.iter_mut().zip(row) {
@@ -816,11 +932,19 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
     // Non-streaming latency at c=1 and c=32.
     for (c, per_round) in [(1, plan.c1_per_round), (32, plan.c32_per_round)] {
         let mut s: [Samples; 3] = Default::default();
+        let mut r2 = Samples::default();
         for round in 0..plan.rounds {
             for via in order(round) {
                 s[via as usize].add(closed_loop(client, env.uri(via), c, per_round, Extra::default()).await);
+                // The round-2 gateway right after the gateway, so both see the same machine.
+                if via == Via::Gateway
+                    && let Some((uri, _)) = &env.round2
+                {
+                    r2.add(closed_loop(client, uri, c, per_round, Extra::default()).await);
+                }
             }
         }
+        errors_total += r2.errors;
         for (via, x) in ALL.iter().zip(&s) {
             errors_total += x.errors;
             if x.errors > 0 {
@@ -829,13 +953,15 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
         }
         for p in [50.0, 90.0, 99.0] {
             let [d, b, g] = [s[0].pct(p), s[1].pct(p), s[2].pct(p)];
-            rows.push(added_row(
+            let row = added_row(
                 format!("non-streaming c={c}, latency p{p:.0}"),
                 d,
                 b,
                 g,
                 p != 90.0,
-            ));
+            );
+            let r = env.round2.is_some().then(|| r2.pct(p));
+            rows.push(with_round2_added(row, r, p != 90.0));
         }
     }
 
@@ -1005,6 +1131,7 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
     let tick_ns = 1e9 / clock_ticks_per_second() as f64;
     let mut ticks = [0u64; 3];
     let mut served = [0usize; 3];
+    let (mut r2_ticks, mut r2_served) = (0u64, 0usize);
     for round in 0..plan.cpu_rounds {
         for via in order(round) {
             let pid = env.pids[via as usize];
@@ -1013,18 +1140,34 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
             ticks[via as usize] += cpu_ticks(pid) - before;
             served[via as usize] += s.ns.len();
             errors_total += s.errors;
+            if via == Via::Gateway
+                && let Some((uri, pid)) = &env.round2
+            {
+                let before = cpu_ticks(*pid);
+                let s = closed_loop(client, uri, 8, plan.cpu_per_round, Extra::default()).await;
+                r2_ticks += cpu_ticks(*pid) - before;
+                r2_served += s.ns.len();
+                errors_total += s.errors;
+            }
         }
     }
     let per_req = |i: usize| ticks[i] as f64 * tick_ns / 1000.0 / served[i].max(1) as f64;
     let cpu = [per_req(0), per_req(1), per_req(2)];
-    rows.push(
-        Row::new(
-            "CPU per request at c=8 (direct column: the upstream's own)",
-            "µs",
-            cpu.map(Some),
-        )
-        .judge(format!("{:.2}× bare", cpu[2] / cpu[1]), "-", None),
+    let mut row = Row::new(
+        "CPU per request at c=8 (direct column: the upstream's own)",
+        "µs",
+        cpu.map(Some),
+    )
+    .judge(
+        format!("{:.2}× bare", cpu[2] / cpu[1]),
+        "≤ 1.25× bare",
+        Some(cpu[2] <= 1.25 * cpu[1]),
     );
+    if env.round2.is_some() {
+        let r = r2_ticks as f64 * tick_ns / 1000.0 / r2_served.max(1) as f64;
+        row.round2 = Some((r, format!("{:.2}× bare", r / cpu[1]), Some(r <= 1.25 * cpu[1])));
+    }
+    rows.push(row);
 
     let (b, g) = (
         per_stream[1].unwrap_or(f64::NAN),

@@ -460,7 +460,10 @@ mod tests {
             "http://127.0.0.1:8080/proxy/v1/models?a=b"
         );
         let v6 = Upstream::parse("http://[::1]:9/").unwrap();
-        assert_eq!(v6.uri(&PathAndQuery::from_static("/v1/x")).unwrap(), "http://[::1]:9/v1/x");
+        assert_eq!(
+            v6.uri(&PathAndQuery::from_static("/v1/x")).unwrap(),
+            "http://[::1]:9/v1/x"
+        );
         for bad in ["ftp://x", "not a url", "http://", "/v1", "https://h/?q=1"] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }
@@ -491,7 +494,14 @@ mod tests {
 
     #[test]
     fn request_ids_are_hex_as_format_would_write_them() {
-        for (value, min) in [(0u64, 1usize), (0, 4), (0xabc, 4), (0x1_2345, 4), (u64::MAX, 1), (7, 1)] {
+        for (value, min) in [
+            (0u64, 1usize),
+            (0, 4),
+            (0xabc, 4),
+            (0x1_2345, 4),
+            (u64::MAX, 1),
+            (7, 1),
+        ] {
             let mut out = String::new();
             push_hex(&mut out, value, min);
             assert_eq!(out, format!("{value:0min$x}"));
@@ -500,7 +510,10 @@ mod tests {
         let id = request_id(wall);
         assert!(id.starts_with("req_keypool_123456789abc"), "{id}");
         let counter = &id["req_keypool_123456789abc".len()..];
-        assert!(counter.len() >= 4 && counter.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert!(
+            counter.len() >= 4 && counter.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
     }
 
     #[test]
