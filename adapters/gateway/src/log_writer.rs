@@ -93,6 +93,8 @@ impl Shared {
     /// The flusher thread: waits until lines come, then writes them out every [`LINGER`]
     /// until a whole [`LINGER`] passes without one.
     fn run(&self) {
+        // The batch being written; swapped with the buffer so that both keep their capacity.
+        let mut batch = Vec::new();
         loop {
             {
                 let mut buffer = lock(&self.buffer);
@@ -105,16 +107,19 @@ impl Shared {
             }
             std::thread::sleep(LINGER);
             let mut out = lock(&self.out);
-            let batch = {
+            {
                 let mut buffer = lock(&self.buffer);
                 if buffer.bytes.is_empty() {
                     // A whole LINGER without a line: the next one is written at once.
                     buffer.collecting = false;
                     continue;
                 }
-                std::mem::take(&mut buffer.bytes)
-            };
+                std::mem::swap(&mut buffer.bytes, &mut batch);
+            }
             let _ = out.write_all(&batch);
+            batch.clear();
+            // A burst's worth is kept; more is given back.
+            batch.shrink_to(MAX_BUFFERED);
         }
     }
 }

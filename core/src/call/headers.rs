@@ -21,29 +21,52 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes every header whose name is `unwanted`. A map usually holds none or a few of them,
-/// so its names are scanned (a comparison each) instead of hashing every unwanted name for a
-/// removal that finds nothing.
+/// so its names are scanned once (a comparison or two each) instead of hashing every unwanted
+/// name for a removal that mostly finds nothing; only the names found are removed.
 fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
-    while let Some(name) = headers.keys().find(|name| unwanted(name)).cloned() {
-        headers.remove(&name);
+    loop {
+        let mut found: [Option<HeaderName>; 8] = Default::default();
+        let mut more = false;
+        let mut slots = found.iter_mut();
+        for name in headers.keys().filter(|name| unwanted(name)) {
+            match slots.next() {
+                Some(slot) => *slot = Some(name.clone()),
+                None => {
+                    more = true;
+                    break;
+                }
+            }
+        }
+        for name in found.iter().flatten() {
+            headers.remove(name);
+        }
+        if !more {
+            return;
+        }
     }
 }
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in &named {
-            headers.remove(name);
-        }
-    }
+    strip_connection_named(headers);
     remove_where(headers, is_hop_by_hop);
+}
+
+/// Removes the headers that `Connection` names (the hop-by-hop ones are removed by name).
+fn strip_connection_named(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
 }
 
 /// The headers every attempt of a call sends, before the key is added: hop-by-hop headers,
@@ -51,9 +74,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `accept-encoding` (keypool reads event streams, so the upstream must answer uncompressed)
 /// are removed, and so are the client credential headers `credentials` (the profile's, or none).
 pub(crate) fn outbound(mut headers: HeaderMap, credentials: &[HeaderName]) -> HeaderMap {
-    strip_hop_by_hop(&mut headers);
+    strip_connection_named(&mut headers);
     remove_where(&mut headers, |name| {
-        name == header::HOST
+        is_hop_by_hop(name)
+            || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::ACCEPT_ENCODING
             || credentials.contains(name)
@@ -93,6 +117,18 @@ mod tests {
         assert!(out.contains_key("anthropic-version"));
         let out = outbound(h, &[]);
         assert!(out.contains_key("x-api-key") && out.contains_key("authorization"));
+    }
+
+    #[test]
+    fn more_unwanted_names_than_one_scan_holds_are_all_removed() {
+        let mut h = HeaderMap::new();
+        for i in 0..20 {
+            h.insert(HeaderName::from_bytes(format!("x-drop-{i}").as_bytes()).unwrap(), "1".parse().unwrap());
+            h.insert(HeaderName::from_bytes(format!("x-keep-{i}").as_bytes()).unwrap(), "1".parse().unwrap());
+        }
+        remove_where(&mut h, |name| name.as_str().starts_with("x-drop-"));
+        assert_eq!(h.len(), 20);
+        assert!(h.keys().all(|k| k.as_str().starts_with("x-keep-")));
     }
 
     #[test]

@@ -258,7 +258,17 @@ impl Provider for Anthropic {
     /// `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-remaining: 0` → the
     /// matching `-reset` (RFC 3339), measured from the answer's `date` (else `wall`).
     fn exhaustion_hint(&self, headers: &HeaderMap, wall: SystemTime) -> Option<Duration> {
-        // Every answer is looked at: find an exhausted dimension before parsing any date.
+        // Every answer is looked at: one pass over its names finds whether any dimension is
+        // exhausted at all, before any lookup or date parsing.
+        let any = headers.iter().any(|(name, value)| {
+            let name = name.as_str();
+            name.starts_with("anthropic-ratelimit-")
+                && name.ends_with("-remaining")
+                && value.as_bytes().trim_ascii() == b"0"
+        });
+        if !any {
+            return None;
+        }
         let mut exhausted = RATE_LIMIT_DIMENSIONS
             .iter()
             .filter(|(remaining, _)| {
