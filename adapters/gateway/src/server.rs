@@ -297,6 +297,9 @@ impl Shared {
 }
 
 /// The body the gateway sends: a keypool body relayed from upstream, or a whole buffer.
+// The relayed variant, the large one, is the body of nearly every response: boxing its request
+// log to shrink the rare one would cost every request an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum GatewayBody {
     /// A whole response made by the gateway.
     Full(Option<Bytes>),

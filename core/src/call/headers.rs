@@ -123,8 +123,14 @@ mod tests {
     fn more_unwanted_names_than_one_scan_holds_are_all_removed() {
         let mut h = HeaderMap::new();
         for i in 0..20 {
-            h.insert(HeaderName::from_bytes(format!("x-drop-{i}").as_bytes()).unwrap(), "1".parse().unwrap());
-            h.insert(HeaderName::from_bytes(format!("x-keep-{i}").as_bytes()).unwrap(), "1".parse().unwrap());
+            h.insert(
+                HeaderName::from_bytes(format!("x-drop-{i}").as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+            h.insert(
+                HeaderName::from_bytes(format!("x-keep-{i}").as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
         }
         remove_where(&mut h, |name| name.as_str().starts_with("x-drop-"));
         assert_eq!(h.len(), 20);
