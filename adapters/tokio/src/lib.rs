@@ -172,19 +172,19 @@ struct ClientUpstream(Arc<Inner>);
 
 impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
-        let builder = http::Request::builder().method(attempt.method);
-        let mut builder = match self.0.upstream.uri(&attempt.path_and_query) {
-            Ok(uri) => builder.uri(uri),
-            // Fails the same way when the request is built: the error goes to the call.
-            Err(_) => builder.uri(self.0.upstream.url(&attempt.path_and_query)),
+        let uri = match self.0.upstream.uri(&attempt.path_and_query) {
+            Ok(uri) => uri,
+            Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
-        if let Some(headers) = builder.headers_mut() {
-            *headers = attempt.headers;
-        }
-        let request = builder.body(Full::new(attempt.body));
-        let http = self.0.http.clone();
+        let mut request = http::Request::new(Full::new(attempt.body));
+        *request.method_mut() = attempt.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = attempt.headers;
+        // The client is used through the shared `Inner`, not cloned per attempt (a clone copies
+        // the connector and the pool handles).
+        let inner = self.0.clone();
         Box::pin(async move {
-            let response = http.request(request?).await?;
+            let response = inner.http.request(request).await?;
             Ok(response.map(UpstreamBody::Hyper))
         })
     }

@@ -24,8 +24,12 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// so its names are scanned once (a comparison or two each) instead of hashing every unwanted
 /// name for a removal that mostly finds nothing; only the names found are removed.
 fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
+    // Most maps hold none (a response) or three (a request: host, content-length, a key).
+    if !headers.keys().any(&unwanted) {
+        return;
+    }
     loop {
-        let mut found: [Option<HeaderName>; 8] = Default::default();
+        let mut found: [Option<HeaderName>; 4] = Default::default();
         let mut more = false;
         let mut slots = found.iter_mut();
         for name in headers.keys().filter(|name| unwanted(name)) {
