@@ -1,19 +1,23 @@
-//! Where log lines go: stderr, in batches while the gateway is busy.
+//! Where log lines go: stderr, the request log in batches while the gateway is busy.
 //!
 //! Writing every request's log line to stderr as it is made costs each request a `write`
 //! system call, and, with two worker threads logging at once, a wait on the stderr lock (a
-//! `futex` call each way): together more than the rest of the request log. So a line made
-//! while lines are coming thick and fast is only appended to a buffer, and a flusher thread
-//! writes the buffer out every [`LINGER`] — one `write` for the lines of that time.
+//! `futex` call each way): together more than the rest of the request log. So a request line
+//! (target `keypool::request`) made while request lines are coming thick and fast is only
+//! appended to a buffer, and a flusher thread writes the buffer out every [`LINGER`] — one
+//! `write` for the lines of that time.
 //!
-//! A line made while the gateway is quiet (the flusher has found nothing to write for a whole
-//! [`LINGER`]) is written at once, by the thread that made it, as before; it also wakes the
-//! flusher, which then collects the lines that follow. So a lone line appears immediately, a
-//! line under load at most [`LINGER`] late, lines keep their order, and nothing is dropped:
-//! a buffer that grows past [`MAX_BUFFERED`] (stderr not keeping up) is written out by the
-//! thread that fills it, which waits for stderr as every line used to. [`LogFlush`] writes out
-//! what is left when the process ends normally; a process killed with SIGKILL loses at most the
-//! last [`LINGER`] of lines.
+//! Every other line (a key cooling, a probe, a warning) is written at once, after whatever
+//! request lines are buffered, so lines keep their order. A request line made while the gateway
+//! is quiet (the flusher found nothing to write for a whole [`LINGER`]) is written at once too,
+//! and wakes the flusher to collect the lines that follow. So a lone line appears immediately,
+//! a request line under load at most [`LINGER`] late, and nothing is dropped: a buffer that
+//! grows past [`MAX_BUFFERED`] (stderr not keeping up) is written out by the thread that fills
+//! it, which waits for stderr as every line used to. [`LogFlush`] writes out what is left when
+//! the process ends normally; a process killed with SIGKILL loses at most the last [`LINGER`]
+//! of request lines.
+//!
+//! Locks are always taken destination first, then buffer (or the buffer alone).
 
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -51,47 +55,49 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Adds one write (tracing hands over one whole line per event).
-    fn write(&self, line: &[u8]) {
-        let mut buffer = lock(&self.buffer);
-        if buffer.closed {
-            drop(buffer);
-            let _ = lock(&self.out).write_all(line);
-            return;
-        }
-        if buffer.collecting {
-            buffer.bytes.extend_from_slice(line);
-            if buffer.bytes.len() >= MAX_BUFFERED {
-                // stderr is not keeping up: write the batch here, as the flusher would.
-                let mut out = lock(&self.out);
-                let batch = std::mem::take(&mut buffer.bytes);
-                drop(buffer);
-                let _ = out.write_all(&batch);
+    /// Adds one write (tracing hands over one whole line per event); `batch` for request lines.
+    fn write(&self, line: &[u8], batch: bool) {
+        {
+            let mut buffer = lock(&self.buffer);
+            if batch && !buffer.closed {
+                if buffer.collecting {
+                    buffer.bytes.extend_from_slice(line);
+                    if buffer.bytes.len() < MAX_BUFFERED {
+                        return;
+                    }
+                    // stderr is not keeping up: write the batch here, as the flusher would.
+                    drop(buffer);
+                    return self.write_out(None);
+                }
+                // Quiet until now: this line is written at once, below, and the flusher
+                // collects the ones that follow.
+                buffer.collecting = true;
+                self.wake.notify_one();
             }
-            return;
         }
-        // Quiet until now: write this line at once, and let the flusher collect what follows.
-        // The destination is taken before the buffer is let go, so lines added meanwhile are
-        // written after this one.
-        buffer.collecting = true;
-        self.wake.notify_one();
-        let mut out = lock(&self.out);
-        drop(buffer);
-        let _ = out.write_all(line);
+        self.write_out(Some(line));
     }
 
-    /// Writes out whatever is buffered.
-    fn flush(&self) {
+    /// Writes whatever is buffered, then `line`.
+    fn write_out(&self, line: Option<&[u8]>) {
         let mut out = lock(&self.out);
         let batch = std::mem::take(&mut lock(&self.buffer).bytes);
         if !batch.is_empty() {
             let _ = out.write_all(&batch);
         }
-        let _ = out.flush();
+        if let Some(line) = line {
+            let _ = out.write_all(line);
+        }
     }
 
-    /// The flusher thread: waits until lines come, then writes them out every [`LINGER`]
-    /// until a whole [`LINGER`] passes without one.
+    /// Writes out whatever is buffered.
+    fn flush(&self) {
+        self.write_out(None);
+        let _ = lock(&self.out).flush();
+    }
+
+    /// The flusher thread: waits until request lines come, then writes them out every
+    /// [`LINGER`] until a whole [`LINGER`] passes without one.
     fn run(&self) {
         // The batch being written; swapped with the buffer so that both keep their capacity.
         let mut batch = Vec::new();
@@ -189,11 +195,21 @@ impl Drop for LogFlush {
 
 /// One event's writes.
 #[derive(Debug)]
-pub struct Line<'a>(&'a LogWriter);
+pub struct Line<'a> {
+    writer: &'a LogWriter,
+    /// A request line: batched under load.
+    batch: bool,
+}
+
+impl LogWriter {
+    fn line(&self, batch: bool) -> Line<'_> {
+        Line { writer: self, batch }
+    }
+}
 
 impl Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.shared.write(buf);
+        self.writer.shared.write(buf, self.batch);
         Ok(buf.len())
     }
 
@@ -202,11 +218,18 @@ impl Write for Line<'_> {
     }
 }
 
+/// The target of the request log, the one line per request that is batched under load.
+const REQUEST_TARGET: &str = "keypool::request";
+
 impl<'a> MakeWriter<'a> for LogWriter {
     type Writer = Line<'a>;
 
     fn make_writer(&'a self) -> Self::Writer {
-        Line(self)
+        self.line(false)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        self.line(meta.target() == REQUEST_TARGET)
     }
 }
 
@@ -243,7 +266,7 @@ mod tests {
     fn a_lone_line_is_written_at_once() {
         let sink = Sink::default();
         let (writer, _flush) = LogWriter::new(Box::new(sink.clone()));
-        writer.make_writer().write_all(b"one\n").unwrap();
+        writer.line(true).write_all(b"one\n").unwrap();
         assert_eq!(text(&sink), "one\n");
     }
 
@@ -257,7 +280,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..2000 {
                         writer
-                            .make_writer()
+                            .line(true)
                             .write_all(format!("{t} {i}\n").as_bytes())
                             .unwrap();
                     }
@@ -285,30 +308,41 @@ mod tests {
     fn buffered_lines_arrive_without_another_line_and_at_the_end() {
         let sink = Sink::default();
         let (writer, flush) = LogWriter::new(Box::new(sink.clone()));
-        writer.make_writer().write_all(b"first\n").unwrap();
+        writer.line(true).write_all(b"first\n").unwrap();
         // The flusher is collecting now: this one is buffered, and must still come out.
-        writer.make_writer().write_all(b"second\n").unwrap();
+        writer.line(true).write_all(b"second\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !text(&sink).contains("second") {
             assert!(Instant::now() < deadline, "the buffered line never arrived");
             std::thread::yield_now();
         }
         assert_eq!(text(&sink), "first\nsecond\n");
-        writer.make_writer().write_all(b"third\n").unwrap();
+        writer.line(true).write_all(b"third\n").unwrap();
         drop(flush);
         assert!(text(&sink).ends_with("third\n"), "{}", text(&sink));
         // After the flush guard is gone, lines are written directly.
-        writer.make_writer().write_all(b"late\n").unwrap();
+        writer.line(true).write_all(b"late\n").unwrap();
         assert!(text(&sink).ends_with("late\n"));
+    }
+
+    #[test]
+    fn other_lines_are_written_at_once_after_the_buffered_ones() {
+        let sink = Sink::default();
+        let (writer, _flush) = LogWriter::new(Box::new(sink.clone()));
+        writer.line(true).write_all(b"request 1\n").unwrap();
+        writer.line(true).write_all(b"request 2\n").unwrap();
+        writer.make_writer().write_all(b"key cooling\n").unwrap();
+        // Written before the call returned, after the request line buffered before it.
+        assert_eq!(text(&sink), "request 1\nrequest 2\nkey cooling\n");
     }
 
     #[test]
     fn a_full_buffer_is_written_by_the_thread_that_fills_it() {
         let sink = Sink::default();
         let (writer, _flush) = LogWriter::new(Box::new(sink.clone()));
-        writer.make_writer().write_all(b"start\n").unwrap();
+        writer.line(true).write_all(b"start\n").unwrap();
         let big = vec![b'x'; MAX_BUFFERED];
-        writer.make_writer().write_all(&big).unwrap();
+        writer.line(true).write_all(&big).unwrap();
         assert!(
             text(&sink).len() > MAX_BUFFERED,
             "written before the writer returned"
