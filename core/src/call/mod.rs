@@ -135,7 +135,18 @@ pub struct Call {
     body_outputs: VecDeque<BodyOutput>,
     /// How the call ended, once it has.
     outcome: Option<Outcome>,
-    request_id: String,
+    request_id: RequestId,
+}
+
+/// A call's request id: given, or made from the wall time of the call's start the first time an
+/// error response needs it (most calls never do).
+#[derive(Debug)]
+enum RequestId {
+    Given(String),
+    Deferred {
+        wall: SystemTime,
+        made: std::sync::OnceLock<String>,
+    },
 }
 
 impl Call {
@@ -145,6 +156,39 @@ impl Call {
         credential: Credential,
         config: &CallConfig,
         request_id: impl Into<String>,
+        now: Instant,
+    ) -> Self {
+        Self::start(
+            request,
+            credential,
+            config,
+            RequestId::Given(request_id.into()),
+            now,
+        )
+    }
+
+    /// [`new`](Self::new) with a request id of the form of
+    /// [`client::request_id`](crate::client::request_id), for the wall time `wall` of the call's
+    /// start, made only if an error response needs it.
+    pub fn new_at(
+        request: Request,
+        credential: Credential,
+        config: &CallConfig,
+        wall: SystemTime,
+        now: Instant,
+    ) -> Self {
+        let id = RequestId::Deferred {
+            wall,
+            made: std::sync::OnceLock::new(),
+        };
+        Self::start(request, credential, config, id, now)
+    }
+
+    fn start(
+        request: Request,
+        credential: Credential,
+        config: &CallConfig,
+        request_id: RequestId,
         now: Instant,
     ) -> Self {
         let strip: &[http::HeaderName] = match credential {
@@ -181,7 +225,7 @@ impl Call {
             outputs: VecDeque::new(),
             body_outputs: VecDeque::new(),
             outcome: None,
-            request_id: request_id.into(),
+            request_id,
         };
         call.next_attempt(now);
         call
@@ -213,7 +257,10 @@ impl Call {
 
     /// The request id used in error bodies.
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        match &self.request_id {
+            RequestId::Given(id) => id,
+            RequestId::Deferred { wall, made } => made.get_or_init(|| crate::client::request_id(*wall)),
+        }
     }
 
     /// Whether the call is over and every output has been drained.
@@ -852,7 +899,7 @@ impl Call {
     }
 
     fn fail(&mut self, error: CallError) {
-        let response = error.to_response_for(&self.config.profile, &self.request_id);
+        let response = error.to_response_for(&self.config.profile, self.request_id());
         let summary = self.summary();
         let outcome = Outcome::of_error(&error);
         self.outputs.push_back(Output::Fail(Failure {

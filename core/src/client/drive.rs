@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::{BodyError, ClientError, request_id};
+use super::{BodyError, ClientError};
 use crate::call::{
     Attempt, BodyOutput, Call, CallConfig, Credential, Head, Outcome, Output, Request, TransportError,
 };
@@ -97,13 +97,7 @@ pub struct ClientCall<T: Transport> {
 impl<T: Transport> ClientCall<T> {
     /// Starts a call (with a fresh request id) over `transport`.
     pub fn new(transport: T, request: Request, credential: Credential, config: &CallConfig) -> Self {
-        let call = Call::new(
-            request,
-            credential,
-            config,
-            request_id((T::CLOCKS.wall)()),
-            (T::CLOCKS.now)(),
-        );
+        let call = Call::new_at(request, credential, config, (T::CLOCKS.wall)(), (T::CLOCKS.now)());
         Self {
             call,
             transport,
