@@ -44,15 +44,20 @@ pub fn init_logging_to(
 
 fn init(format: config::LogFormat, out: Box<dyn std::io::Write + Send>, ansi: bool) -> log_writer::LogFlush {
     let (writer, flush) = log_writer::LogWriter::new(out);
+    let direct = writer.clone();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(writer);
-    let _ = match format {
+    let installed = match format {
         config::LogFormat::Text => builder.event_format(log_format::TextFormat::default()).try_init(),
         config::LogFormat::Json => builder.json().try_init(),
     };
+    // Request lines bypass `tracing` only when its subscriber is this one, writing plain text.
+    if installed.is_ok() && format == config::LogFormat::Text && !ansi {
+        log_format::write_request_lines_to(direct);
+    }
     flush
 }

@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
@@ -52,6 +53,164 @@ where
         event.record(&mut fields);
         fields.result?;
         writer.write_char('\n')
+    }
+}
+
+/// Where request lines are written directly, when the text format and the gateway's writer are
+/// the global subscriber's (set once by `init_logging`).
+static DIRECT: OnceLock<crate::log_writer::LogWriter> = OnceLock::new();
+
+/// Request lines are written directly to `writer` from now on (text format, no colours).
+pub(crate) fn write_request_lines_to(writer: crate::log_writer::LogWriter) {
+    let _ = DIRECT.set(writer);
+}
+
+/// The request log line (`keypool::request`, `request`) of a forwarded request: its fields, in
+/// the order they are written.
+#[derive(Clone, Copy)]
+pub struct RequestLine<'a> {
+    /// The pool's name.
+    pub pool: &'a str,
+    /// The request method.
+    pub method: &'a http::Method,
+    /// The request path (already cut to its first 100 characters).
+    pub path: &'a str,
+    /// The response status.
+    pub status: u16,
+    /// Upstream attempts.
+    pub attempts: usize,
+    /// The key that answered (its label), `byok` or `-`.
+    pub key: &'a str,
+    /// Request to end of response, in ms.
+    pub latency_ms: f64,
+    /// How the call ended.
+    pub outcome: &'a str,
+    /// The request id of keypool's own error response, if it made one.
+    pub request_id: Option<&'a str>,
+    /// What went wrong, if anything.
+    pub error: Option<&'a dyn fmt::Display>,
+}
+
+impl std::fmt::Debug for RequestLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestLine")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RequestLine<'_> {
+    /// Logs the line. In the text format the line is written directly, the same bytes the
+    /// formatter would write, without `tracing`'s per-field dispatch (one line per request is
+    /// the gateway's largest cost after the HTTP work itself); otherwise it is a `tracing` event.
+    pub fn emit(&self) {
+        if let Some(writer) = DIRECT.get() {
+            if tracing::enabled!(target: "keypool::request", Level::INFO) {
+                thread_local! {
+                    static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+                }
+                LINE.with(|line| {
+                    let mut line = line.borrow_mut();
+                    line.clear();
+                    if self.write_text(&mut line, SystemTime::now()).is_ok() {
+                        writer.write_request(line.as_bytes());
+                    }
+                });
+            }
+            return;
+        }
+        tracing::info!(
+            target: "keypool::request",
+            pool = self.pool,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            attempts = self.attempts,
+            key = %self.key,
+            latency_ms = self.latency_ms,
+            outcome = self.outcome,
+            request_id = self.request_id,
+            error = self.error.map(tracing::field::display),
+            "request"
+        );
+    }
+
+    /// The line as the text format writes the event [`emit`](Self::emit) makes.
+    fn write_text(&self, out: &mut String, now: SystemTime) -> fmt::Result {
+        write_timestamp(&mut Writer::new(out), now)?;
+        out.push_str(" INFO keypool::request: request pool=");
+        write_quoted(out, self.pool)?;
+        for (name, value) in [(" method=", self.method.as_str()), (" path=", self.path)] {
+            out.push_str(name);
+            out.push_str(value);
+        }
+        out.push_str(" status=");
+        out.push_str(itoa::Buffer::new().format(self.status));
+        out.push_str(" attempts=");
+        out.push_str(itoa::Buffer::new().format(self.attempts));
+        out.push_str(" key=");
+        out.push_str(self.key);
+        out.push_str(" latency_ms=");
+        write_ms(out, self.latency_ms)?;
+        out.push_str(" outcome=");
+        write_quoted(out, self.outcome)?;
+        if let Some(id) = self.request_id {
+            out.push_str(" request_id=");
+            write_quoted(out, id)?;
+        }
+        if let Some(error) = self.error {
+            write!(out, " error={error}")?;
+        }
+        out.push('\n');
+        Ok(())
+    }
+}
+
+/// A latency in ms as `Debug` writes the `f64`: for a whole number of microseconds (what the
+/// request log records) that is the exact decimal, its trailing zeros cut but one kept
+/// (`0.273`, `12.0`), written here without the float formatter. Anything else goes to it.
+fn write_ms(out: &mut String, ms: f64) -> fmt::Result {
+    let micros = (ms * 1000.0).round();
+    // Exact below 2^53, and far below the range where `Debug` switches to an exponent.
+    if !(0.0..1e12).contains(&micros) || micros / 1000.0 != ms {
+        return write!(out, "{ms:?}");
+    }
+    // In range and whole (checked above): the cast is exact.
+    let micros = micros as u64;
+    out.push_str(itoa::Buffer::new().format(micros / 1000));
+    out.push('.');
+    let fraction = micros % 1000;
+    if fraction == 0 {
+        out.push('0');
+    } else {
+        let digits = [fraction / 100, fraction / 10 % 10, fraction % 10];
+        let used = if !fraction.is_multiple_of(10) {
+            3
+        } else if !fraction.is_multiple_of(100) {
+            2
+        } else {
+            1
+        };
+        for d in &digits[..used] {
+            // A single decimal digit.
+            out.push(char::from(b'0' + *d as u8));
+        }
+    }
+    Ok(())
+}
+
+/// `value` as `Debug` writes a string: quoted, escaped; without the formatter for plain text.
+fn write_quoted(out: &mut String, value: &str) -> fmt::Result {
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(value);
+        out.push('"');
+        Ok(())
+    } else {
+        write!(out, "{value:?}")
     }
 }
 
@@ -341,6 +500,83 @@ mod tests {
             let stamp = line.split(' ').next().unwrap();
             assert_eq!(stamp.len(), "2026-12-07T06:04:51.123456Z".len(), "{line}");
             assert!(keypool_core::civil::parse_rfc3339(stamp).is_some(), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_request_line_written_directly_is_the_event_the_formatter_writes() {
+        let method = http::Method::POST;
+        let key = "key-abc123";
+        let broke = "the upstream \"reset\" the stream\nmid-body";
+        let lines = [
+            RequestLine {
+                pool: "anthropic",
+                method: &method,
+                path: "/v1/messages",
+                status: 200,
+                attempts: 1,
+                key,
+                latency_ms: 0.273,
+                outcome: "complete",
+                request_id: None,
+                error: None,
+            },
+            RequestLine {
+                pool: "team \"a\"",
+                method: &http::Method::GET,
+                path: "/openai/v1/models?x=1",
+                status: 529,
+                attempts: 3,
+                key: "-",
+                latency_ms: 12.0,
+                outcome: "upstream_broke",
+                request_id: Some("req_keypool_1a2b0001"),
+                error: Some(&broke),
+            },
+        ];
+        for line in lines {
+            let capture = Capture::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(capture.clone())
+                .event_format(TextFormat::default())
+                .finish();
+            // No direct writer installed in this test binary: `emit` makes the event.
+            assert!(DIRECT.get().is_none());
+            tracing::subscriber::with_default(subscriber, || line.emit());
+            let through_tracing = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            let mut direct = String::new();
+            line.write_text(&mut direct, SystemTime::now()).unwrap();
+            assert_eq!(
+                untimed(&direct),
+                untimed(&through_tracing),
+                "{direct}\n{through_tracing}"
+            );
+            assert!(direct.ends_with('\n'));
+        }
+    }
+
+    #[test]
+    fn latencies_are_written_as_debug_writes_them() {
+        let mut values: Vec<f64> = (0..200_000u64).map(|us| us as f64 / 1000.0).collect();
+        values.extend([
+            1e9 + 0.001,
+            86_400_000.5,
+            0.0005,
+            1e-7,
+            1e15,
+            1e17,
+            -1.0,
+            f64::NAN,
+            0.1 + 0.2,
+        ]);
+        for us in [1_234_567_891u64, 999_999_999_999, 3_600_000_000] {
+            values.push(us as f64 / 1000.0);
+        }
+        for v in values {
+            let mut ours = String::new();
+            write_ms(&mut ours, v).unwrap();
+            assert_eq!(ours, format!("{v:?}"), "{v}");
         }
     }
 

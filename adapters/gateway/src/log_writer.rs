@@ -205,6 +205,11 @@ impl LogWriter {
     fn line(&self, batch: bool) -> Line<'_> {
         Line { writer: self, batch }
     }
+
+    /// Adds a whole request line (batched under load), made without `tracing`.
+    pub(crate) fn write_request(&self, line: &[u8]) {
+        self.shared.write(line, true);
+    }
 }
 
 impl Write for Line<'_> {

@@ -351,13 +351,19 @@ impl KeyLabel {
     }
 }
 
+impl KeyLabel {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Pool(pool, id) => pool.label(*id),
+            Self::Byok => "byok",
+            Self::None => "-",
+        }
+    }
+}
+
 impl std::fmt::Display for KeyLabel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Pool(pool, id) => f.write_str(pool.label(*id)),
-            Self::Byok => f.write_str("byok"),
-            Self::None => f.write_str("-"),
-        }
+        f.write_str(self.as_str())
     }
 }
 
@@ -370,21 +376,19 @@ impl RequestLog {
         let label = self.shared.pools.get(self.pool).map(|p| p.label.clone());
         let label = label.unwrap_or_else(|| Arc::new("-".to_owned()));
         self.shared.metrics.outcome(&label, outcome.as_str());
-        let pool: &str = &label;
-        tracing::info!(
-            target: "keypool::request",
-            pool,
-            method = %self.method,
-            path = %short(self.uri.path()),
-            status = self.status,
-            attempts = self.attempts,
-            key = %self.key,
-            latency_ms = status::latency_ms(elapsed),
-            outcome = outcome.as_str(),
-            request_id = self.request_id.as_deref(),
-            error = error.map(tracing::field::display),
-            "request"
-        );
+        crate::log_format::RequestLine {
+            pool: &label,
+            method: &self.method,
+            path: short(self.uri.path()),
+            status: self.status,
+            attempts: self.attempts,
+            key: self.key.as_str(),
+            latency_ms: status::latency_ms(elapsed),
+            outcome: outcome.as_str(),
+            request_id: self.request_id.as_deref(),
+            error,
+        }
+        .emit();
     }
 
     /// Logs a relayed response whose call ended: how, and what broke if the upstream did.
