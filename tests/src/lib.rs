@@ -540,6 +540,11 @@ pub mod scenarios {
         assert_eq!(a.status, 200);
         let reqs = w.mock.requests();
         assert_eq!(reqs.len(), 3);
+        let base = match t {
+            Transport::Plain => w.mock.url(),
+            Transport::Tls => w.mock.tls_url(),
+        };
+        let host = base.split_once("://").map_or(base.as_str(), |(_, host)| host);
         for (i, r) in reqs.iter().enumerate() {
             assert_eq!(r.body, reqs[0].body);
             assert_eq!(r.body, messages(false).body);
@@ -549,6 +554,11 @@ pub mod scenarios {
             assert_eq!(r.headers["anthropic-version"], "2023-06-01");
             assert_eq!(r.method, http::Method::POST);
             assert_eq!(r.uri, "/v1/messages");
+            // The upstream's own host, never the caller's (HTTP/2 carries it as `:authority`).
+            match r.headers.get("host") {
+                Some(sent) => assert_eq!(sent, host),
+                None => assert_eq!(r.version, http::Version::HTTP_2, "no host header"),
+            }
         }
         w.finish();
     }

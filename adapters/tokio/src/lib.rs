@@ -180,6 +180,11 @@ impl Upstream for ClientUpstream {
         *request.method_mut() = attempt.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = attempt.headers;
+        // The core strips the client's `host`; set here from the value made once, hyper-util
+        // would otherwise format one per request.
+        request
+            .headers_mut()
+            .insert(http::header::HOST, self.0.upstream.host_header().clone());
         // The client is used through the shared `Inner`, not cloned per attempt (a clone copies
         // the connector and the pool handles).
         let inner = self.0.clone();

@@ -118,6 +118,8 @@ pub struct Upstream {
     prefix: String,
     /// The scheme and authority, parsed once: [`uri`](Self::uri) shares them with every URI.
     parts: (http::uri::Scheme, http::uri::Authority),
+    /// The `host` header of every attempt, made once.
+    host_header: http::HeaderValue,
 }
 
 impl Upstream {
@@ -144,6 +146,14 @@ impl Upstream {
                 "base URL {base:?} must not have a query"
             )));
         }
+        // `host[:port]` without any user information, the port only when it is not the
+        // scheme's default (as hyper-util would write it, here once instead of per request).
+        let host_header = match uri.port_u16() {
+            Some(port) if port != if https { 443 } else { 80 } => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        let host_header = http::HeaderValue::try_from(host_header)
+            .map_err(|_| ClientError::Config(format!("base URL {base:?} has an invalid host")))?;
         let parts = (
             if https {
                 http::uri::Scheme::HTTPS
@@ -155,6 +165,7 @@ impl Upstream {
         Ok(Self {
             https,
             parts,
+            host_header,
             host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
             port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
@@ -177,6 +188,11 @@ impl Upstream {
     /// `host[:port]` as written, for the `host` header.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+    /// The value of the `host` header for this upstream: `host[:port]`, the port only when it
+    /// is not the scheme's default, without user information.
+    pub fn host_header(&self) -> &http::HeaderValue {
+        &self.host_header
     }
     /// The path prefix without a trailing `/` (usually empty).
     pub fn prefix(&self) -> &str {
@@ -466,6 +482,22 @@ mod tests {
         );
         for bad in ["ftp://x", "not a url", "http://", "/v1", "https://h/?q=1"] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_host_header_names_host_and_non_default_port_only() {
+        for (url, host) in [
+            ("https://api.anthropic.com/", "api.anthropic.com"),
+            ("https://api.openai.com:443/v1", "api.openai.com"),
+            ("http://127.0.0.1:8080/proxy", "127.0.0.1:8080"),
+            ("http://example.com:80", "example.com"),
+            ("https://example.com:80", "example.com:80"),
+            ("http://[::1]:9/", "[::1]:9"),
+            ("http://user:secret@upstream.test:8443", "upstream.test:8443"),
+        ] {
+            let u = Upstream::parse(url).unwrap();
+            assert_eq!(u.host_header(), host, "{url}");
         }
     }
 
