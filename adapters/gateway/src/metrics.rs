@@ -84,6 +84,40 @@ impl ByStatus {
     }
 }
 
+/// A pool's call-outcome counters, each kept once made (in the first free slot, by outcome
+/// name): counting a call's end is then a short scan and one atomic add, not a lookup that hashes
+/// the labels under a lock. Two threads making the same outcome's counter at once may fill two
+/// slots; both hold the same counter of the family, so nothing is counted twice or lost.
+#[derive(Debug)]
+pub struct PoolOutcomes {
+    family: Family<OutcomeLabels, Counter>,
+    pool: Arc<String>,
+    slots: [std::sync::OnceLock<(&'static str, Counter)>; 16],
+}
+
+impl PoolOutcomes {
+    /// Counts a call of this pool that ended with `outcome` (the core's
+    /// [`Outcome`](keypool_core::call::Outcome) name).
+    pub fn inc(&self, outcome: &'static str) {
+        let make = || {
+            self.family
+                .get_or_create(&OutcomeLabels {
+                    pool: self.pool.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        for slot in &self.slots {
+            let (name, counter) = slot.get_or_init(|| (outcome, make()));
+            if *name == outcome {
+                counter.inc();
+                return;
+            }
+        }
+        make().inc();
+    }
+}
+
 /// Metrics of the shared state backend (`--state`), registered only when one is configured.
 #[derive(Debug, Clone)]
 pub struct StateMetrics {
@@ -302,6 +336,15 @@ impl Metrics {
             .inc();
     }
 
+    /// The outcome counters of the pool named `pool`, for [`PoolOutcomes::inc`].
+    pub fn pool_outcomes(&self, pool: &Arc<String>) -> PoolOutcomes {
+        PoolOutcomes {
+            family: self.outcomes.clone(),
+            pool: pool.clone(),
+            slots: Default::default(),
+        }
+    }
+
     /// The gateway answered a request on `route` itself with `status`.
     pub fn gateway_response(&self, route: &'static str, status: u16) {
         self.gateway_responses
@@ -358,5 +401,71 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, starts: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(starts))
+    }
+
+    #[test]
+    fn cached_counters_count_into_their_families() {
+        let metrics = Metrics::new();
+        let a = metrics.pool_outcomes(&Arc::new("a".to_owned()));
+        let b = metrics.pool_outcomes(&Arc::new("b".to_owned()));
+        for _ in 0..3 {
+            a.inc("complete");
+        }
+        a.inc("timeout");
+        b.inc("complete");
+        // The uncached path counts into the same series.
+        metrics.outcome(&Arc::new("a".to_owned()), "complete");
+        // More distinct outcomes than slots still count.
+        let names: Vec<&'static str> = (0..20)
+            .map(|i| &*Box::leak(format!("x{i}").into_boxed_str()))
+            .collect();
+        for name in &names {
+            a.inc(name);
+        }
+        a.inc(names[19]);
+        for status in [200, 200, 429, 999] {
+            metrics.upstream_status(status);
+        }
+        let text = metrics.render(&[], Instant::now());
+        let count = |starts: &str| {
+            line(&text, starts)
+                .unwrap_or_else(|| panic!("no {starts} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            count(r#"keypool_request_outcomes_total{pool="a",outcome="complete"}"#),
+            "4"
+        );
+        assert_eq!(
+            count(r#"keypool_request_outcomes_total{pool="a",outcome="timeout"}"#),
+            "1"
+        );
+        assert_eq!(
+            count(r#"keypool_request_outcomes_total{pool="b",outcome="complete"}"#),
+            "1"
+        );
+        assert_eq!(
+            count(r#"keypool_request_outcomes_total{pool="a",outcome="x19"}"#),
+            "2"
+        );
+        assert_eq!(
+            count(r#"keypool_request_outcomes_total{pool="a",outcome="x0"}"#),
+            "1"
+        );
+        assert_eq!(count(r#"keypool_upstream_responses_total{status="200"}"#), "2");
+        assert_eq!(count(r#"keypool_upstream_responses_total{status="429"}"#), "1");
+        assert_eq!(count(r#"keypool_upstream_responses_total{status="999"}"#), "1");
     }
 }

@@ -55,6 +55,8 @@ struct Served {
     probes: Arc<crate::probe::Probes>,
     /// Whether the single-organisation notice has been logged (SPEC §11.1).
     single_organisation: crate::limits::SingleOrganisation,
+    /// Its call-outcome counters.
+    outcomes: crate::metrics::PoolOutcomes,
 }
 
 impl Served {
@@ -149,8 +151,10 @@ impl Shared {
             let client = builder
                 .build_with_pool(pool.clone())
                 .map_err(|e| format!("pool {:?}: {e}", pc.name))?;
+            let label = Arc::new(pc.name.clone());
             pools.push(Served {
-                label: Arc::new(pc.name.clone()),
+                outcomes: metrics.pool_outcomes(&label),
+                label,
                 config: pc,
                 pool: RwLock::new(pool),
                 client,
@@ -373,11 +377,16 @@ impl RequestLog {
     fn emit(self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
         let elapsed = self.started.elapsed();
         self.shared.metrics.finished(elapsed);
-        let label = self.shared.pools.get(self.pool).map(|p| p.label.clone());
-        let label = label.unwrap_or_else(|| Arc::new("-".to_owned()));
-        self.shared.metrics.outcome(&label, outcome.as_str());
+        let served = self.shared.pools.get(self.pool);
+        match served {
+            Some(served) => served.outcomes.inc(outcome.as_str()),
+            None => self
+                .shared
+                .metrics
+                .outcome(&Arc::new("-".to_owned()), outcome.as_str()),
+        }
         crate::log_format::RequestLine {
-            pool: &label,
+            pool: served.map_or("-", |s| s.label.as_str()),
             method: &self.method,
             path: short(self.uri.path()),
             status: self.status,
