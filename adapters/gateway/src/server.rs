@@ -790,7 +790,7 @@ async fn forward(
         }
         None => http::uri::PathAndQuery::from_static("/"),
     };
-    let uri = parts.uri.clone();
+    let uri = parts.uri;
     let request = CallRequest {
         method: parts.method.clone(),
         path_and_query,
