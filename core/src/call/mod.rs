@@ -665,8 +665,7 @@ impl Call {
         if verdict.is_failover() {
             return self.fail_over(status, verdict, now);
         }
-        self.deliver_plain(status, headers);
-        self.plain_bytes(buf.freeze());
+        self.deliver_plain_with(status, headers, buf.freeze());
         if ended {
             self.finish(Outcome::Complete);
         }
@@ -728,6 +727,13 @@ impl Call {
 
     /// Delivers the head of a plain body; a body that is empty by its framing is complete.
     fn deliver_plain(&mut self, status: StatusCode, headers: HeaderMap) {
+        self.deliver_plain_with(status, headers, Bytes::new());
+    }
+
+    /// Delivers the head of a plain body and `first`, the bytes that arrived with it (an error
+    /// body buffered for classification), as [`plain_bytes`](Self::plain_bytes) would: all of
+    /// them, even past an empty body's framing, before the call is complete.
+    fn deliver_plain_with(&mut self, status: StatusCode, headers: HeaderMap, first: Bytes) {
         let left = self.body_length(status, &headers);
         let headers = self.response_headers(headers, BodyKind::Plain);
         self.outputs.push_back(Output::Head(Head {
@@ -736,9 +742,7 @@ impl Call {
             kind: BodyKind::Plain,
         }));
         self.state = State::Plain { left };
-        if left == Some(0) {
-            self.finish(Outcome::Complete);
-        }
+        self.plain_bytes(first);
     }
 
     /// How many body bytes a delivered plain response promises (RFC 9112 §6.3): none after a
