@@ -720,8 +720,11 @@ impl Pool {
     }
 
     /// Merges `(generation, raise)` into key `i`'s state by lexicographic maximum — into its
-    /// word, or into its word for `family` — and returns that word before and after. The only
-    /// code that writes a state word, a family word or a generation.
+    /// word, or into its word for `family` — and returns that word before and after; for a
+    /// family, the state requests of that family see (the later of the key's word and the
+    /// family's, as [`family_state`](Self::family_state) reads it), so that a family cooldown
+    /// of a disabled key changes nothing, as a key-wide one does not. The only code that writes
+    /// a state word, a family word or a generation.
     ///
     /// A key's state is `(generation, word, family words)`: a newer generation clears all of
     /// them first; within a generation each word only grows.
@@ -738,6 +741,7 @@ impl Pool {
         if generation < current {
             return (prev, prev);
         }
+        let key_prev = self.words[i].load(Ordering::Acquire);
         let base = if generation > current {
             self.generations[i].store(generation, Ordering::Release);
             self.words[i].store(0, Ordering::Release);
@@ -756,7 +760,13 @@ impl Pool {
             self.extras.fetch_or(EXTRA_FAMILY, Ordering::AcqRel);
         }
         cell.store(next, Ordering::Release);
-        (prev, next)
+        match slot {
+            Some(_) => (
+                key_prev.max(prev),
+                self.words[i].load(Ordering::Acquire).max(next),
+            ),
+            None => (prev, next),
+        }
     }
 
     /// The mark that cools `id` for requests of `family` only, for `duration` from `wall`.

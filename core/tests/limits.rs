@@ -398,3 +398,32 @@ fn a_disabled_key_comes_back_after_a_successful_probe() {
     prober.handle_pool(&sim.pool, sim.now);
     assert_eq!(prober.poll_timeout(), None);
 }
+
+/// A family cooldown of a disabled key changes nothing requests of that family see, so it is
+/// no transition (as a key-wide cooldown of a disabled key is none); of an available key it is.
+#[test]
+fn a_family_cooldown_of_a_disabled_key_is_no_transition() {
+    use keypool_core::{Change, Order, Pool, Transition};
+    let now = std::time::Instant::now();
+    let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let pool = Pool::new(["sk-ant-a", "sk-ant-b"], Order::PrimaryWithFallback, now).unwrap();
+    let (a, b) = (pool.key_at(0).unwrap(), pool.key_at(1).unwrap());
+    let sonnet = Family::of("sonnet");
+    let disable = pool.mark_for(
+        b,
+        Change::Disable {
+            reason: DisableReason::Unauthorized,
+        },
+    );
+    assert_eq!(pool.apply(&disable, now, wall), Transition::Entered);
+    for (id, expected) in [(a, Transition::Entered), (b, Transition::Unchanged)] {
+        let mark = pool.family_cool_mark(id, sonnet, wall, Duration::from_secs(60), CoolReason::RateLimited);
+        assert_eq!(pool.apply(&mark, now, wall), expected, "{id:?}");
+    }
+    assert!(pool.family_state(a, sonnet, now).is_cooling());
+    assert!(matches!(
+        pool.family_state(b, sonnet, now),
+        KeyState::Disabled { .. }
+    ));
+    assert!(pool.state(a, now).is_available());
+}
