@@ -278,12 +278,13 @@ impl Model {
         }
     }
 
-    /// A family cooldown of generation `generation` until `deadline`.
+    /// A family cooldown of generation `generation` until `deadline`. Its transition is judged
+    /// by what requests of the family see (the key's state or the family's, the later one).
     fn family_cool(&mut self, i: usize, f: usize, generation: u64, deadline: u64, now: u64) -> Transition {
         if generation < self.gens[i] {
             return Transition::Unchanged;
         }
-        let prev = self.fam[i][f];
+        let prev = self.effective(i, Some(f), now);
         if generation > self.gens[i] {
             self.gens[i] = generation;
             self.keys[i] = FRESH;
@@ -292,11 +293,12 @@ impl Model {
         if deadline > now {
             self.fam[i][f] = self.fam[i][f].max(deadline);
         }
-        let next = self.fam[i][f];
-        match (prev > now, next > now) {
-            (true, true) if next > prev => Transition::Extended,
-            (true, true) if next < prev => Transition::Entered,
-            (false, false) | (true, true) => Transition::Unchanged,
+        let next = self.effective(i, Some(f), now);
+        match (prev, next) {
+            (Err(Some(a)), Err(Some(b))) if b > a => Transition::Extended,
+            // Shorter only after a newer generation cleared the key: a new cooldown.
+            (Err(Some(a)), Err(Some(b))) if b < a => Transition::Entered,
+            (Err(Some(_)), Err(Some(_))) | (Err(None), Err(None)) | (Ok(()), Ok(())) => Transition::Unchanged,
             _ => Transition::Entered,
         }
     }
