@@ -444,28 +444,26 @@ mod tests {
                 .unwrap()
                 .to_owned()
         };
-        assert_eq!(
-            count(r#"keypool_request_outcomes_total{pool="a",outcome="complete"}"#),
-            "4"
-        );
-        assert_eq!(
-            count(r#"keypool_request_outcomes_total{pool="a",outcome="timeout"}"#),
-            "1"
-        );
-        assert_eq!(
-            count(r#"keypool_request_outcomes_total{pool="b",outcome="complete"}"#),
-            "1"
-        );
-        assert_eq!(
-            count(r#"keypool_request_outcomes_total{pool="a",outcome="x19"}"#),
-            "2"
-        );
-        assert_eq!(
-            count(r#"keypool_request_outcomes_total{pool="a",outcome="x0"}"#),
-            "1"
-        );
-        assert_eq!(count(r#"keypool_upstream_responses_total{status="200"}"#), "2");
-        assert_eq!(count(r#"keypool_upstream_responses_total{status="429"}"#), "1");
-        assert_eq!(count(r#"keypool_upstream_responses_total{status="999"}"#), "1");
+        for (series, expected) in [
+            (
+                r#"keypool_request_outcomes_total{pool="a",outcome="complete"}"#,
+                "4",
+            ),
+            (
+                r#"keypool_request_outcomes_total{pool="a",outcome="timeout"}"#,
+                "1",
+            ),
+            (
+                r#"keypool_request_outcomes_total{pool="b",outcome="complete"}"#,
+                "1",
+            ),
+            (r#"keypool_request_outcomes_total{pool="a",outcome="x19"}"#, "2"),
+            (r#"keypool_request_outcomes_total{pool="a",outcome="x0"}"#, "1"),
+            (r#"keypool_upstream_responses_total{status="200"}"#, "2"),
+            (r#"keypool_upstream_responses_total{status="429"}"#, "1"),
+            (r#"keypool_upstream_responses_total{status="999"}"#, "1"),
+        ] {
+            assert_eq!(count(series), expected, "{series}");
+        }
     }
 }
