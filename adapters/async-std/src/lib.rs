@@ -106,7 +106,9 @@ impl ClientAdapter for Client {
         Ok(Self {
             inner: Arc::new(Inner {
                 connector,
-                host_header: up.authority().to_owned(),
+                // The core's `host` value (no user information, no default port), as every
+                // adapter sends it; made from a `String`, so it is valid UTF-8.
+                host_header: String::from_utf8_lossy(up.host_header().as_bytes()).into_owned(),
                 prefix: up.prefix().to_owned(),
                 pool: settings.pool,
                 config: settings.config,

@@ -185,7 +185,7 @@ impl Upstream {
     pub fn port(&self) -> u16 {
         self.port
     }
-    /// `host[:port]` as written, for the `host` header.
+    /// The authority as written (`[user@]host[:port]`); the `host` header is [`host_header`](Self::host_header).
     pub fn authority(&self) -> &str {
         &self.authority
     }
