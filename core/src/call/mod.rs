@@ -46,15 +46,17 @@ mod events;
 pub(crate) mod headers;
 mod io;
 mod outcome;
+mod queue;
 mod relay;
 mod timer;
 
-use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, StatusCode};
+
+use queue::Queue;
 
 pub use config::{CallConfig, CommitPoint, Credential, MarkSink, Timeouts};
 pub use error::{CallError, StreamBreak, TimeoutPhase, TransportError};
@@ -130,9 +132,9 @@ pub struct Call {
     /// of a later `now` from them.
     clocks: (Instant, SystemTime),
     /// Outputs before the head ([`Call::poll_output`]).
-    outputs: VecDeque<Output>,
+    outputs: Queue<Output>,
     /// Outputs after the head ([`Call::poll_body`]).
-    body_outputs: VecDeque<BodyOutput>,
+    body_outputs: Queue<BodyOutput>,
     /// How the call ended, once it has.
     outcome: Option<Outcome>,
     request_id: RequestId,
@@ -222,8 +224,8 @@ impl Call {
             state: State::AwaitHead,
             timers: Timers::default(),
             clocks: (now, SystemTime::UNIX_EPOCH),
-            outputs: VecDeque::new(),
-            body_outputs: VecDeque::new(),
+            outputs: Queue::default(),
+            body_outputs: Queue::default(),
             outcome: None,
             request_id,
         };
