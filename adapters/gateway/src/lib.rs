@@ -8,6 +8,7 @@
 //! binds and serves a validated [`config::Config`].
 
 pub mod access;
+pub mod allocator;
 pub mod config;
 pub mod config_file;
 pub mod demo;
