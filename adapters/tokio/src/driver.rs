@@ -5,6 +5,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +15,8 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use keypool_core::call::{Attempt, CallConfig, Credential, Request, TransportError};
 use keypool_core::client::{AsyncTransport, ClientCall, Clocks, Io, Transport};
+
+use crate::transport::Sending;
 
 /// A boxed error, as tower services and bodies produce them.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -44,8 +47,31 @@ impl UpstreamBody {
     }
 }
 
-/// A started upstream request: resolves to its response head.
-pub(crate) type Exchange = BoxFuture<'static, Result<http::Response<UpstreamBody>, BoxError>>;
+/// A started upstream request: resolves to its response head. The client's own requests stay
+/// in place in the call (no allocation per attempt); a tower service's future is boxed.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "kept inline on purpose: the exchange lives in the call's one allocation"
+)]
+pub(crate) enum Exchange {
+    /// On the client's hyper-util client.
+    Client(Sending),
+    /// Anything else.
+    Boxed(BoxFuture<'static, Result<http::Response<UpstreamBody>, BoxError>>),
+}
+
+impl Future for Exchange {
+    type Output = Result<http::Response<UpstreamBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Client(sending) => Pin::new(sending)
+                .poll(cx)
+                .map(|result| Ok(result?.map(UpstreamBody::Hyper))),
+            Self::Boxed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
 
 /// Whatever sends an attempt upstream: the hyper-util client or a tower service.
 pub(crate) trait Upstream: Send + 'static {
@@ -75,6 +101,10 @@ pub(crate) fn driver(
 }
 
 /// The current upstream exchange.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the exchange is kept inline on purpose (see `Exchange`)"
+)]
 pub(crate) enum Current {
     /// Sent, waiting for the head.
     Head(Exchange),

@@ -174,11 +174,11 @@ where
                 builder.body(body)
             });
         let mut service = self.service.clone();
-        Box::pin(async move {
+        Exchange::Boxed(Box::pin(async move {
             let request = request?;
             poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into)?;
             let response = service.call(request).await.map_err(Into::into)?;
             Ok(response.map(|body| UpstreamBody::Boxed(body.map_err(Into::into).boxed_unsync())))
-        })
+        }))
     }
 }

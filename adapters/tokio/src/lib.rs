@@ -92,7 +92,7 @@ pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;
 
-use driver::{Driver, Exchange, Upstream, UpstreamBody, driver};
+use driver::{Driver, Exchange, Upstream, driver};
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
@@ -174,7 +174,7 @@ impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
         let uri = match self.0.upstream.uri(&attempt.path_and_query) {
             Ok(uri) => uri,
-            Err(e) => return Box::pin(async move { Err(e.into()) }),
+            Err(e) => return Exchange::Boxed(Box::pin(async move { Err(e.into()) })),
         };
         let mut request = http::Request::new(Full::new(attempt.body));
         *request.method_mut() = attempt.method;
@@ -185,13 +185,7 @@ impl Upstream for ClientUpstream {
         request
             .headers_mut()
             .insert(http::header::HOST, self.0.upstream.host_header().clone());
-        // The client is used through the shared `Inner`, not cloned per attempt (a clone copies
-        // the connector and the pool handles).
-        let inner = self.0.clone();
-        Box::pin(async move {
-            let response = inner.http.request(request).await?;
-            Ok(response.map(UpstreamBody::Hyper))
-        })
+        Exchange::Client(self.0.http.start(request))
     }
 }
 

@@ -12,6 +12,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -30,14 +31,17 @@ type Inner = hyper_util::client::legacy::Client<StampedConnector, Full<Bytes>>;
 
 /// The pooled client (HTTP and HTTPS, HTTP/1.1 and HTTP/2) behind a [`Client`](crate::Client);
 /// also a `tower::Service`, e.g. as the inner service of a [`KeypoolLayer`](crate::KeypoolLayer).
+/// Cheap to clone (the hyper-util client, its connector and pool handles, sit behind one `Arc`).
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    inner: Inner,
+    inner: Arc<Inner>,
 }
 
 impl HttpClient {
     pub(crate) fn new(inner: Inner) -> Self {
-        Self { inner }
+        Self {
+            inner: Arc::new(inner),
+        }
     }
 
     /// Sends a request; see the module docs for the one retry on a stale connection.
@@ -45,11 +49,49 @@ impl HttpClient {
         &self,
         request: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.start(request).await
+    }
+
+    /// Starts a request ([`request`](Self::request) as a nameable future, so that a call keeps
+    /// it in place instead of boxing it per attempt).
+    pub(crate) fn start(&self, request: http::Request<Full<Bytes>>) -> Sending {
         let started = Instant::now();
         let again = copy_request(&request);
-        match self.inner.request(request).await {
-            Err(e) if died_on_reused_connection(&e, started) => self.inner.request(again).await,
-            other => other,
+        Sending {
+            pending: self.inner.request(request),
+            again: Some((self.clone(), again)),
+            started,
+        }
+    }
+}
+
+/// A request on its way: the exchange, and until it has answered, what a repeat on a fresh
+/// connection needs.
+pub(crate) struct Sending {
+    pending: hyper_util::client::legacy::ResponseFuture,
+    /// The client and a copy of the request, while a repeat is still possible.
+    again: Option<(HttpClient, http::Request<Full<Bytes>>)>,
+    started: Instant,
+}
+
+impl Future for Sending {
+    type Output = Result<http::Response<Incoming>, hyper_util::client::legacy::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            let result = std::task::ready!(Pin::new(&mut this.pending).poll(cx));
+            match result {
+                Err(e) if died_on_reused_connection(&e, this.started) => match this.again.take() {
+                    // Once, on a fresh connection (the module docs).
+                    Some((client, request)) => this.pending = client.inner.request(request),
+                    None => return Poll::Ready(Err(e)),
+                },
+                other => {
+                    this.again = None;
+                    return Poll::Ready(other);
+                }
+            }
         }
     }
 }
