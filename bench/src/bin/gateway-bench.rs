@@ -997,10 +997,12 @@ async fn measure(env: &Env, plan: &Plan, quick: bool) -> Result<Vec<Row>, String
             best.map(rate_value),
         )
         .judge(
-            format!(
-                "{:.2}× bare",
-                f64::from(best[2].unwrap_or(0)) / f64::from(best[1].unwrap_or(0).max(1))
-            ),
+            match (best[1], best[2]) {
+                (Some(bare), Some(gateway)) => format!("{:.2}× bare", f64::from(gateway) / f64::from(bare)),
+                // No step passed for the forwarder (or for the gateway): there is no ratio.
+                (None, _) => "- (no step passed for bare)".to_owned(),
+                (Some(_), None) => "- (no step passed for the gateway)".to_owned(),
+            },
             "-",
             None,
         ),
