@@ -486,34 +486,51 @@ fn json(value: &serde_json::Value) -> Response<GatewayBody> {
 /// Handles one request. A response the gateway makes itself is logged and counted here (a
 /// relayed one when its call ends, see [`RequestLog`]).
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
+    match answer(shared, req).await {
+        Ok(res) => res,
+        Err(never) => match never {},
+    }
+}
+
+/// [`handle`] as the connection's service calls it. The forwarding path is awaited here
+/// directly, not through further `async fn` layers: every layer keeps its own copy of the
+/// request and is moved whole (its full size, kilobytes) into the layer above it.
+async fn answer(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut res = route(shared.clone(), req).await;
+    let mut res = match forwarded(&shared, uri.path()) {
+        Some((index, rest_len)) => forward(shared.clone(), index, rest_len, req).await,
+        None => route(&shared, &req),
+    };
     let profile = shared.profile_for(uri.path());
     status::reason_phrase(profile, &mut res);
     shared.activity.answered(uri.path(), started, res.status());
     if matches!(res.body(), GatewayBody::Full(_)) {
         status::log_answered(&shared.metrics, profile, &method, uri.path(), started, &mut res);
     }
-    res
+    Ok(res)
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayBody> {
-    let path = req.uri().path();
-    if let Some((served, rest)) = shared.route(path)
-        && rest.starts_with("/v1/")
-    {
-        let index = shared
-            .pools
-            .iter()
-            .position(|p| std::ptr::eq(p, served))
-            .unwrap_or(0);
-        let rest_len = rest.len();
-        return forward(shared, index, rest_len, req).await;
+/// The pool that serves `path` under `/v1/` (its index) and the length of the path upstream.
+fn forwarded(shared: &Shared, path: &str) -> Option<(usize, usize)> {
+    let (served, rest) = shared.route(path)?;
+    if !rest.starts_with("/v1/") {
+        return None;
     }
+    let index = shared
+        .pools
+        .iter()
+        .position(|p| std::ptr::eq(p, served))
+        .unwrap_or(0);
+    Some((index, rest.len()))
+}
+
+/// The gateway's own routes (everything [`forwarded`] does not take).
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
+    let path = req.uri().path();
     match (req.method(), path) {
-        (&Method::GET, "/healthz") => health(&shared),
+        (&Method::GET, "/healthz") => health(shared),
         (&Method::GET, "/metrics") => {
             for served in &shared.pools {
                 crate::state::refresh_metrics(served.state.as_ref());
@@ -522,7 +539,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<GatewayB
             let text = shared.metrics.render(&pools, Instant::now());
             full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
-        (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(&shared, &req),
+        (_, p) if p == "/admin" || p.starts_with("/admin/") => admin(shared, req),
         _ => error(
             shared.profile_for(path),
             StatusCode::NOT_FOUND,
@@ -1044,7 +1061,7 @@ impl Server {
                     let shared = shared.clone();
                     let service = hyper::service::service_fn(move |req| {
                         let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(handle(shared, req).await) }
+                        answer(shared, req)
                     });
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let conn = graceful.watch(conn.into_owned());

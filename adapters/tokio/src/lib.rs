@@ -216,13 +216,13 @@ impl Client {
     /// body streams from the upstream. keypool's own answers (exhaustion, transport failure,
     /// timeout) are `Err(Error::Call)`.
     pub async fn send(&self, request: Request) -> Result<http::Response<Body>, Error> {
-        self.send_as(request, Credential::Pool(self.inner.pool.clone()))
+        self.send_with(request, Credential::Pool(self.inner.pool.clone()))
             .await
     }
 
     /// Sends a request once with the caller's own key (BYOK); the pool is not touched.
     pub async fn send_byok(&self, request: Request, key: Secret) -> Result<http::Response<Body>, Error> {
-        self.send_as(request, Credential::Key(key)).await
+        self.send_with(request, Credential::Key(key)).await
     }
 
     /// Opens a streaming call and returns its parsed events. An answer that is not an event
@@ -240,21 +240,22 @@ impl Client {
     /// Sends a request with an explicit credential: a (possibly different, e.g. reloaded) pool,
     /// the caller's key, or the caller's own credential headers passed through. This is what the
     /// gateway uses. The response's extensions carry the [`CallSummary`].
+    ///
+    /// The call runs right here, not in a further `async fn`: each such layer would keep its
+    /// own copy of the request and be moved whole into the caller's future.
     pub async fn send_with(
         &self,
         request: Request,
         credential: Credential,
     ) -> Result<http::Response<Body>, Error> {
-        self.send_as(request, credential).await
-    }
-
-    async fn send_as(&self, request: Request, credential: Credential) -> Result<http::Response<Body>, Error> {
         let upstream = Box::new(ClientUpstream(self.inner.clone()));
-        respond(driver(upstream, request, credential, &self.inner.config)).await
+        let mut driver = driver(upstream, request, credential, &self.inner.config);
+        let response = driver.response().await?;
+        Ok(response.map(|()| Body::new(driver)))
     }
 
     async fn stream_as(&self, request: Request, credential: Credential) -> Result<EventStream, Error> {
-        let response = self.send_as(request, credential).await?;
+        let response = self.send_with(request, credential).await?;
         let events = AsyncEvents::from_response(response.map(|body| body.0)).await?;
         Ok(EventStream::new(events))
     }
