@@ -7,8 +7,11 @@
 //! ```
 //!
 //! It starts three processes: the upstream (`keypool_bench::upstream`, this executable in
-//! another role), the bare forwarder (`keypool_bench::forwarder`, likewise) and `keypool serve`
-//! (default: `keypool` next to this executable, i.e. the same cargo profile). Every measurement
+//! another role), the bare forwarder (`keypool_bench::forwarder`, the `bare-forwarder`
+//! executable next to this one) and `keypool serve` (default: `keypool` next to this
+//! executable, i.e. the same cargo profile). The forwarder runs from an executable of its own,
+//! like the gateway, so that neither shares code pages (the tokio runtime, hyper, http) with
+//! the upstream and the load client, which run this one. Every measurement
 //! runs the three paths — direct to the upstream, through the bare forwarder, through the
 //! gateway — in interleaved rounds (the order rotates each round), after a warm-up that is not
 //! counted. Nothing is hard-coded: every figure in the table is measured in this run.
@@ -569,11 +572,9 @@ impl Env {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    // Roles: this executable also runs the upstream and the bare forwarder as child processes.
-    match args.get(1).map(String::as_str) {
-        Some("--role-upstream") => return role(args.get(2).map(|a| a.parse()), None),
-        Some("--role-bare") => return role(args.get(2).map(|a| a.parse()), args.get(3)),
-        _ => {}
+    // Role: this executable also runs the upstream as a child process.
+    if args.get(1).map(String::as_str) == Some("--role-upstream") {
+        return upstream_role(args.get(2).map(|a| a.parse()));
     }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -584,15 +585,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn role(listen: Option<Result<SocketAddr, std::net::AddrParseError>>, upstream: Option<&String>) -> ExitCode {
+fn upstream_role(listen: Option<Result<SocketAddr, std::net::AddrParseError>>) -> ExitCode {
     let Some(Ok(listen)) = listen else {
         return ExitCode::from(2);
     };
-    let result = match upstream {
-        None => keypool_bench::upstream::run(listen),
-        Some(upstream) => keypool_bench::forwarder::run(listen, upstream),
-    };
-    match result {
+    match keypool_bench::upstream::run(listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");
@@ -628,6 +625,14 @@ fn run(args: &[String]) -> Result<(), String> {
             keypool.display()
         ));
     }
+    let bare_forwarder = exe.with_file_name("bare-forwarder");
+    if !bare_forwarder.exists() {
+        return Err(format!(
+            "{} not found: build the benchmark tools in the same profile first (cargo build \
+             [--release] -p keypool-bench)",
+            bare_forwarder.display()
+        ));
+    }
     let streams = match keypool_bench::flag(args, "--streams") {
         Some(n) => n
             .parse()
@@ -651,10 +656,7 @@ fn run(args: &[String]) -> Result<(), String> {
     )?;
     let bare = Proc::spawn(
         "bare forwarder",
-        Command::new(&exe)
-            .arg("--role-bare")
-            .arg(bare_addr.to_string())
-            .arg(&upstream_url),
+        Command::new(&bare_forwarder).args(["--listen", &bare_addr.to_string(), "--upstream", &upstream_url]),
         bare_addr,
     )?;
     let gateway = Proc::spawn(
