@@ -126,10 +126,9 @@ fn order(round: usize) -> [Via; 3] {
 }
 
 /// Whether the round-2 gateway runs right before the gateway in this round (else right after
-/// it). The two alternate because whichever runs second runs the same binary its twin has just
-/// run and measures better: while the round-2 gateway always ran second it came out below the
-/// gateway in most target rows though it does more work, and with alternation the gateway's
-/// CPU ratio is 0.1-0.3x lower in the rounds where it runs second.
+/// it). The two alternate because the one that runs second runs the binary its twin has just
+/// run: while the round-2 gateway always ran second it came out below the gateway in most
+/// target rows though it does more work (README, "the order of the benchmark itself").
 fn round2_first(round: usize) -> bool {
     round % 2 == 1
 }
