@@ -55,6 +55,10 @@ pub struct Answer {
     /// For a delivered answer whose body broke after the head: exactly how, as the core said
     /// ([`CallError::BodyBroken`]).
     pub broke: Option<StreamBreak>,
+    /// The upstream attempts the call reported making: the library clients' `CallSummary`
+    /// (on the body, or on keypool's own error), the gateway's request log line for a whole
+    /// delivered answer. `None` where there is no such report.
+    pub attempts: Option<usize>,
 }
 
 /// A streaming answer as the caller saw it.
@@ -84,6 +88,7 @@ impl Answer {
             body: response.body().to_vec(),
             error: Some(format!("{e} / {e:?}")),
             broke: None,
+            attempts: e.summary().map(|s| s.attempts),
         }
     }
 }
@@ -452,10 +457,12 @@ pub mod scenarios {
         let a = w.send();
         assert_eq!(a.status, 200, "{a:?}");
         assert_eq!(w.seen(), [Some(0), Some(1)]);
+        assert_eq!(a.attempts, Some(2), "the call reports both attempts");
         assert!(w.state(0).is_cooling());
         let a = w.send();
         assert_eq!(a.status, 200);
         assert_eq!(w.seen(), [Some(0), Some(1), Some(1)]);
+        assert_eq!(a.attempts, Some(1));
         w.finish();
     }
 

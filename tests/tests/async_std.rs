@@ -65,13 +65,16 @@ async fn answer(result: Result<http::Response<keypool_async_std::Body>, Error>) 
             let headers = response.headers().clone();
             let mut body = Vec::new();
             // A body that breaks after the head is reported, with what arrived before it.
-            let broken = response.into_body().read_to_end(&mut body).await.err();
+            let mut reader = response.into_body();
+            let attempts = Some(reader.summary().attempts);
+            let broken = reader.read_to_end(&mut body).await.err();
             Answer {
                 status,
                 headers,
                 body,
                 error: broken.as_ref().map(|e| format!("body: {e} / {e:?}")),
                 broke: broken.as_ref().and_then(break_of_io),
+                attempts,
             }
         }
         Err(e) => Answer::from_client_error(&e),

@@ -194,18 +194,31 @@ impl GatewayClient {
             .collect()
     }
 
+    /// The request line that followed the first `before` ones: written as the body ends, so
+    /// possibly just after the client read it; waited for, bounded.
+    fn request_line(&self, before: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.request_lines().get(before) {
+                return line.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "no request log line");
+            std::thread::yield_now();
+        }
+    }
+
+    /// The attempts the gateway logged for the request that followed the first `before` ones.
+    fn logged_attempts(&self, before: usize) -> Option<usize> {
+        let line = self.request_line(before);
+        let (_, rest) = line.split_once(" attempts=")?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+
     /// The break the gateway logged for the request that followed the first `before` request
     /// lines: a client sees only a cut body, the gateway's request line says how the call
     /// ended. It is written before the connection is cut; waited for, bounded, all the same.
     fn logged_break(&self, before: usize) -> Option<keypool_core::call::StreamBreak> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let line = loop {
-            if let Some(line) = self.request_lines().get(before) {
-                break line.clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "no request log line");
-            std::thread::yield_now();
-        };
+        let line = self.request_line(before);
         assert!(line.contains("outcome=\"upstream_broke\""), "{line}");
         let (_, message) = line.split_once(" error=")?;
         break_named(message.trim(), self.idle)
@@ -295,12 +308,17 @@ impl TestClient for GatewayClient {
         let error = is_keypool_error(&headers, &body)
             .then(|| String::from_utf8_lossy(&body).into_owned())
             .or(cut);
+        // A whole delivered answer has its request line (written as the body ends).
+        let attempts = (broke.is_none() && error.is_none() && status != 0)
+            .then(|| self.logged_attempts(before))
+            .flatten();
         Answer {
             status,
             headers,
             body,
             error,
             broke,
+            attempts,
         }
     }
     fn send_byok(&self, request: Request, key: &str) -> Answer {
@@ -311,6 +329,7 @@ impl TestClient for GatewayClient {
             body,
             error: None,
             broke: None,
+            attempts: None,
         }
     }
     fn stream(&self, request: Request) -> StreamAnswer {

@@ -41,6 +41,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
             let status = response.status().as_u16();
             let headers = response.headers().clone();
             let mut body = response.into_body();
+            let attempts = Some(body.summary().attempts);
             let mut bytes = Vec::new();
             let mut error = None;
             let mut broke = None;
@@ -66,6 +67,7 @@ async fn answer(result: Result<http::Response<Body>, Error>) -> Answer {
                 body: bytes,
                 error,
                 broke,
+                attempts,
             }
         }
         Err(e) => Answer::from_client_error(&e),

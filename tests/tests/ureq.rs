@@ -36,13 +36,16 @@ fn answer(result: Result<http::Response<keypool_ureq::Body>, Error>) -> Answer {
             let headers = response.headers().clone();
             let mut body = Vec::new();
             // A body that breaks after the head is reported, with what arrived before it.
-            let broken = std::io::Read::read_to_end(&mut response.into_body(), &mut body).err();
+            let mut reader = response.into_body();
+            let attempts = Some(reader.summary().attempts);
+            let broken = std::io::Read::read_to_end(&mut reader, &mut body).err();
             Answer {
                 status,
                 headers,
                 body,
                 error: broken.as_ref().map(|e| format!("body: {e} / {e:?}")),
                 broke: broken.as_ref().and_then(break_of_io),
+                attempts,
             }
         }
         Err(e) => Answer::from_client_error(&e),

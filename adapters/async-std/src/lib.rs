@@ -211,6 +211,12 @@ impl Body {
     pub fn outcome(&self) -> Option<Outcome> {
         self.0.outcome()
     }
+
+    /// What the call did to get this body: its attempts and the key that answered (the
+    /// gateway's request log and metrics read it here).
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
+    }
 }
 
 impl Stream for Body {
@@ -238,6 +244,11 @@ impl EventStream {
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
         self.0.key()
+    }
+
+    /// What the call did to get this stream: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
     }
 }
 

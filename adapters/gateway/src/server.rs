@@ -20,9 +20,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use keypool_core::call::{
-    CallError, CallSummary, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest,
-};
+use keypool_core::call::{CallError, Credential, KeyMark, MarkSink, Outcome, Request as CallRequest};
 use keypool_core::{Exhausted, KeyState, Pool, Profile, Transition};
 use tokio::net::TcpListener;
 
@@ -824,10 +822,9 @@ async fn forward(
         served.single_organisation.check(served.name(), pool);
     }
     let summary = match &result {
-        Ok(res) => res.extensions().get::<CallSummary>().cloned(),
-        Err(e) => e.summary().cloned(),
-    }
-    .unwrap_or_default();
+        Ok(res) => res.body().summary(),
+        Err(e) => e.summary().cloned().unwrap_or_default(),
+    };
     if pool.is_some() {
         shared.metrics.attempts(summary.attempts);
     }

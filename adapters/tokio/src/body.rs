@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
-use keypool_core::call::Outcome;
+use keypool_core::call::{CallSummary, Outcome};
 use keypool_core::client::{AsyncBody, AsyncEvents, BodyError, StreamError};
 use keypool_core::sse::Event;
 
@@ -33,6 +33,12 @@ impl Body {
     /// [`Outcome::ClientGone`].
     pub fn outcome(&self) -> Option<Outcome> {
         self.0.outcome()
+    }
+
+    /// What the call did to get this body: its attempts and the key that answered (the
+    /// gateway's request log and metrics read it here).
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
     }
 
     /// The next chunk of the body: `Ok(None)` at its end. A stream that broke after commit
@@ -92,6 +98,11 @@ impl EventStream {
     /// The key pool id that answered.
     pub fn key(&self) -> Option<keypool_core::KeyId> {
         self.0.key()
+    }
+
+    /// What the call did to get this stream: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
     }
 
     /// The next event, without any stream utilities: `None` at the end.

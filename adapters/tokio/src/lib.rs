@@ -239,7 +239,7 @@ impl Client {
 
     /// Sends a request with an explicit credential: a (possibly different, e.g. reloaded) pool,
     /// the caller's key, or the caller's own credential headers passed through. This is what the
-    /// gateway uses. The response's extensions carry the [`CallSummary`].
+    /// gateway uses. The body carries the [`CallSummary`] ([`Body::summary`]).
     ///
     /// The call runs right here, not in a further `async fn`: each such layer would keep its
     /// own copy of the request and be moved whole into the caller's future.

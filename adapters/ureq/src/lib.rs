@@ -180,6 +180,17 @@ impl Body {
     pub fn outcome(&self) -> Option<Outcome> {
         self.0.outcome()
     }
+
+    /// The pool key that answered (`None` for BYOK).
+    pub fn key(&self) -> Option<keypool_core::KeyId> {
+        self.0.key()
+    }
+
+    /// What the call did to get this body: its attempts and the key that answered (the
+    /// gateway's request log and metrics read it here).
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
+    }
 }
 
 impl Read for Body {
@@ -199,6 +210,11 @@ impl EventStream {
     /// The key pool id that answered.
     pub fn key(&self) -> Option<keypool_core::KeyId> {
         self.0.key()
+    }
+
+    /// What the call did to get this stream: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.0.summary()
     }
 }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::drive::{AsyncTransport, BlockingTransport, ClientCall};
 use super::{BodyError, ClientError, EventAssembler, Step, StreamError};
-use crate::call::Outcome;
+use crate::call::{CallSummary, Outcome};
 use crate::pool::KeyId;
 use crate::sse::Event;
 
@@ -32,7 +32,8 @@ pub struct AsyncBody<T: AsyncTransport> {
     pump: Option<Pump<T>>,
     /// Bytes taken from a chunk but not yet read by [`poll_read`](Self::poll_read).
     pending: Bytes,
-    key: Option<KeyId>,
+    /// Final once the head is delivered; kept here so that it can be read while a read runs.
+    summary: CallSummary,
 }
 
 impl<T> AsyncBody<T>
@@ -43,7 +44,7 @@ where
     /// The body of a call whose [`response`](ClientCall::response) was delivered.
     pub fn new(call: Box<ClientCall<T>>) -> Self {
         Self {
-            key: call.key(),
+            summary: call.summary(),
             pump: Some(Pump::Idle(call)),
             pending: Bytes::new(),
         }
@@ -51,7 +52,12 @@ where
 
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
-        self.key
+        self.summary.key
+    }
+
+    /// What the call did to get this body: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.summary.clone()
     }
 
     /// How the call ended: `None` while it runs (also while a read is in progress). A body
@@ -135,7 +141,7 @@ impl<T: AsyncTransport> std::fmt::Debug for AsyncBody<T> {
             _ => d.field("call", &"reading"),
         };
         d.field("pending", &self.pending.len())
-            .field("key", &self.key)
+            .field("key", &self.summary.key)
             .finish()
     }
 }
@@ -160,6 +166,11 @@ impl<T: BlockingTransport> BlockingBody<T> {
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
         self.call.key()
+    }
+
+    /// What the call did to get this body: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.call.summary()
     }
 
     /// How the call ended: `None` while it runs. A body dropped then ends its call as
@@ -249,6 +260,11 @@ where
         self.body.key()
     }
 
+    /// What the call did to get this stream: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.body.summary()
+    }
+
     /// The next event: `None` at the end.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Event, StreamError>>> {
         loop {
@@ -279,6 +295,11 @@ impl<T: BlockingTransport> Events<BlockingBody<T>> {
     /// The pool key that answered (`None` for BYOK).
     pub fn key(&self) -> Option<KeyId> {
         self.body.key()
+    }
+
+    /// What the call did to get this stream: its attempts and the key that answered.
+    pub fn summary(&self) -> CallSummary {
+        self.body.summary()
     }
 
     /// A streaming call's answer: its events when it is an event stream, else

@@ -11,7 +11,8 @@ use http::{HeaderMap, StatusCode};
 
 use super::{BodyError, ClientError};
 use crate::call::{
-    Attempt, BodyOutput, Call, CallConfig, Credential, Head, Outcome, Output, Request, TransportError,
+    Attempt, BodyOutput, Call, CallConfig, CallSummary, Credential, Head, Outcome, Output, Request,
+    TransportError,
 };
 use crate::pool::KeyId;
 
@@ -115,6 +116,11 @@ impl<T: Transport> ClientCall<T> {
         self.call.key()
     }
 
+    /// What the call has done so far ([`Call::summary`]): final once the head is delivered.
+    pub fn summary(&self) -> CallSummary {
+        self.call.summary()
+    }
+
     /// How the call ended, once it has ([`Call::outcome`]).
     pub fn outcome(&self) -> Option<Outcome> {
         self.call.outcome()
@@ -140,13 +146,13 @@ impl<T: Transport> ClientCall<T> {
         }
     }
 
-    /// The delivered response, with the [`CallSummary`](crate::call::CallSummary) in its
-    /// extensions.
+    /// The delivered response head. What the call did to get it is
+    /// [`summary`](Self::summary), which the adapters' bodies carry on; it is not put in the
+    /// response's extensions, which would cost every response a map and a box.
     fn delivered(&self, head: Head) -> http::Response<()> {
         let mut response = http::Response::new(());
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
-        response.extensions_mut().insert(self.call.summary());
         response
     }
 
