@@ -5,42 +5,57 @@
 //! in the pool, and the close crossed our request on the wire) is sent once more on a fresh
 //! connection. hyper-util already does this when it notices the close before writing; this
 //! covers the race where it notices after. A request on a fresh connection is never repeated,
-//! and the call state machine never sees the dead connection, so no key is spent on it. To
-//! tell reused from fresh, every connection carries the instant it was made ([`ConnectedAt`]);
-//! a connection made before the request started was reused.
+//! and the call state machine never sees the dead connection, so no key is spent on it.
+//!
+//! To tell reused from fresh, the connector counts the connections it has made
+//! ([`CountingConnector`]): if none was made while the request ran, it ran on a connection made
+//! before it, i.e. a pooled one. A connection made meanwhile for another request makes the
+//! answer "maybe fresh", and the request is not repeated (the safe side). The count costs
+//! nothing per request; a per-connection stamp in hyper-util's connection extras did, since
+//! hyper-util copies those into every response's extensions (a map and a box each).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::driver::BoxError;
 
-type Inner = hyper_util::client::legacy::Client<StampedConnector, Full<Bytes>>;
+type Inner = hyper_util::client::legacy::Client<CountingConnector, Full<Bytes>>;
 
 /// The pooled client (HTTP and HTTPS, HTTP/1.1 and HTTP/2) behind a [`Client`](crate::Client);
 /// also a `tower::Service`, e.g. as the inner service of a [`KeypoolLayer`](crate::KeypoolLayer).
 /// Cheap to clone (the hyper-util client, its connector and pool handles, sit behind one `Arc`).
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Inner,
+    /// The connections the client's connector has made ([`CountingConnector::made`]).
+    connections: Arc<AtomicU64>,
 }
 
 impl HttpClient {
-    pub(crate) fn new(inner: Inner) -> Self {
+    /// `client` must use `connector` (whose count tells reused from fresh connections).
+    pub(crate) fn new(client: Inner, connector: &CountingConnector) -> Self {
         Self {
-            inner: Arc::new(inner),
+            inner: Arc::new(Shared {
+                client,
+                connections: connector.made.clone(),
+            }),
         }
     }
 
@@ -55,12 +70,12 @@ impl HttpClient {
     /// Starts a request ([`request`](Self::request) as a nameable future, so that a call keeps
     /// it in place instead of boxing it per attempt).
     pub(crate) fn start(&self, request: http::Request<Full<Bytes>>) -> Sending {
-        let started = Instant::now();
+        let connections = self.inner.connections.load(Ordering::Acquire);
         let again = copy_request(&request);
         Sending {
-            pending: self.inner.request(request),
+            pending: self.inner.client.request(request),
             again: Some((self.clone(), again)),
-            started,
+            connections,
         }
     }
 }
@@ -71,7 +86,8 @@ pub(crate) struct Sending {
     pending: hyper_util::client::legacy::ResponseFuture,
     /// The client and a copy of the request, while a repeat is still possible.
     again: Option<(HttpClient, http::Request<Full<Bytes>>)>,
-    started: Instant,
+    /// The client's connection count when the request started.
+    connections: u64,
 }
 
 impl Future for Sending {
@@ -81,18 +97,25 @@ impl Future for Sending {
         let this = self.get_mut();
         loop {
             let result = std::task::ready!(Pin::new(&mut this.pending).poll(cx));
-            match result {
-                Err(e) if died_on_reused_connection(&e, this.started) => match this.again.take() {
+            match (result, this.again.take()) {
+                (Err(e), Some((client, request))) if this.died_on_reused_connection(&client, &e) => {
                     // Once, on a fresh connection (the module docs).
-                    Some((client, request)) => this.pending = client.inner.request(request),
-                    None => return Poll::Ready(Err(e)),
-                },
-                other => {
-                    this.again = None;
-                    return Poll::Ready(other);
+                    this.pending = client.inner.client.request(request);
                 }
+                (other, _) => return Poll::Ready(other),
             }
         }
+    }
+}
+
+impl Sending {
+    /// Whether the request failed because a pooled connection had been closed by the server:
+    /// no connection was made while it ran (so it ran on one made before it), and that
+    /// connection ended (EOF or reset) before a response head.
+    fn died_on_reused_connection(&self, client: &HttpClient, e: &hyper_util::client::legacy::Error) -> bool {
+        !e.is_connect()
+            && client.inner.connections.load(Ordering::Acquire) == self.connections
+            && closed_before_response(e)
     }
 }
 
@@ -121,20 +144,6 @@ fn copy_request(request: &http::Request<Full<Bytes>>) -> http::Request<Full<Byte
     copy
 }
 
-/// Whether the request failed because a pooled connection had been closed by the server: the
-/// connection predates the request, and it ended (EOF or reset) before a response head.
-fn died_on_reused_connection(e: &hyper_util::client::legacy::Error, started: Instant) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let reused = e.connect_info().is_some_and(|info| {
-        let mut extensions = http::Extensions::new();
-        info.get_extras(&mut extensions);
-        extensions.get::<ConnectedAt>().is_some_and(|at| at.0 < started)
-    });
-    reused && closed_before_response(e)
-}
-
 fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(e);
     while let Some(err) = source {
@@ -159,79 +168,41 @@ fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// When a connection was made; carried in [`Connected`] extras.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConnectedAt(pub(crate) Instant);
-
 type Https = HttpsConnector<HttpConnector>;
 type HttpsStream = MaybeHttpsStream<TokioIo<TcpStream>>;
 
-/// Wraps the HTTPS connector so that every connection records when it was made.
+/// Wraps the HTTPS connector so that it counts the connections it makes.
 #[derive(Clone, Debug)]
-pub(crate) struct StampedConnector(pub(crate) Https);
+pub(crate) struct CountingConnector {
+    https: Https,
+    made: Arc<AtomicU64>,
+}
 
-impl tower::Service<http::Uri> for StampedConnector {
-    type Response = Stamped;
+impl CountingConnector {
+    pub(crate) fn new(https: Https) -> Self {
+        Self {
+            https,
+            made: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl tower::Service<http::Uri> for CountingConnector {
+    type Response = HttpsStream;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Stamped, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpsStream, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        tower::Service::<http::Uri>::poll_ready(&mut self.0, cx)
+        tower::Service::<http::Uri>::poll_ready(&mut self.https, cx)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = tower::Service::<http::Uri>::call(&mut self.0, uri);
+        let connecting = tower::Service::<http::Uri>::call(&mut self.https, uri);
+        let made = self.made.clone();
         Box::pin(async move {
             let stream = connecting.await?;
-            Ok(Stamped {
-                stream,
-                at: Instant::now(),
-            })
+            made.fetch_add(1, Ordering::AcqRel);
+            Ok(stream)
         })
-    }
-}
-
-/// A connection and the instant it was made.
-#[derive(Debug)]
-pub(crate) struct Stamped {
-    stream: HttpsStream,
-    at: Instant,
-}
-
-impl Connection for Stamped {
-    fn connected(&self) -> Connected {
-        self.stream.connected().extra(ConnectedAt(self.at))
-    }
-}
-
-impl Read for Stamped {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl Write for Stamped {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 }

@@ -1,5 +1,6 @@
 //! A pooled connection the upstream closed under a request: the request is sent once more on a
-//! fresh connection, and the call never sees the failure (no key marked, no failover).
+//! fresh connection, and the call never sees the failure (no key marked, no failover). A fresh
+//! connection that dies the same way is the upstream's failure: not repeated.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -88,6 +89,50 @@ async fn a_reused_connection_closed_before_the_head_is_retried_on_a_fresh_one() 
             (1, KEYS[0].to_owned())
         ]
     );
+    let now = Instant::now();
+    for id in client.pool().ids() {
+        assert!(client.pool().state(id, now).is_available(), "{id:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_connection_closed_before_the_head_is_not_repeated() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The first connection reads the request and closes without an answer. The next one is a
+    // repeat (answered, so that the call would succeed) or the test's own empty connection.
+    let server = thread::spawn(move || {
+        let mut keys = Vec::new();
+        for answer in [false, true] {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let Some(key) = read_request(&mut reader) else {
+                break;
+            };
+            keys.push(key);
+            if answer {
+                writer.write_all(OK).unwrap();
+            }
+        }
+        keys
+    });
+    let client = Client::builder()
+        .keys(KEYS)
+        .base_url(format!("http://{addr}"))
+        .build()
+        .unwrap();
+    let result = client
+        .send(keypool_tokio::messages(
+            r#"{"model":"claude-x","max_tokens":8,"messages":[]}"#,
+        ))
+        .await;
+    // Done with the call: the test's own connection ends the server (closed, no request).
+    drop(TcpStream::connect(addr));
+    let keys = server.join().unwrap();
+    assert_eq!(keys, [KEYS[0]], "sent once");
+    let error = result.expect_err("a request that died on a fresh connection is keypool's 502");
+    assert_eq!(error.to_response().unwrap().status(), 502, "{error:?}");
     let now = Instant::now();
     for id in client.pool().ids() {
         assert!(client.pool().state(id, now).is_available(), "{id:?}");
