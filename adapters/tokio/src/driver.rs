@@ -16,7 +16,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use keypool_core::call::{Attempt, CallConfig, Credential, Request, TransportError};
 use keypool_core::client::{AsyncTransport, ClientCall, Clocks, Io, Transport};
 
-use crate::transport::Sending;
+use crate::transport::{Sending, Unanswered};
 
 /// A boxed error, as tower services and bodies produce them.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -61,14 +61,16 @@ pub(crate) enum Exchange {
 }
 
 impl Future for Exchange {
-    type Output = Result<http::Response<UpstreamBody>, BoxError>;
+    type Output = Result<http::Response<UpstreamBody>, Unanswered<BoxError>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
-            Self::Client(sending) => Pin::new(sending)
-                .poll(cx)
-                .map(|result| Ok(result?.map(UpstreamBody::Hyper))),
-            Self::Boxed(future) => future.as_mut().poll(cx),
+            Self::Client(sending) => Pin::new(sending).poll(cx).map(|result| match result {
+                Ok(response) => Ok(response.map(UpstreamBody::Hyper)),
+                Err(Unanswered::Stale(e)) => Err(Unanswered::Stale(e.into())),
+                Err(Unanswered::Failed(e)) => Err(Unanswered::Failed(e.into())),
+            }),
+            Self::Boxed(future) => future.as_mut().poll(cx).map_err(Unanswered::Failed),
         }
     }
 }
@@ -77,6 +79,12 @@ impl Future for Exchange {
 pub(crate) trait Upstream: Send + 'static {
     /// Starts this attempt; the returned future resolves to the response head.
     fn start(&mut self, attempt: Attempt) -> Exchange;
+
+    /// Sends this attempt once more, after its exchange died on a stale pooled connection
+    /// ([`Unanswered::Stale`]); the new exchange does not report that again.
+    fn resend(&mut self, attempt: Attempt) -> Exchange {
+        self.start(attempt)
+    }
 }
 
 /// A call driven on tokio. Dropping it cancels the upstream request.
@@ -145,6 +153,10 @@ impl Transport for Tokio {
         Current::Head(self.upstream.start(attempt))
     }
 
+    fn resend(&mut self, attempt: Attempt) -> Current {
+        Current::Head(self.upstream.resend(attempt))
+    }
+
     const CLOCKS: Clocks = Clocks {
         now: Instant::now,
         wall: SystemTime::now,
@@ -177,7 +189,11 @@ impl Current {
                     *self = Self::Body(body);
                     return Io::Head(parts.status, parts.headers);
                 }
-                Err(e) => {
+                Err(Unanswered::Stale(e)) => {
+                    *self = Self::Failed;
+                    return Io::Resend(transport_error(&*e));
+                }
+                Err(Unanswered::Failed(e)) => {
                     *self = Self::Failed;
                     return Io::Error(transport_error(&*e));
                 }

@@ -93,6 +93,7 @@ pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;
 
 use driver::{Driver, Exchange, Upstream, driver};
+use transport::Repeat;
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
 pub fn messages(body: impl Into<Bytes>) -> Request {
@@ -175,6 +176,16 @@ struct ClientUpstream(Arc<Inner>);
 
 impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
+        self.send(attempt, Repeat::Possible)
+    }
+
+    fn resend(&mut self, attempt: Attempt) -> Exchange {
+        self.send(attempt, Repeat::Done)
+    }
+}
+
+impl ClientUpstream {
+    fn send(&self, attempt: Attempt, repeat: Repeat) -> Exchange {
         let uri = match self.0.upstream.uri(&attempt.path_and_query) {
             Ok(uri) => uri,
             Err(e) => return Exchange::Boxed(Box::pin(async move { Err(e.into()) })),
@@ -188,7 +199,7 @@ impl Upstream for ClientUpstream {
         request
             .headers_mut()
             .insert(http::header::HOST, self.0.upstream.host_header().clone());
-        Exchange::Client(self.0.http.start(request))
+        Exchange::Client(self.0.http.start(request, repeat))
     }
 }
 

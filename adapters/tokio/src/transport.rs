@@ -4,8 +4,11 @@
 //! connection before any response arrives (the server closed the connection while it sat idle
 //! in the pool, and the close crossed our request on the wire) is sent once more on a fresh
 //! connection. hyper-util already does this when it notices the close before writing; this
-//! covers the race where it notices after. A request on a fresh connection is never repeated,
-//! and the call state machine never sees the dead connection, so no key is spent on it.
+//! covers the race where it notices after. A request on a fresh connection is never repeated.
+//! [`HttpClient::request`] repeats from a copy of the request; a keypool call's exchange
+//! ([`Sending`]) only reports the case, and the call's loop sends the same attempt again
+//! (`Io::Resend`, `Call::resend`: the same key and attempt number, nothing marked), so that
+//! no request is copied up front for a race that is rare.
 //!
 //! To tell reused from fresh, the connector counts the connections it has made
 //! ([`CountingConnector`]): if none was made while the request ran, it ran on a connection made
@@ -59,64 +62,93 @@ impl HttpClient {
         }
     }
 
-    /// Sends a request; see the module docs for the one retry on a stale connection.
+    /// Sends a request; see the module docs for the one retry on a stale connection (made
+    /// here from a copy of the request; a keypool call instead sends its attempt again).
     pub async fn request(
         &self,
         request: http::Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.start(request).await
+        let again = copy_request(&request);
+        match self.start(request, Repeat::Possible).await {
+            Err(Unanswered::Stale(_)) => self
+                .start(again, Repeat::Done)
+                .await
+                .map_err(Unanswered::into_error),
+            other => other.map_err(Unanswered::into_error),
+        }
     }
 
-    /// Starts a request ([`request`](Self::request) as a nameable future, so that a call keeps
-    /// it in place instead of boxing it per attempt).
-    pub(crate) fn start(&self, request: http::Request<Full<Bytes>>) -> Sending {
-        let connections = self.inner.connections.load(Ordering::Acquire);
-        let again = copy_request(&request);
+    /// Starts a request: a nameable future, so that a call keeps it in place instead of
+    /// boxing it per attempt. It does not repeat the request itself; it reports
+    /// [`Unanswered::Stale`] where a repeat is due (unless this already is one).
+    pub(crate) fn start(&self, request: http::Request<Full<Bytes>>, repeat: Repeat) -> Sending {
+        let connections = match repeat {
+            Repeat::Possible => Some((self.clone(), self.inner.connections.load(Ordering::Acquire))),
+            Repeat::Done => None,
+        };
         Sending {
             pending: self.inner.client.request(request),
-            again: Some((self.clone(), again)),
             connections,
         }
     }
 }
 
-/// A request on its way: the exchange, and until it has answered, what a repeat on a fresh
-/// connection needs.
-pub(crate) struct Sending {
-    pending: hyper_util::client::legacy::ResponseFuture,
-    /// The client and a copy of the request, while a repeat is still possible.
-    again: Option<(HttpClient, http::Request<Full<Bytes>>)>,
-    /// The client's connection count when the request started.
-    connections: u64,
+/// Whether a request may still be repeated on a fresh connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repeat {
+    /// A first send.
+    Possible,
+    /// The repeat itself.
+    Done,
 }
 
-impl Future for Sending {
-    type Output = Result<http::Response<Incoming>, hyper_util::client::legacy::Error>;
+/// Why a request has no response.
+#[derive(Debug)]
+pub(crate) enum Unanswered<E = hyper_util::client::legacy::Error> {
+    /// It died on a pooled connection the upstream had closed, before any response: sending
+    /// it again on a fresh connection is due (the module docs).
+    Stale(E),
+    /// Any other failure.
+    Failed(E),
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        loop {
-            let result = std::task::ready!(Pin::new(&mut this.pending).poll(cx));
-            match (result, this.again.take()) {
-                (Err(e), Some((client, request))) if this.died_on_reused_connection(&client, &e) => {
-                    // Once, on a fresh connection (the module docs).
-                    this.pending = client.inner.client.request(request);
-                }
-                (other, _) => return Poll::Ready(other),
-            }
+impl<E> Unanswered<E> {
+    pub(crate) fn into_error(self) -> E {
+        match self {
+            Self::Stale(e) | Self::Failed(e) => e,
         }
     }
 }
 
-impl Sending {
-    /// Whether the request failed because a pooled connection had been closed by the server:
-    /// no connection was made while it ran (so it ran on one made before it), and that
-    /// connection ended (EOF or reset) before a response head.
-    fn died_on_reused_connection(&self, client: &HttpClient, e: &hyper_util::client::legacy::Error) -> bool {
-        !e.is_connect()
-            && client.inner.connections.load(Ordering::Acquire) == self.connections
-            && closed_before_response(e)
+/// A request on its way.
+pub(crate) struct Sending {
+    pending: hyper_util::client::legacy::ResponseFuture,
+    /// The client and its connection count when the request started, unless this is a repeat.
+    connections: Option<(HttpClient, u64)>,
+}
+
+impl Future for Sending {
+    type Output = Result<http::Response<Incoming>, Unanswered>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = std::task::ready!(Pin::new(&mut this.pending).poll(cx));
+        Poll::Ready(result.map_err(|e| match this.connections.take() {
+            Some((client, before)) if died_on_reused_connection(&client, before, &e) => Unanswered::Stale(e),
+            _ => Unanswered::Failed(e),
+        }))
     }
+}
+
+/// Whether a request failed because a pooled connection had been closed by the server: no
+/// connection was made while it ran (so it ran on one made before it; `before` is the count
+/// when it started), and that connection ended (EOF or reset) before a response head.
+fn died_on_reused_connection(
+    client: &HttpClient,
+    before: u64,
+    e: &hyper_util::client::legacy::Error,
+) -> bool {
+    !e.is_connect() && client.inner.connections.load(Ordering::Acquire) == before && closed_before_response(e)
 }
 
 impl tower::Service<http::Request<Full<Bytes>>> for HttpClient {

@@ -559,16 +559,6 @@ impl Call {
             },
             _ => None,
         };
-        let mut headers = self.headers.clone();
-        match (&self.credential, key) {
-            (Credential::Pool(pool), Some(id)) => {
-                self.config.profile.insert_key(&mut headers, pool.secret(id));
-            }
-            (Credential::Key(secret), _) => {
-                self.config.profile.insert_key(&mut headers, secret);
-            }
-            _ => {}
-        }
         self.attempts += 1;
         self.key = key;
         if let (Credential::Pool(pool), Some(id)) = (&self.credential, key) {
@@ -577,14 +567,41 @@ impl Call {
         self.state = State::AwaitHead;
         self.timers.clear();
         self.timers.set(Timer::Head, now, self.config.timeouts.first_byte);
-        self.outputs.push_back(Output::Send(Attempt {
+        let attempt = self.current_attempt();
+        self.outputs.push_back(Output::Send(attempt));
+    }
+
+    /// The current attempt's request: the call's headers with the attempt's key.
+    fn current_attempt(&self) -> Attempt {
+        let mut headers = self.headers.clone();
+        match (&self.credential, self.key) {
+            (Credential::Pool(pool), Some(id)) => {
+                self.config.profile.insert_key(&mut headers, pool.secret(id));
+            }
+            (Credential::Key(secret), _) => {
+                self.config.profile.insert_key(&mut headers, secret);
+            }
+            _ => {}
+        }
+        Attempt {
             number: self.attempts,
-            key,
+            key: self.key,
             method: self.method.clone(),
             path_and_query: self.path_and_query.clone(),
             headers,
             body: self.body.clone(),
-        }));
+        }
+    }
+
+    /// The attempt that awaits its head, once more, for a transport whose copy of it died where
+    /// the upstream cannot have taken it up: written to a pooled connection that the upstream
+    /// had already closed (the close crossed the request on the wire). Sending it again on a
+    /// fresh connection is the same attempt — the same key and number, and nothing about the
+    /// call changes — not a second one; a transport does it at most once per attempt (the
+    /// client loop, [`ClientCall`](crate::client::ClientCall), makes sure). `None` when no
+    /// attempt awaits its head.
+    pub fn resend(&self) -> Option<Attempt> {
+        matches!(self.state, State::AwaitHead).then(|| self.current_attempt())
     }
 
     /// Marks the current key per `verdict` — and, when the answer speaks for its organisation

@@ -27,6 +27,11 @@ pub enum Io {
     End,
     /// The exchange failed. For a `std::io` error, `TransportError::from(error.kind())`.
     Error(TransportError),
+    /// The exchange died before its head where the upstream cannot have taken the request up
+    /// (a pooled connection it had closed while idle; see [`Call::resend`]): the attempt is
+    /// sent once more with [`Transport::resend`]. A second one for the same attempt is the
+    /// failure it carries.
+    Resend(TransportError),
     /// The deadline the call gave passed before anything else happened.
     TimedOut,
 }
@@ -50,6 +55,13 @@ pub trait Transport {
 
     /// Starts an attempt. Its IO may happen here or lazily in `next_io`.
     fn start(&mut self, attempt: Attempt) -> Self::Exchange;
+
+    /// Sends an attempt once more after its exchange reported [`Io::Resend`]; the new exchange
+    /// must not report `Resend` again (it would count as its failure). Only transports that
+    /// report `Resend` need more than the default, [`start`](Self::start).
+    fn resend(&mut self, attempt: Attempt) -> Self::Exchange {
+        self.start(attempt)
+    }
 
     /// The call completed with this exchange's body read as far as its framing promised (for
     /// example all of its `content-length`), possibly before the transport reported the end:
@@ -93,6 +105,8 @@ pub struct ClientCall<T: Transport> {
     transport: T,
     /// The current exchange: none before the first attempt and once the call is over.
     exchange: Option<T::Exchange>,
+    /// Whether the current attempt was sent once more ([`Io::Resend`]).
+    resent: bool,
 }
 
 impl<T: Transport> ClientCall<T> {
@@ -103,6 +117,7 @@ impl<T: Transport> ClientCall<T> {
             call,
             transport,
             exchange: None,
+            resent: false,
         }
     }
 
@@ -134,6 +149,7 @@ impl<T: Transport> ClientCall<T> {
                     // The previous exchange is over: dropping it closes its connection.
                     self.exchange = None;
                     self.exchange = Some(self.transport.start(attempt));
+                    self.resent = false;
                 }
                 Output::Mark(mark) => self.call.report(&mark),
                 Output::Wait(deadline) => return Next::Wait(deadline),
@@ -201,6 +217,14 @@ impl<T: Transport> ClientCall<T> {
             Io::Chunk(bytes) => self.call.handle_body(bytes, now),
             Io::End => self.call.handle_body_end(now),
             Io::Error(e) => self.call.handle_transport_error(e, now),
+            Io::Resend(e) => match self.call.resend() {
+                Some(attempt) if !self.resent => {
+                    self.resent = true;
+                    self.exchange = None;
+                    self.exchange = Some(self.transport.resend(attempt));
+                }
+                _ => self.call.handle_transport_error(e, now),
+            },
             Io::TimedOut => self.call.handle_timeout(now),
         }
     }

@@ -211,6 +211,8 @@ enum Op {
     },
     /// Time jumps to the current call's deadline, which is then handled.
     Timeout,
+    /// The transport asks for the awaited attempt again (a stale pooled connection).
+    Resend,
     CallerGone,
     /// An operator re-enables a key.
     Enable(u8),
@@ -701,6 +703,15 @@ impl World {
                     self.now = self.now.max(at);
                 }
                 t.call.handle_timeout(self.now);
+            }
+            Op::Resend => {
+                // The same attempt (key and number) as the last one sent; `resend` takes the
+                // call by shared reference, so nothing about it changes.
+                if let Some(a) = t.call.resend() {
+                    assert!(t.delivered.is_none() && !t.failed, "a resend after the answer");
+                    assert_eq!(a.key, t.keys.last().copied().filter(|_| !t.byok));
+                    assert_eq!(a.number, t.keys.len().max(1));
+                }
             }
             Op::CallerGone => {
                 t.gone = true;
