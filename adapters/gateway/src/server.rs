@@ -910,11 +910,11 @@ async fn forward(
 ///
 /// Taking a chunk from hyper's body channel wakes the connection task that fed it. Read from
 /// inside that task (this handler runs in it), that is a self-wake: tokio then re-queues the
-/// task as a yield and wakes an idle worker thread to come and take it, which costs every
-/// request a cross-thread hand-off (two futex calls, an eventfd write, a context switch: about
-/// 8 µs of CPU and 20 µs of latency at one request at a time, measured with gateway-bench).
-/// From a task of its own the same wake just schedules the connection task next on this
-/// thread. The task is aborted if the request is dropped (client gone).
+/// task as a yield and may wake an idle worker thread to come and take it. In round 1 that
+/// cost about 8 µs of CPU and 20 µs of latency per request at one request at a time; with
+/// hyper 1.12 and tokio 1.54 the two ways measure the same (README, issue 21). From a task of
+/// its own the same wake just schedules the connection task next on this thread, whatever the
+/// runtime does with self-wakes. The task is aborted if the request is dropped (client gone).
 async fn read_body_apart(body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
     if body.is_end_stream() {
         return Ok(Bytes::new());
