@@ -109,18 +109,15 @@ impl ClientAdapter for Client {
     }
 
     fn from_settings(settings: ClientSettings) -> Result<Self, Error> {
-        let connector = transport::CountingConnector::new(https_connector(
-            settings.config.timeouts.connect,
-            settings.root_certs_der,
-        )?);
+        let connector = https_connector(settings.config.timeouts.connect, settings.root_certs_der)?;
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             // Take response heads as large over HTTP/2 as over HTTP/1.1 (hyper's HTTP/2 default
             // is 16 KiB, which turns a 20 KiB head into a reset).
             .http2_max_header_list_size(256 << 10)
-            .build(connector.clone());
-        let http = HttpClient::new(http, &connector);
+            .build(transport::StampedConnector(connector));
+        let http = HttpClient::new(http);
         Ok(Self {
             inner: Arc::new(Inner {
                 http,

@@ -2,63 +2,54 @@
 //!
 //! It is hyper-util's pooled client with one addition: a request that dies on a *reused*
 //! connection before any response arrives (the server closed the connection while it sat idle
-//! in the pool, and the close crossed our request on the wire) is sent once more on a fresh
-//! connection. hyper-util already does this when it notices the close before writing; this
+//! in the pool, and the close crossed our request on the wire) is sent once more, through the
+//! pool again (the dead connection has left it, so on another one, a new one unless another
+//! connection sits idle). hyper-util already does this when it notices the close before writing; this
 //! covers the race where it notices after. A request on a fresh connection is never repeated.
 //! [`HttpClient::request`] repeats from a copy of the request; a keypool call's exchange
 //! ([`Sending`]) only reports the case, and the call's loop sends the same attempt again
 //! (`Io::Resend`, `Call::resend`: the same key and attempt number, nothing marked), so that
 //! no request is copied up front for a race that is rare.
 //!
-//! To tell reused from fresh, the connector counts the connections it has made
-//! ([`CountingConnector`]): if none was made while the request ran, it ran on a connection made
-//! before it, i.e. a pooled one. A connection made meanwhile for another request makes the
-//! answer "maybe fresh", and the request is not repeated (the safe side). The count costs
-//! nothing per request; a per-connection stamp in hyper-util's connection extras did, since
-//! hyper-util copies those into every response's extensions (a map and a box each).
+//! To tell reused from fresh, every connection carries the instant it was made ([`ConnectedAt`]);
+//! a connection made before the request started was reused. (A count of connections made,
+//! compared before and after, is cheaper — hyper-util copies a connection's extras into every
+//! response — but it is not exact: hyper-util races a new connection against the pool for a
+//! request that finds no idle one at once, and a connection made that way for the request
+//! itself, which then took the pooled one after all, made it look fresh and lost the repeat.)
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::driver::BoxError;
 
-type Inner = hyper_util::client::legacy::Client<CountingConnector, Full<Bytes>>;
+type Inner = hyper_util::client::legacy::Client<StampedConnector, Full<Bytes>>;
 
 /// The pooled client (HTTP and HTTPS, HTTP/1.1 and HTTP/2) behind a [`Client`](crate::Client);
 /// also a `tower::Service`, e.g. as the inner service of a [`KeypoolLayer`](crate::KeypoolLayer).
 /// Cheap to clone (the hyper-util client, its connector and pool handles, sit behind one `Arc`).
 #[derive(Clone, Debug)]
 pub struct HttpClient {
-    inner: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    client: Inner,
-    /// The connections the client's connector has made ([`CountingConnector::made`]).
-    connections: Arc<AtomicU64>,
+    inner: Arc<Inner>,
 }
 
 impl HttpClient {
-    /// `client` must use `connector` (whose count tells reused from fresh connections).
-    pub(crate) fn new(client: Inner, connector: &CountingConnector) -> Self {
+    pub(crate) fn new(inner: Inner) -> Self {
         Self {
-            inner: Arc::new(Shared {
-                client,
-                connections: connector.made.clone(),
-            }),
+            inner: Arc::new(inner),
         }
     }
 
@@ -82,18 +73,14 @@ impl HttpClient {
     /// boxing it per attempt. It does not repeat the request itself; it reports
     /// [`Unanswered::Stale`] where a repeat is due (unless this already is one).
     pub(crate) fn start(&self, request: http::Request<Full<Bytes>>, repeat: Repeat) -> Sending {
-        let connections = match repeat {
-            Repeat::Possible => Some((self.clone(), self.inner.connections.load(Ordering::Acquire))),
-            Repeat::Done => None,
-        };
         Sending {
-            pending: self.inner.client.request(request),
-            connections,
+            started: (repeat == Repeat::Possible).then(Instant::now),
+            pending: self.inner.request(request),
         }
     }
 }
 
-/// Whether a request may still be repeated on a fresh connection.
+/// Whether a request may still be repeated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Repeat {
     /// A first send.
@@ -106,7 +93,7 @@ pub(crate) enum Repeat {
 #[derive(Debug)]
 pub(crate) enum Unanswered<E = hyper_util::client::legacy::Error> {
     /// It died on a pooled connection the upstream had closed, before any response: sending
-    /// it again on a fresh connection is due (the module docs).
+    /// it again is due (the module docs).
     Stale(E),
     /// Any other failure.
     Failed(E),
@@ -123,8 +110,8 @@ impl<E> Unanswered<E> {
 /// A request on its way.
 pub(crate) struct Sending {
     pending: hyper_util::client::legacy::ResponseFuture,
-    /// The client and its connection count when the request started, unless this is a repeat.
-    connections: Option<(HttpClient, u64)>,
+    /// When the request started, unless it is a repeat.
+    started: Option<Instant>,
 }
 
 impl Future for Sending {
@@ -133,22 +120,25 @@ impl Future for Sending {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let result = std::task::ready!(Pin::new(&mut this.pending).poll(cx));
-        Poll::Ready(result.map_err(|e| match this.connections.take() {
-            Some((client, before)) if died_on_reused_connection(&client, before, &e) => Unanswered::Stale(e),
+        Poll::Ready(result.map_err(|e| match this.started {
+            Some(started) if died_on_reused_connection(&e, started) => Unanswered::Stale(e),
             _ => Unanswered::Failed(e),
         }))
     }
 }
 
-/// Whether a request failed because a pooled connection had been closed by the server: no
-/// connection was made while it ran (so it ran on one made before it; `before` is the count
-/// when it started), and that connection ended (EOF or reset) before a response head.
-fn died_on_reused_connection(
-    client: &HttpClient,
-    before: u64,
-    e: &hyper_util::client::legacy::Error,
-) -> bool {
-    !e.is_connect() && client.inner.connections.load(Ordering::Acquire) == before && closed_before_response(e)
+/// Whether a request failed because a pooled connection had been closed by the server: the
+/// connection predates the request, and it ended (EOF or reset) before a response head.
+fn died_on_reused_connection(e: &hyper_util::client::legacy::Error, started: Instant) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let reused = e.connect_info().is_some_and(|info| {
+        let mut extensions = http::Extensions::new();
+        info.get_extras(&mut extensions);
+        extensions.get::<ConnectedAt>().is_some_and(|at| at.0 < started)
+    });
+    reused && closed_before_response(e)
 }
 
 impl tower::Service<http::Request<Full<Bytes>>> for HttpClient {
@@ -203,38 +193,76 @@ fn closed_before_response(e: &(dyn std::error::Error + 'static)) -> bool {
 type Https = HttpsConnector<HttpConnector>;
 type HttpsStream = MaybeHttpsStream<TokioIo<TcpStream>>;
 
-/// Wraps the HTTPS connector so that it counts the connections it makes.
+/// When a connection was made; carried in [`Connected`] extras.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConnectedAt(pub(crate) Instant);
+
+/// Wraps the HTTPS connector so that every connection records when it was made.
 #[derive(Clone, Debug)]
-pub(crate) struct CountingConnector {
-    https: Https,
-    made: Arc<AtomicU64>,
-}
+pub(crate) struct StampedConnector(pub(crate) Https);
 
-impl CountingConnector {
-    pub(crate) fn new(https: Https) -> Self {
-        Self {
-            https,
-            made: Arc::new(AtomicU64::new(0)),
-        }
-    }
-}
-
-impl tower::Service<http::Uri> for CountingConnector {
-    type Response = HttpsStream;
+impl tower::Service<http::Uri> for StampedConnector {
+    type Response = Stamped;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpsStream, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Stamped, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        tower::Service::<http::Uri>::poll_ready(&mut self.https, cx)
+        tower::Service::<http::Uri>::poll_ready(&mut self.0, cx)
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = tower::Service::<http::Uri>::call(&mut self.https, uri);
-        let made = self.made.clone();
+        let connecting = tower::Service::<http::Uri>::call(&mut self.0, uri);
         Box::pin(async move {
             let stream = connecting.await?;
-            made.fetch_add(1, Ordering::AcqRel);
-            Ok(stream)
+            Ok(Stamped {
+                stream,
+                at: Instant::now(),
+            })
         })
+    }
+}
+
+/// A connection and the instant it was made.
+#[derive(Debug)]
+pub(crate) struct Stamped {
+    stream: HttpsStream,
+    at: Instant,
+}
+
+impl Connection for Stamped {
+    fn connected(&self) -> Connected {
+        self.stream.connected().extra(ConnectedAt(self.at))
+    }
+}
+
+impl Read for Stamped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl Write for Stamped {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 }

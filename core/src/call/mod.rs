@@ -595,8 +595,8 @@ impl Call {
 
     /// The attempt that awaits its head, once more, for a transport whose copy of it died where
     /// the upstream cannot have taken it up: written to a pooled connection that the upstream
-    /// had already closed (the close crossed the request on the wire). Sending it again on a
-    /// fresh connection is the same attempt — the same key and number, and nothing about the
+    /// had already closed (the close crossed the request on the wire). Sending it again on
+    /// another connection is the same attempt — the same key and number, and nothing about the
     /// call changes — not a second one; a transport does it at most once per attempt (the
     /// client loop, [`ClientCall`](crate::client::ClientCall), makes sure). `None` when no
     /// attempt awaits its head.
