@@ -269,7 +269,14 @@ impl Transport for Net {
     /// Encodes the request; its IO happens in `next_io`, under the call's deadline.
     fn start(&mut self, attempt: Attempt) -> Exchange {
         let bytes = h1::encode_request(&attempt, &self.0.host_header, &self.0.prefix);
-        Exchange::new(bytes, attempt.method == Method::HEAD)
+        Exchange::new(bytes, attempt.method == Method::HEAD, true)
+    }
+
+    /// After [`Io::Resend`]: the attempt again, on a new connection only (so it is not reported
+    /// stale again).
+    fn resend(&mut self, attempt: Attempt) -> Exchange {
+        let bytes = h1::encode_request(&attempt, &self.0.host_header, &self.0.prefix);
+        Exchange::new(bytes, attempt.method == Method::HEAD, false)
     }
 
     fn release(&mut self, mut exchange: Exchange) {
@@ -305,6 +312,8 @@ impl AsyncTransport for Net {
 struct Exchange {
     request: Bytes,
     is_head: bool,
+    /// Whether a pooled connection may carry the request (not when it is sent again).
+    may_reuse: bool,
     phase: Phase,
     scratch: Box<[u8]>,
 }
@@ -326,10 +335,11 @@ enum Phase {
 }
 
 impl Exchange {
-    fn new(request: Bytes, is_head: bool) -> Self {
+    fn new(request: Bytes, is_head: bool, may_reuse: bool) -> Self {
         Self {
             request,
             is_head,
+            may_reuse,
             phase: Phase::Open,
             scratch: vec![0; 16 * 1024].into_boxed_slice(),
         }
@@ -338,7 +348,7 @@ impl Exchange {
     async fn next(&mut self, connector: &Connector) -> Io {
         loop {
             match &mut self.phase {
-                Phase::Open => match open(connector, &self.request, true).await {
+                Phase::Open => match open(connector, &self.request, self.may_reuse).await {
                     Ok((conn, reused)) => {
                         self.phase = Phase::Head {
                             conn,
@@ -370,18 +380,15 @@ impl Exchange {
                     let read = conn.read(&mut self.scratch).await;
                     match read {
                         // A reused connection that fails before the first byte of the head was
-                        // closed by the server while idle: send once more on a fresh connection.
+                        // closed by the server while idle: the call sends the attempt once more
+                        // (`Transport::resend`, on a new connection).
                         Ok(0) | Err(_) if *reused && buf.is_empty() => {
-                            match open(connector, &self.request, false).await {
-                                Ok((conn, _)) => {
-                                    self.phase = Phase::Head {
-                                        conn,
-                                        reused: false,
-                                        buf: BytesMut::new(),
-                                    }
-                                }
-                                Err(e) => return self.fail(e),
-                            }
+                            let error = match read {
+                                Ok(_) => TransportError::Eof,
+                                Err(e) => e.kind().into(),
+                            };
+                            self.phase = Phase::Over;
+                            return Io::Resend(error);
                         }
                         Ok(0) => return self.fail(TransportError::Eof),
                         Ok(n) => buf.extend_from_slice(&self.scratch[..n]),

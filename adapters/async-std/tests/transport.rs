@@ -200,8 +200,8 @@ fn idle_connection_closed_by_the_server_is_not_reused() {
 }
 
 /// The server reads the second request on the kept-alive connection and closes it without an
-/// answer: the adapter sends it again on a fresh connection, and the call never sees a failure
-/// (no key marked, no failover to the second key).
+/// answer: the call sends the same attempt again on a fresh connection (`Io::Resend`), and no
+/// key is marked (no failover to the second key).
 #[test]
 fn reused_connection_failing_before_the_head_is_retried_fresh() {
     let server = Server::start(vec![
