@@ -573,7 +573,13 @@ impl Call {
 
     /// The current attempt's request: the call's headers with the attempt's key.
     fn current_attempt(&self) -> Attempt {
-        let mut headers = self.headers.clone();
+        // Made with room for the headers still to come — the key (here), `host` and
+        // `content-length` (the adapter and its HTTP client) — rather than cloned: a clone has
+        // no spare room, and each of those would grow it (a reallocation and a copy each).
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 3);
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
         match (&self.credential, self.key) {
             (Credential::Pool(pool), Some(id)) => {
                 self.config.profile.insert_key(&mut headers, pool.secret(id));
