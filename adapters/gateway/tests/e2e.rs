@@ -623,6 +623,50 @@ fn request_log_line_says_complete_for_a_whole_response() {
     assert_eq!(outcome_count(&gw, "complete"), 1);
 }
 
+/// A relayed answer's request line is left to its connection, to be written after the response
+/// (README, issue 21 step 16): it must come while the connection stays open, once per request.
+#[test]
+fn relayed_requests_are_logged_while_their_keep_alive_connection_stays_open() {
+    let mock = MockServer::start();
+    let gw = Gateway::start(&["--upstream", &mock.url()], &[("KEYPOOL_KEYS", K0)]);
+    let mut stream = TcpStream::connect(gw.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for n in 1..=2 {
+        write!(
+            stream,
+            "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .unwrap();
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        // The connection is still open: the line must not wait for it to close.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gw.logs().matches("\"outcome\":\"complete\"").count() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no request line for request {n}:\n{}", gw.logs());
+            let _ = gw.events.recv_timeout(left);
+        }
+    }
+    assert_eq!(gw.logs().matches("\"outcome\":\"complete\"").count(), 2);
+    assert_eq!(mock.request_count(), 2);
+}
+
 #[test]
 fn serves_h2c_prior_knowledge_clients() {
     use http_body_util::{BodyExt, Full};
@@ -646,6 +690,9 @@ fn serves_h2c_prior_knowledge_clients() {
         let version = res.version();
         let status = res.status();
         let body = res.into_body().collect().await.unwrap().to_bytes();
+        // The request line is written once the response is out, while the connection (kept
+        // by this client) stays open.
+        gw.wait_log("\"outcome\":\"complete\"");
         (version, status, body)
     });
     assert_eq!(version, http::Version::HTTP_2);
