@@ -442,16 +442,11 @@ impl RequestLog {
 /// them right after hyper's poll returns, the response written. Nothing is lost: what a
 /// connection has not done yet is done when it is dropped (each [`Ended`] writes its line
 /// when dropped).
+///
+/// The entries are kept in a vector that is cleared in place, so a connection allocates for
+/// them once, not per request.
 #[derive(Clone, Default)]
-pub(crate) struct AfterWrite(Arc<std::sync::Mutex<Pending>>);
-
-/// The work a connection has been left; one entry without allocating (the usual case: one
-/// request at a time per HTTP/1.1 connection), more in a vector.
-#[derive(Default)]
-struct Pending {
-    first: Option<Ended>,
-    more: Vec<Ended>,
-}
+pub(crate) struct AfterWrite(Arc<std::sync::Mutex<Vec<Ended>>>);
 
 /// A relayed response's end, left to its connection: writes the request line when dropped,
 /// then drops the call.
@@ -470,32 +465,21 @@ impl Drop for Ended {
 }
 
 impl AfterWrite {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Ended>> {
         // Poisoned only by a panic while an entry was dropped (its line written): the pending
         // entries are still sound; carry on with them.
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn push(&self, ended: Ended) {
-        let mut pending = self.lock();
-        if pending.first.is_none() {
-            pending.first = Some(ended);
-        } else {
-            pending.more.push(ended);
-        }
+        self.lock().push(ended);
     }
 
     /// Does what the connection was left (called after each poll of the connection). The
     /// entries are dropped where they lie, not moved out first: an entry is a few hundred
     /// bytes, and this runs after every poll.
     fn run(&self) {
-        let mut pending = self.lock();
-        if pending.first.is_some() {
-            pending.first = None;
-        }
-        if !pending.more.is_empty() {
-            pending.more.clear();
-        }
+        self.lock().clear();
     }
 
     /// Serves `conn`, doing what its responses leave after every poll of it.
@@ -539,10 +523,10 @@ impl http_body::Body for GatewayBody {
         // Once the call has ended (its last frame is out), log how.
         if frame.is_ready()
             && let Some(outcome) = body.outcome()
-            && let Some(log) = log.take()
+            && let Some(mut log) = log.take()
         {
             let last = !matches!(frame, Poll::Ready(Some(Ok(_)))) || body.is_end_stream();
-            match log.after.clone() {
+            match log.after.take() {
                 // The body is done: count it now, leave the line and the call's teardown to
                 // the connection (see `AfterWrite`).
                 Some(after) if last => {
