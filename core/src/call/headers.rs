@@ -61,32 +61,86 @@ fn strip_connection_named(headers: &mut HeaderMap) {
     if !headers.contains_key(header::CONNECTION) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    for name in &connection_named(headers) {
+        headers.remove(name);
+    }
+}
+
+/// The headers every attempt of a call sends, before the key is added: the client's, less
+/// hop-by-hop headers (and every header `Connection` names), `host` and `content-length` (the
+/// adapter sets both for its connection), `accept-encoding` (keypool reads event streams, so
+/// the upstream must answer uncompressed) and the client credential headers (the profile's, or
+/// none).
+///
+/// The client's map is kept as it came and filtered as each attempt copies it: removing the
+/// unwanted names up front would hash and remove each of them (usually three: `host`,
+/// `content-length`, a credential) only for the attempt to copy the map once more anyway. Its
+/// `Debug` shows the forwarded names alone, never a value: the client's credential stays in
+/// the map.
+pub(crate) struct Outbound {
+    /// As the client sent them.
+    headers: HeaderMap,
+    /// The client credential headers not to forward.
+    credentials: &'static [HeaderName],
+    /// The headers `Connection` names (usually none: no allocation).
+    connection_named: Vec<HeaderName>,
+}
+
+impl Outbound {
+    pub(crate) fn new(headers: HeaderMap, credentials: &'static [HeaderName]) -> Self {
+        // A scan of the names, no hashing: a request rarely carries `Connection` (HTTP/1.1
+        // keep-alive is the default, and HTTP/2 forbids it).
+        let connection_named = if headers.keys().any(|name| name == header::CONNECTION) {
+            connection_named(&headers)
+        } else {
+            Vec::new()
+        };
+        Self {
+            headers,
+            credentials,
+            connection_named,
+        }
+    }
+
+    /// Whether an attempt forwards headers named `name`.
+    fn forwards(&self, name: &HeaderName) -> bool {
+        !(is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::ACCEPT_ENCODING
+            || self.credentials.contains(name)
+            || self.connection_named.contains(name))
+    }
+
+    /// A new map of the forwarded headers, with room for `more` headers still to come.
+    pub(crate) fn to_map(&self, more: usize) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.headers.len() + more);
+        for (name, value) in &self.headers {
+            if self.forwards(name) {
+                map.append(name.clone(), value.clone());
+            }
+        }
+        map
+    }
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.headers.keys().filter(|name| self.forwards(name)))
+            .finish()
+    }
+}
+
+/// The names `Connection` lists (its values are comma-separated names).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-}
-
-/// The headers every attempt of a call sends, before the key is added: hop-by-hop headers,
-/// `host` and `content-length` (the adapter sets both for its connection), and
-/// `accept-encoding` (keypool reads event streams, so the upstream must answer uncompressed)
-/// are removed, and so are the client credential headers `credentials` (the profile's, or none).
-pub(crate) fn outbound(mut headers: HeaderMap, credentials: &[HeaderName]) -> HeaderMap {
-    strip_connection_named(&mut headers);
-    remove_where(&mut headers, |name| {
-        is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == header::ACCEPT_ENCODING
-            || credentials.contains(name)
-    });
-    headers
+        .collect()
 }
 
 /// Whether a response is a server-sent event stream.
@@ -116,11 +170,17 @@ mod tests {
         h.insert("te", "trailers".parse().unwrap());
         h.insert("upgrade", "h2c".parse().unwrap());
         h.insert("anthropic-version", "2023-06-01".parse().unwrap());
-        let out = outbound(h.clone(), &crate::profile::anthropic::CREDENTIAL_HEADERS);
+        static CREDENTIALS: [HeaderName; 2] = crate::profile::anthropic::CREDENTIAL_HEADERS;
+        let outbound = Outbound::new(h.clone(), &CREDENTIALS);
+        let out = outbound.to_map(0);
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out.contains_key("anthropic-version"));
-        let out = outbound(h, &[]);
+        // Its Debug names what is forwarded, and shows no value (the client's key is in it).
+        let debug = format!("{outbound:?}");
+        assert_eq!(debug, r#"["anthropic-version"]"#);
+        let out = Outbound::new(h, &[]).to_map(0);
         assert!(out.contains_key("x-api-key") && out.contains_key("authorization"));
+        assert!(!out.contains_key("x-custom") && !out.contains_key("connection"));
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub struct Call {
     family: Option<Option<Family>>,
     method: Method,
     path_and_query: PathAndQuery,
-    headers: HeaderMap,
+    headers: headers::Outbound,
     body: Bytes,
     attempts: usize,
     key: Option<KeyId>,
@@ -193,7 +193,7 @@ impl Call {
         request_id: RequestId,
         now: Instant,
     ) -> Self {
-        let strip: &[http::HeaderName] = match credential {
+        let strip: &'static [http::HeaderName] = match credential {
             Credential::Passthrough => &[],
             Credential::Pool(_) | Credential::Key(_) => config.profile.credential_headers(),
         };
@@ -216,7 +216,7 @@ impl Call {
             family,
             method: request.method,
             path_and_query: request.path_and_query,
-            headers: headers::outbound(request.headers, strip),
+            headers: headers::Outbound::new(request.headers, strip),
             body: request.body,
             attempts: 0,
             key: None,
@@ -576,10 +576,7 @@ impl Call {
         // Made with room for the headers still to come — the key (here), `host` and
         // `content-length` (the adapter and its HTTP client) — rather than cloned: a clone has
         // no spare room, and each of those would grow it (a reallocation and a copy each).
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + 3);
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
+        let mut headers = self.headers.to_map(3);
         match (&self.credential, self.key) {
             (Credential::Pool(pool), Some(id)) => {
                 self.config.profile.insert_key(&mut headers, pool.secret(id));
