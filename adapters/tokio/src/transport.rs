@@ -230,8 +230,19 @@ pub(crate) struct Stamped {
 }
 
 impl Connection for Stamped {
+    /// What the stream says (HTTP/2 negotiated, proxied) and when it was made, but not the
+    /// stream's own extra, the socket addresses (`HttpInfo`): hyper-util copies a connection's
+    /// extras into every response it carries (an allocation each), and nothing reads those.
     fn connected(&self) -> Connected {
-        self.stream.connected().extra(ConnectedAt(self.at))
+        let stream = self.stream.connected();
+        let connected = Connected::new()
+            .proxy(stream.is_proxied())
+            .extra(ConnectedAt(self.at));
+        if stream.is_negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
     }
 }
 
