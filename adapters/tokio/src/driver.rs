@@ -87,12 +87,37 @@ pub(crate) trait Upstream: Send + 'static {
     }
 }
 
+/// What sends a call's attempts: the client's own hyper-util client, kept inline (no
+/// allocation per call), or any other [`Upstream`] (a tower service), boxed.
+pub(crate) enum Sender {
+    /// The [`Client`](crate::Client)'s.
+    Client(crate::ClientUpstream),
+    /// Anything else.
+    Other(Box<dyn Upstream>),
+}
+
+impl Sender {
+    fn start(&mut self, attempt: Attempt) -> Exchange {
+        match self {
+            Self::Client(client) => client.start(attempt),
+            Self::Other(upstream) => upstream.start(attempt),
+        }
+    }
+
+    fn resend(&mut self, attempt: Attempt) -> Exchange {
+        match self {
+            Self::Client(client) => client.resend(attempt),
+            Self::Other(upstream) => upstream.resend(attempt),
+        }
+    }
+}
+
 /// A call driven on tokio. Dropping it cancels the upstream request.
 pub(crate) type Driver = ClientCall<Tokio>;
 
 /// Starts a call over `upstream`.
 pub(crate) fn driver(
-    upstream: Box<dyn Upstream>,
+    upstream: Sender,
     request: Request,
     credential: Credential,
     config: &CallConfig,
@@ -125,7 +150,7 @@ pub(crate) enum Current {
 /// Starts attempts with an [`Upstream`] and awaits the next head or body frame of the current
 /// exchange, or the call's deadline.
 pub(crate) struct Tokio {
-    upstream: Box<dyn Upstream>,
+    upstream: Sender,
     timer: Timer,
 }
 

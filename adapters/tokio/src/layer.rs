@@ -13,7 +13,7 @@ use keypool_core::profile::Profile;
 use keypool_core::{Pool, Secret};
 use tower::{Layer, Service};
 
-use crate::driver::{BoxError, Exchange, Upstream, UpstreamBody, driver};
+use crate::driver::{BoxError, Exchange, Sender, Upstream, UpstreamBody, driver};
 use crate::{Body, Error, respond};
 
 /// Adds key failover over a shared [`Pool`] to an HTTP service.
@@ -135,7 +135,13 @@ where
                 scheme: parts.uri.scheme().cloned(),
                 authority: parts.uri.authority().cloned(),
             };
-            respond(driver(Box::new(upstream), request, credential, &config)).await
+            respond(driver(
+                Sender::Other(Box::new(upstream)),
+                request,
+                credential,
+                &config,
+            ))
+            .await
         })
     }
 }

@@ -92,7 +92,7 @@ pub use keypool_core::{Policy, sse};
 pub use layer::{Byok, KeypoolLayer, KeypoolService};
 pub use transport::HttpClient;
 
-use driver::{Driver, Exchange, Upstream, driver};
+use driver::{Driver, Exchange, Sender, Upstream, driver};
 use transport::Repeat;
 
 /// A `POST /v1/messages` request with a JSON body and `anthropic-version: 2023-06-01`.
@@ -169,7 +169,7 @@ struct Inner {
 }
 
 /// Sends attempts with the client's hyper-util client.
-struct ClientUpstream(Arc<Inner>);
+pub(crate) struct ClientUpstream(Arc<Inner>);
 
 impl Upstream for ClientUpstream {
     fn start(&mut self, attempt: Attempt) -> Exchange {
@@ -259,7 +259,7 @@ impl Client {
         request: Request,
         credential: Credential,
     ) -> Result<http::Response<Body>, Error> {
-        let upstream = Box::new(ClientUpstream(self.inner.clone()));
+        let upstream = Sender::Client(ClientUpstream(self.inner.clone()));
         let mut driver = driver(upstream, request, credential, &self.inner.config);
         let response = driver.response().await?;
         Ok(response.map(|()| Body::new(driver)))
