@@ -143,13 +143,19 @@ fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Whether a response is a server-sent event stream.
+/// Whether a response is a server-sent event stream: its `content-type` is
+/// `text/event-stream` (any case), with or without parameters. Read as bytes: every answer is
+/// asked, and most say `application/json`, which the first byte settles.
 pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("text/event-stream"))
+    const MIME: &[u8] = b"text/event-stream";
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return false;
+    };
+    let value = value.as_bytes().trim_ascii_start();
+    let Some((mime, rest)) = value.split_at_checked(MIME.len()) else {
+        return false;
+    };
+    mime.eq_ignore_ascii_case(MIME) && matches!(rest.trim_ascii_start().first(), None | Some(b';'))
 }
 
 #[cfg(test)]
@@ -212,5 +218,18 @@ mod tests {
         assert!(is_event_stream(&h));
         h.insert("content-type", "application/json".parse().unwrap());
         assert!(!is_event_stream(&h));
+        for (value, stream) in [
+            ("text/event-stream", true),
+            (" TEXT/Event-Stream ", true),
+            ("text/event-stream ;charset=utf-8", true),
+            ("text/event-streams", false),
+            ("text/event-stream-x; a=b", false),
+            ("text/event", false),
+            ("", false),
+            ("text/plain; x=text/event-stream", false),
+        ] {
+            h.insert("content-type", value.parse().unwrap());
+            assert_eq!(is_event_stream(&h), stream, "{value:?}");
+        }
     }
 }
