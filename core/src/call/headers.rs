@@ -50,8 +50,12 @@ fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool)
     }
 }
 
-/// Removes hop-by-hop headers, including every header named in `Connection`.
+/// Removes hop-by-hop headers, including every header named in `Connection`. Most responses
+/// carry none (`Connection` among them): one scan of the names, no lookup, settles that.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     strip_connection_named(headers);
     remove_where(headers, is_hop_by_hop);
 }
@@ -187,6 +191,21 @@ mod tests {
         let out = Outbound::new(h, &[]).to_map(0);
         assert!(out.contains_key("x-api-key") && out.contains_key("authorization"));
         assert!(!out.contains_key("x-custom") && !out.contains_key("connection"));
+    }
+
+    #[test]
+    fn a_response_loses_its_hop_by_hop_headers_and_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("x-trace", "1".parse().unwrap());
+        let untouched = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, untouched);
+        h.insert("connection", "x-trace".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("content-type"));
     }
 
     #[test]
