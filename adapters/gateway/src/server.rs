@@ -603,11 +603,15 @@ async fn answer(
     let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut res = match forwarded(&shared, uri.path()) {
+    let pool = forwarded(&shared, uri.path());
+    let mut res = match pool {
         Some((index, rest_len)) => forward(shared.clone(), index, rest_len, req, after).await,
         None => route(&shared, &req),
     };
-    let profile = shared.profile_for(uri.path());
+    let profile = match pool.and_then(|(index, _)| shared.pools.get(index)) {
+        Some(served) => served.profile(),
+        None => shared.profile_for(uri.path()),
+    };
     status::reason_phrase(profile, &mut res);
     shared.activity.answered(uri.path(), started, res.status());
     if matches!(res.body(), GatewayBody::Full(_)) {
@@ -654,6 +658,10 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<GatewayBody> {
 
 /// At most the first 100 characters of `path`, for messages and logs.
 fn short(path: &str) -> &str {
+    // At most 100 bytes is at most 100 characters: nothing to count.
+    if path.len() <= 100 {
+        return path;
+    }
     match path.char_indices().nth(100) {
         Some((end, _)) => &path[..end],
         None => path,
@@ -1218,5 +1226,23 @@ pub async fn signals(shared: Arc<Shared>) {
                 Err(e) => tracing::error!("keys not reloaded, the previous keys stay in use: {e}"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn short_keeps_the_first_hundred_characters() {
+        let ascii = "a".repeat(150);
+        assert_eq!(short(&ascii), &ascii[..100]);
+        assert_eq!(short("/v1/messages"), "/v1/messages");
+        // 60 two-byte characters: 120 bytes, all kept.
+        let wide = "é".repeat(60);
+        assert_eq!(short(&wide), wide);
+        let wider = "é".repeat(150);
+        assert_eq!(short(&wider).chars().count(), 100);
+        assert_eq!(short(&wider), &wider[..200]);
     }
 }
