@@ -40,6 +40,10 @@ impl AccessPolicy {
 
     /// Decides how to serve a request with these headers, for a pool of this profile.
     pub fn decide_for(&self, profile: &Profile, headers: &HeaderMap) -> Access {
+        if self.tokens.is_empty() && !self.allow_byok {
+            // Open to every client, always with the pool: what a client presents is not read.
+            return Access::Pool;
+        }
         let credential = presented(profile, headers);
         if self.tokens.is_empty() {
             return match credential {
