@@ -20,6 +20,7 @@ pub mod log_writer;
 pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
+mod own_wakes;
 mod probe;
 pub mod server;
 pub mod state;

@@ -482,14 +482,15 @@ impl AfterWrite {
         self.lock().clear();
     }
 
-    /// Serves `conn`, doing what its responses leave after every poll of it.
+    /// Serves `conn`, doing what its responses leave after every poll of it, with the
+    /// connection's wakes of itself kept inside its poll ([`OwnWakes`](crate::own_wakes)).
     async fn serve<F: Future>(self, conn: F) -> F::Output {
         let mut conn = std::pin::pin!(conn);
-        std::future::poll_fn(|cx| {
+        crate::own_wakes::OwnWakes::new(std::future::poll_fn(|cx| {
             let polled = conn.as_mut().poll(cx);
             self.run();
             polled
-        })
+        }))
         .await
     }
 }
@@ -894,7 +895,7 @@ async fn forward(
     if body.size_hint().lower() > max as u64 {
         return too_large(profile, max);
     }
-    let body = match read_body_apart(body, max).await {
+    let body = match read_body(body, max).await {
         Ok(bytes) => bytes,
         Err(BodyRead::TooLarge) => return too_large(profile, max),
         Err(BodyRead::Broken) => {
@@ -1023,29 +1024,6 @@ async fn forward(
     }
 }
 
-/// Reads the request body (see [`read_body`]) in a task of its own.
-///
-/// Taking a chunk from hyper's body channel wakes the connection task that fed it. Read from
-/// inside that task (this handler runs in it), that is a self-wake: tokio then re-queues the
-/// task as a yield and may wake an idle worker thread to come and take it. In round 1 that
-/// cost about 8 µs of CPU and 20 µs of latency per request at one request at a time; with
-/// hyper 1.12 and tokio 1.54 the two ways measure the same (README, issue 21). From a task of
-/// its own the same wake just schedules the connection task next on this thread, whatever the
-/// runtime does with self-wakes. The task is aborted if the request is dropped (client gone).
-async fn read_body_apart(body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
-    }
-    struct AbortOnDrop(tokio::task::JoinHandle<Result<Bytes, BodyRead>>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let mut task = AbortOnDrop(tokio::spawn(read_body(body, max)));
-    (&mut task.0).await.unwrap_or(Err(BodyRead::Broken))
-}
-
 /// Why a request body could not be read.
 enum BodyRead {
     TooLarge,
@@ -1054,8 +1032,11 @@ enum BodyRead {
 
 /// Reads a whole request body of at most `max` bytes. A body of one frame (the usual JSON
 /// request) is taken without copying. Reading stops as soon as the body says it is complete
-/// (its content-length is in): one more poll would only ask the connection for more data and
-/// wake this very task, which costs a cross-thread wake-up per request.
+/// (its content-length is in): one more poll would only ask the connection for more data.
+///
+/// Over HTTP/1.1 this runs in the connection's own task, and taking a chunk wakes the
+/// connection (hyper's body channel wakes its sender): the connection keeps that wake inside
+/// its poll ([`OwnWakes`](crate::own_wakes)) instead of handing itself back to the scheduler.
 async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, BodyRead> {
     let mut first: Option<Bytes> = None;
     let mut rest: Vec<u8> = Vec::new();
