@@ -83,8 +83,8 @@ impl Plan {
             failover_per_round: 100,
             failover_spacing: Duration::from_millis(3),
             open_streams,
-            cpu_rounds: 6,
-            cpu_per_round: 10_000,
+            cpu_rounds: 12,
+            cpu_per_round: 15_000,
         }
     }
 
