@@ -194,7 +194,11 @@ impl AsyncTransport for Tokio {
             None => current.next_io().await,
             Some(deadline) => {
                 let sleep = self.timer.arm(deadline);
+                // The exchange first (no random branch order): an input that is ready is
+                // taken without touching the timer, and one that comes with the deadline
+                // still counts.
                 tokio::select! {
+                    biased;
                     io = current.next_io() => io,
                     () = sleep => Io::TimedOut,
                 }
