@@ -20,14 +20,10 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == header::UPGRADE
 }
 
-/// Removes every header whose name is `unwanted`. A map usually holds none or a few of them,
-/// so its names are scanned once (a comparison or two each) instead of hashing every unwanted
-/// name for a removal that mostly finds nothing; only the names found are removed.
+/// Removes every header whose name is `unwanted`. The names are scanned (a comparison or two
+/// each) instead of hashing every unwanted name for a removal that mostly finds nothing; only
+/// the names found are removed.
 fn remove_where(headers: &mut HeaderMap, unwanted: impl Fn(&HeaderName) -> bool) {
-    // Most maps hold none (a response) or three (a request: host, content-length, a key).
-    if !headers.keys().any(&unwanted) {
-        return;
-    }
     loop {
         let mut found: [Option<HeaderName>; 4] = Default::default();
         let mut more = false;
@@ -62,9 +58,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers that `Connection` names (the hop-by-hop ones are removed by name).
 fn strip_connection_named(headers: &mut HeaderMap) {
-    if !headers.contains_key(header::CONNECTION) {
-        return;
-    }
     for name in &connection_named(headers) {
         headers.remove(name);
     }
@@ -92,17 +85,10 @@ pub(crate) struct Outbound {
 
 impl Outbound {
     pub(crate) fn new(headers: HeaderMap, credentials: &'static [HeaderName]) -> Self {
-        // A scan of the names, no hashing: a request rarely carries `Connection` (HTTP/1.1
-        // keep-alive is the default, and HTTP/2 forbids it).
-        let connection_named = if headers.keys().any(|name| name == header::CONNECTION) {
-            connection_named(&headers)
-        } else {
-            Vec::new()
-        };
         Self {
+            connection_named: connection_named(&headers),
             headers,
             credentials,
-            connection_named,
         }
     }
 
@@ -136,8 +122,13 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
-/// The names `Connection` lists (its values are comma-separated names).
+/// The names `Connection` lists (its values are comma-separated names). A message rarely
+/// carries `Connection` (HTTP/1.1 keep-alive is the default, HTTP/2 forbids it): a scan of the
+/// names, no lookup, settles that, and then nothing is allocated.
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    if !headers.keys().any(|name| name == header::CONNECTION) {
+        return Vec::new();
+    }
     headers
         .get_all(header::CONNECTION)
         .iter()
